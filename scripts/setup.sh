@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Sets up glmtune's Python environment in .venv and installs glmtune into it (editable).
+#
+# - torch comes first, and the CPU build where there is no NVIDIA GPU: a plain `torch` requirement pulls a
+#   multi-GB CUDA build from PyPI, which a CPU-only machine can't use.
+# - The environment is keyed by a hash of the dependency lists, the Python version and the torch variant,
+#   and kept under ~/.cache/glmtune/envs (GLMTUNE_ENV_CACHE overrides). An unchanged dependency list reuses
+#   the environment built before (CI clones the project afresh each run); a changed one builds a new one.
+#   .venv is a link to it. glmtune itself is reinstalled (editable, no dependencies) each time: seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=$(grep -E '^torch==' requirements.txt | cut -d= -f3)
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  torch_variant=cuda
+else
+  torch_variant=cpu
+fi
+
+install_torch() {  # $1: the environment's python
+  if [ "$torch_variant" = cuda ]; then
+    "$1" -m pip install -q "torch==$TORCH_VERSION"  # PyPI's Linux build is the CUDA one
+    return
+  fi
+  # CPU build: a wheel this machine's pip configuration already provides (find-links), else PyTorch's CPU
+  # index. --no-deps: torch's own dependencies then come from PyPI with requirements.txt.
+  "$1" -m pip install -q --no-deps --no-index "torch==$TORCH_VERSION" 2>/dev/null \
+    || "$1" -m pip install -q --no-deps "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+}
+
+key=$( { cat requirements.txt requirements-dev.txt; "$PYTHON" --version; echo "$torch_variant"; } \
+       | sha256sum | cut -c1-16)
+cache=${GLMTUNE_ENV_CACHE:-$HOME/.cache/glmtune/envs}
+env_dir=$cache/$key
+
+if [ ! -f "$env_dir/.complete" ]; then
+  echo "setup: building the environment $env_dir (torch $TORCH_VERSION, $torch_variant build)"
+  rm -rf "$env_dir"
+  mkdir -p "$cache"
+  "$PYTHON" -m venv "$env_dir"
+  "$env_dir/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  install_torch "$env_dir/bin/python"
+  "$env_dir/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+  touch "$env_dir/.complete"
+else
+  echo "setup: reusing the environment $env_dir (dependency lists unchanged)"
+fi
+
+if [ -e .venv ] && [ ! -L .venv ]; then
+  echo "setup: .venv exists and is not a link made by this script; move it away first" >&2
+  exit 1
+fi
+ln -sfn "$env_dir" .venv
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+echo "setup: ready (.venv/bin/glmtune)"

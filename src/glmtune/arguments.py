@@ -1,0 +1,93 @@
+"""Argument dataclasses, one per concern. Training reuses transformers' TrainingArguments for the rest.
+
+Every field has a default and a help text; validation of what argparse can't check lives in __post_init__.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from glmtune.errors import UserError
+
+SEED_MODEL = "THUDM/chatglm-6b"  # the seed scripts' model: their entry points default to it
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(**_help("Name or path of the base model (a hub name or a local directory). "
+                                      "Defaults to the model the dataset or adapter was made with.", default=None))
+    trust_remote_code: bool = field(**_help("Run the model repository's own Python code.", default=False))
+
+
+@dataclass
+class PrepareArguments:
+    jsonl_path: str | None = field(**_help("Data file: a JSON array or JSON lines (.json/.jsonl).", default=None))
+    save_path: str | None = field(**_help("Directory to write the tokenized dataset to.", default=None))
+    max_seq_length: int = field(**_help("Longest sample in tokens; longer ones are cut at the end.", default=512))
+    format: str | None = field(**_help("Data format: alpaca, prompt_completion, context_target or text. "
+                                       "Detected from the rows when not given.", default=None))
+    overwrite_output_dir: bool = field(**_help("Replace --save_path if it exists.", default=False))
+
+    def __post_init__(self) -> None:
+        from glmtune.data.formats import FORMATS
+
+        if self.max_seq_length < 2:
+            raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
+        if self.format is not None and self.format not in FORMATS:
+            raise UserError(f"--format {self.format} is unknown", hint=f"choose one of {', '.join(FORMATS)}")
+
+
+@dataclass
+class DatasetArguments:
+    dataset_path: str | None = field(**_help("Dataset directory written by `glmtune prepare`.", default=None))
+    overwrite_output_dir: bool = field(**_help("Start afresh in a non-empty --output_dir.", default=False))
+
+
+@dataclass
+class LoraArguments:
+    lora_rank: int = field(**_help("LoRA rank r.", default=8))
+    lora_alpha: float = field(**_help("LoRA scaling alpha (the update is scaled by alpha / r).", default=32))
+    lora_dropout: float = field(**_help("Dropout on the LoRA input.", default=0.1))
+    target_modules: str | None = field(**_help("Comma-separated module names to adapt, or 'all-linear'. "
+                                               "Default: chosen per architecture.", default=None))
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 1:
+            raise UserError(f"--lora_rank must be a positive integer, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class InferenceArguments:
+    peft_path: str | None = field(**_help("LoRA adapter directory (a `glmtune train` output).", default=None))
+    prompt: list[str] | None = field(**_help("A prompt to answer; repeat the flag for several.", default=None))
+    input: str | None = field(**_help("Data file whose rows' prompts to answer (any format prepare reads).",
+                                      default=None))
+    format: str | None = field(**_help("Format of --input; detected when not given.", default=None))
+    output: str | None = field(**_help("JSON-lines file to write: each input row plus 'response'. "
+                                       "Default: print to standard output.", default=None))
+    overwrite_output_dir: bool = field(**_help("Replace --output if it exists.", default=False))
+    max_length: int | None = field(**_help("Longest prompt + answer in tokens.", default=None))
+    max_new_tokens: int | None = field(**_help("Longest answer in tokens (default 256 unless --max_length).",
+                                               default=None))
+    temperature: float = field(**_help("Sampling temperature; 0 means greedy decoding.", default=0.0))
+    top_p: float = field(**_help("Nucleus sampling probability mass (with temperature > 0).", default=1.0))
+    batch_size: int = field(**_help("Prompts generated together.", default=8))
+    seed: int = field(**_help("Random seed for sampling.", default=42))
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch_size must be at least 1, got {self.batch_size}")
+        for name in ("max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")

@@ -1,0 +1,58 @@
+"""The glmtune command: a table of verbs, each a module imported only when it runs (so --help is instant)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from glmtune import __version__
+from glmtune.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("glmtune.commands.demo", "Build a tiny GLM, tune it on the bundled finance Q&A, show before/after."),
+    "prepare": ("glmtune.commands.prepare", "Tokenize a data file into a training dataset directory."),
+    "train": ("glmtune.commands.train", "LoRA fine-tuning on a prepared dataset."),
+    "infer": ("glmtune.commands.infer", "Answer prompts with a base model and an optional adapter."),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    verbs = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
+    return (f"usage: glmtune COMMAND [options]   (glmtune COMMAND --help for its options)\n\n"
+            f"commands:\n{verbs}\n\nglmtune {__version__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"glmtune {__version__}")
+        return 0
+    verb = argv[0]
+    if verb not in COMMANDS:
+        close = difflib.get_close_matches(verb, COMMANDS, n=1)
+        print(f"error: unknown command '{verb}'" + (f" (did you mean '{close[0]}'?)" if close else ""),
+              file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    command = importlib.import_module(COMMANDS[verb][0]).main
+    return run_command(command, argv[1:])
+
+
+def run_command(command: Callable[..., Any], argv: list[str], defaults: dict[str, Any] | None = None) -> int:
+    """Run a command's main; a UserError becomes one message on stderr and exit code 2, never a traceback."""
+    try:
+        command(argv, defaults) if defaults else command(argv)
+    except UserError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

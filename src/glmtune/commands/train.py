@@ -1,0 +1,32 @@
+"""glmtune train: LoRA fine-tuning on a prepared dataset (the seed's finetune.py). Every transformers
+TrainingArguments flag is accepted too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments
+from glmtune.config import parse_arguments
+
+# glmtune's defaults where transformers' suit full fine-tuning rather than LoRA; YAML and flags override them.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "output_dir": "output",
+    "learning_rate": 2e-4,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "report_to": "none",
+    "remove_unused_columns": False,  # prepared datasets hold exactly the model's inputs
+}
+
+
+def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
+    from transformers import TrainingArguments
+
+    from glmtune.train.sft import run_sft
+
+    model_args, data_args, lora_args, training_args = parse_arguments(
+        "glmtune train", [ModelArguments, DatasetArguments, LoraArguments, TrainingArguments], argv,
+        {**TRAIN_DEFAULTS, **(defaults or {})}, description=__doc__)
+    result = run_sft(model_args, data_args, lora_args, training_args)
+    print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
+          + (f" (last logged loss {result.final_loss:.4f})" if result.final_loss is not None else ""))

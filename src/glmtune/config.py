@@ -1,0 +1,80 @@
+"""Command-line and YAML configuration on top of transformers' HfArgumentParser.
+
+Precedence: dataclass default < the command's own defaults < YAML file (`--config`) < command line.
+Unknown keys in the YAML file are errors, like unknown flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glmtune.errors import UserError
+
+
+def parse_arguments(
+    prog: str,
+    dataclass_types: list[type],
+    argv: list[str],
+    defaults: dict[str, Any] | None = None,
+    description: str | None = None,
+) -> tuple[Any, ...]:
+    """Parse argv (plus an optional `--config FILE.yaml`) into one instance of each dataclass."""
+    from transformers import HfArgumentParser  # light: does not import torch
+
+    # allow_abbrev=False: an unknown flag must be an error, never silently taken as a prefix of a known one.
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of options; flags override it.")
+    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", type=Path, default=None)
+    config_path = pre.parse_known_args(argv)[0].config
+
+    merged = dict(defaults or {})
+    if config_path is not None:
+        merged.update(read_yaml_config(config_path, known))
+    parser.set_defaults(**merged)
+    try:
+        *instances, namespace_rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:  # a library dataclass (TrainingArguments) rejecting a combination of values
+        raise UserError(f"invalid options: {e}", hint=f"see {prog} --help") from None
+    if namespace_rest:  # HfArgumentParser returns leftovers instead of failing; we fail like argparse
+        parser.error(f"unrecognized arguments: {' '.join(namespace_rest)}")
+    # The parser appends a Namespace of the options that belong to no dataclass (--config): drop it.
+    return tuple(i for i in instances if not isinstance(i, argparse.Namespace))
+
+
+def read_yaml_config(path: Path, known: set[str]) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist", hint="pass --config PATH to a YAML file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value, found {type(values).__name__}")
+    problems = []
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(f"{path}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if problems:
+        raise UserError(f"config file {path} has unknown keys", problems=problems,
+                        hint="keys are the command's flags without the leading --; see --help")
+    return values
+
+
+def to_plain_dict(*instances: Any) -> dict[str, Any]:
+    """The resolved configuration of a run, as JSON/YAML-safe values, for manifests and config files."""
+    out: dict[str, Any] = {}
+    for inst in instances:
+        items = inst.to_dict() if hasattr(inst, "to_dict") else dataclasses.asdict(inst)
+        for k, v in items.items():
+            out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+    return out

@@ -1,0 +1,1 @@
+"""Data: read files into conversations, render them with the model's chat template, prepare datasets."""

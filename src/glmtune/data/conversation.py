@@ -1,0 +1,32 @@
+"""The one internal form every input format is read into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Message:
+    role: str  # "user", "assistant" (later: "observation"/"tool")
+    content: str
+    train: bool = False  # take the loss on this message (assistant turns only)
+
+
+@dataclass
+class Conversation:
+    """A chat: optional system prompt and alternating messages. Plain text rows use `text` instead."""
+
+    messages: list[Message] = field(default_factory=list)
+    system: str | None = None
+    text: str | None = None  # plain text, trained on every token, no template
+
+    def prompt_part(self) -> Conversation:
+        """The conversation up to (not including) its last assistant message: what inference is asked."""
+        if self.messages and self.messages[-1].role == "assistant":
+            return Conversation(messages=self.messages[:-1], system=self.system)
+        return self
+
+    def to_chat_messages(self) -> list[dict[str, str]]:
+        """The list of {"role", "content"} dicts that `tokenizer.apply_chat_template` takes."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        return out + [{"role": m.role, "content": m.content} for m in self.messages]

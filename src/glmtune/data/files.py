@@ -1,0 +1,61 @@
+"""Read rows from JSON-array and JSON-lines files, naming file:line for anything malformed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import MAX_PROBLEMS, UserError
+
+
+@dataclass
+class Row:
+    location: str  # "file:line" (JSON lines) or "file row N" (JSON array), for error messages
+    data: Any
+
+
+def read_rows(path: Path) -> list[Row]:
+    """All rows of a .json (array, or JSON lines by mistake) or .jsonl file."""
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist", hint="check the path given to --jsonl_path/--input")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, expected a JSON or JSON-lines file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: the file is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                        f"{e.start})", hint="re-save the file as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty: expected a JSON array of objects or one JSON object per line")
+    if text.lstrip().startswith("["):
+        return _read_json_array(path, text)
+    return _read_json_lines(path, text)
+
+
+def _read_json_array(path: Path, text: str) -> list[Row]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})",
+                        hint="the file starts with '[' so it is read as one JSON array; is it cut off?") from None
+    return [Row(f"{path} row {i}", item) for i, item in enumerate(data)]
+
+
+def _read_json_lines(path: Path, text: str) -> list[Row]:
+    rows, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{number}:{e.colno}: invalid JSON ({e.msg}): {line[:80]!r}")
+            if len(problems) >= MAX_PROBLEMS:
+                break
+    if problems:
+        raise UserError(f"{path} has malformed lines (read as JSON lines: one object per line)", problems=problems)
+    return rows

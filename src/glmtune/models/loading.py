@@ -1,0 +1,74 @@
+"""Load a tokenizer or a model (with an optional LoRA adapter), turning library failures into UserErrors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from glmtune.artifacts import sha256_text
+from glmtune.errors import UserError
+from glmtune.models.hub import HINT, resolve_model
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(e)}", hint=HINT) from None
+    if tokenizer.pad_token_id is None:  # batching needs one; eos is the usual stand-in for causal LMs
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                    dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the model '{name}': {_first_line(e)}", hint=HINT) from None
+
+
+def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
+    """The ids generation stops on: the generation config's eos ids (GLM-4 lists its end-of-turn tokens
+    there), the model config's, and the tokenizer's eos."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    try:
+        ids += _as_list(GenerationConfig.from_pretrained(resolve_model(name)).eos_token_id)
+    except OSError:  # no generation_config.json: fall back to config.json
+        config_file = Path(resolve_model(name)) / "config.json"
+        if config_file.is_file():
+            ids += _as_list(json.loads(config_file.read_text(encoding="utf-8")).get("eos_token_id"))
+    ids += _as_list(tokenizer.eos_token_id)
+    stops = list(dict.fromkeys(i for i in ids if i is not None))
+    if not stops:
+        raise UserError(f"'{name}' defines no end-of-sequence token, so a tuned model would never stop",
+                        hint="set eos_token_id in its generation_config.json or tokenizer")
+    return stops
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides the ids a tokenizer and its chat template produce."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return sha256_text(body + "\n" + str(getattr(tokenizer, "chat_template", "") or ""))
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

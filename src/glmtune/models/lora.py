@@ -1,0 +1,21 @@
+"""Which layers LoRA adapts by default, per architecture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# peft knows no default targets for glm/glm4 (LoraConfig(r=8) raises), so we name them. Every linear layer
+# of the decoder: attention q/k/v/o and the fused MLP. Other architectures get peft's "all-linear".
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+def resolve_target_modules(model_type: str, requested: str | None) -> Any:
+    """`requested` is a comma-separated list of module names, "all-linear", or None for the default."""
+    if requested:
+        if requested == "all-linear":
+            return requested
+        return [name.strip() for name in requested.split(",") if name.strip()]
+    return DEFAULT_TARGETS.get(model_type, "all-linear")

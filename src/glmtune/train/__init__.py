@@ -1,0 +1,1 @@
+"""Training: LoRA supervised fine-tuning on transformers' Trainer."""

@@ -1,0 +1,145 @@
+"""Supervised fine-tuning with a LoRA adapter: PEFT on transformers' Trainer.
+
+The run directory holds the Trainer's checkpoints while training (resume reads them), then the adapter in
+PEFT's format, the tokenizer, the resolved config, the loss plot and manifest.json, written last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments
+from glmtune.artifacts import check_writable_output, read_manifest, write_manifest
+from glmtune.config import to_plain_dict
+from glmtune.errors import UserError
+from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from glmtune.models.lora import resolve_target_modules
+from glmtune.train.plot import plot_loss
+
+CONFIG_FILE = "train_config.yaml"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    final_loss: float | None
+
+
+def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: LoraArguments,
+            training_args: Any) -> TrainResult:
+    import torch
+    from datasets import load_from_disk
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    if not data_args.dataset_path:
+        raise UserError("--dataset_path is required", hint="make one with `glmtune prepare`")
+    dataset_dir = Path(data_args.dataset_path)
+    dataset_manifest = read_manifest(dataset_dir, "prepare", "dataset directory")
+    model_name = model_args.model or dataset_manifest["model"]
+    output_dir = Path(training_args.output_dir)
+    resume = _resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    if resume is None:
+        _make_fresh_output_dir(output_dir, data_args.overwrite_output_dir)
+    if training_args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA GPU and none is available",
+                        hint="leave --fp16 out on CPU (or use --bf16 where the CPU supports it)")
+
+    tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
+    _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
+    tokenizer.padding_side = "right"  # training pads on the right; generation sets left itself
+    dataset = load_from_disk(str(dataset_dir))["train"]
+
+    model = load_model(model_name, model_args.trust_remote_code)
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM", r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=resolve_target_modules(model.config.model_type, lora_args.target_modules),
+    )
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as e:  # e.g. a --target_modules name the model doesn't have
+        raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
+    model.print_trainable_parameters()
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        # Pads input_ids with the pad id and labels with -100 (no loss on padding).
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    config = to_plain_dict(model_args, data_args, lora_args, training_args)
+    config["model"] = model_name
+    _save_final(output_dir, trainer, tokenizer, config,
+                base_model=model_name, dataset=str(dataset_dir),
+                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                global_step=trainer.state.global_step, train_loss=result.training_loss,
+                last_logged_loss=losses[-1] if losses else None)
+    return TrainResult(output_dir, trainer.state.global_step, losses[-1] if losses else None)
+
+
+def _resolve_resume(value: str | None, output_dir: Path) -> Path | None:
+    """--resume_from_checkpoint: a checkpoint path, or true/false (true: the latest one in --output_dir)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or str(value).lower() in {"", "false", "no", "0"}:
+        return None
+    if str(value).lower() in {"true", "yes", "1"}:
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint true: no checkpoint-* directory in {output_dir}",
+                            hint="check --output_dir, or pass the checkpoint's path")
+        return Path(last)
+    path = Path(value)
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+    return path
+
+
+def _make_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
+    check_writable_output(output_dir, overwrite)
+    if overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+        resolved = output_dir.resolve()
+        if resolved in {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}:
+            raise UserError(f"--output_dir {output_dir} is the current directory, one above it, or home: "
+                            "refusing to empty it", hint="pass a dedicated directory")
+        shutil.rmtree(output_dir)
+
+
+def _check_same_tokenizer(tokenizer: Any, model_name: str, manifest: dict[str, Any], dataset_dir: Path) -> None:
+    if tokenizer_fingerprint(tokenizer) != manifest.get("tokenizer_fingerprint"):
+        raise UserError(f"{dataset_dir} was tokenized with the tokenizer of '{manifest.get('model')}', "
+                        f"which differs from the tokenizer of '{model_name}'",
+                        hint=f"prepare the data again with --model {model_name}, or train with "
+                             f"--model {manifest.get('model')}")
+
+
+def _save_final(output_dir: Path, trainer: Any, tokenizer: Any, config: dict[str, Any], **fields: Any) -> None:
+    """Write the final artifacts into a staging directory, then move them into output_dir, manifest last."""
+    staging = output_dir / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    trainer.model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
+    tokenizer.save_pretrained(staging)
+    (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
+    plot_loss(trainer.state.log_history, staging / LOSS_PLOT)
+    write_manifest(staging, "train", config, **fields)
+    moved = sorted(staging.iterdir(), key=lambda p: p.name == "manifest.json")  # manifest last
+    for item in moved:
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    staging.rmdir()
