@@ -33,7 +33,7 @@ class PrepareReport:
             f"format:            {self.format}",
             f"rows read:         {self.rows_read}",
             f"rows kept:         {self.kept}",
-            f"rows truncated:    {self.truncated} (cut at the end to --max_seq_length)",
+            f"rows truncated:    {self.truncated} (kept, cut at the end to --max_seq_length)",
             f"rows dropped:      {dropped}" + (f" ({reasons})" if reasons else ""),
             f"tokens:            {self.tokens}",
             f"supervised tokens: {self.supervised_tokens} ({share:.1%} of all tokens)",
@@ -66,13 +66,13 @@ def tokenize_conversations(data: LoadedData, tokenizer: Any, stop_ids: list[int]
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for conversation in tqdm(data.conversations, desc="Tokenizing", unit="row"):
         ids, labels = encode_for_training(tokenizer, conversation, stop_ids)
-        if len(ids) > max_seq_length:
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            report.truncated += 1
+        cut = len(ids) > max_seq_length
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         supervised = sum(label != IGNORE_INDEX for label in labels)
         if supervised == 0:  # nothing to learn from: never train on such a row silently
             dropped["with no supervised token left after truncation"] += 1
             continue
+        report.truncated += cut  # rows kept after being cut; dropped ones are counted as dropped only
         columns["input_ids"].append(ids)
         columns["labels"].append(labels)
         report.tokens += len(ids)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny GLM chat model built once per session, the CLI runner, the shared data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download must fail loudly
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from glmtune.cli import main  # noqa: E402
+from glmtune.demo import demo_data_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def demo_rows() -> list[dict]:
+    return json.loads(demo_data_path().read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, demo_rows) -> Path:
+    """The demo's tiny random GLM (hidden 256, 4 layers) with a BPE tokenizer trained on the demo data."""
+    from glmtune.models.tiny import build_tiny_glm
+
+    texts = [row[k] for row in demo_rows for k in ("instruction", "input", "output") if row[k]] * 4
+    return build_tiny_glm(tmp_path_factory.mktemp("tiny") / "model", texts)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture
+def shared() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"the shared data folder {SHARED} is absent")
+    return SHARED
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `glmtune ARGS...` in this process; returns exit code and captured output."""
+
+    def run(*args: str) -> CliResult:
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
