@@ -65,7 +65,9 @@ class LoraArguments:
 @dataclass
 class InferenceArguments:
     peft_path: str | None = field(**_help("LoRA adapter directory (a `glmtune train` output).", default=None))
-    prompt: list[str] | None = field(**_help("A prompt to answer; repeat the flag for several.", default=None))
+    # action "extend": `--prompt A --prompt B` and `--prompt A B` both give [A, B] (argparse would keep only B).
+    prompt: list[str] | None = field(default=None, metadata={
+        "help": "A prompt to answer; repeat the flag for several.", "action": "extend"})
     input: str | None = field(**_help("Data file whose rows' prompts to answer (any format prepare reads).",
                                       default=None))
     format: str | None = field(**_help("Format of --input; detected when not given.", default=None))

@@ -1,0 +1,117 @@
+"""glmtune train: checkpoints, resume, YAML config, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import write_json
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A very small GLM (hidden 64, 1 layer) and a prepared dataset of 8 rows: fast to train a few steps."""
+    from glmtune.cli import main
+    from glmtune.models.tiny import build_tiny_glm
+
+    tmp = tmp_path_factory.mktemp("small")
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(8)]
+    model = build_tiny_glm(tmp / "model", [r["prompt"] + " " + r["completion"] for r in rows] * 5, hidden_size=64,
+                           num_layers=1, vocab_size=400)
+    data = write_json(tmp / "rows.json", rows)
+    assert main(["prepare", "--jsonl_path", str(data), "--save_path", str(tmp / "data"), "--model", str(model)]) == 0
+    return model, tmp / "data"
+
+
+def train(cli, data, out, *extra):
+    return cli("train", "--dataset_path", data, "--output_dir", out, "--per_device_train_batch_size", "4",
+               "--logging_steps", "1", *extra)
+
+
+def test_keeps_at_most_save_total_limit_checkpoints(cli, small, tmp_path):
+    _, data = small
+    result = train(cli, data, tmp_path / "run", "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_resume_true_continues_from_the_last_checkpoint(cli, small, tmp_path):
+    _, data = small
+    run = tmp_path / "run"
+    assert train(cli, data, run, "--max_steps", "4", "--save_steps", "2").code == 0
+    result = train(cli, data, run, "--max_steps", "6", "--save_steps", "2", "--resume_from_checkpoint", "true")
+    assert result.code == 0, result.err
+    # Only steps 5 and 6 ran in the resumed process (logging every step), and the run ends at step 6.
+    logged = [line for line in (result.out + result.err).splitlines() if "'loss':" in line]
+    assert len(logged) == 2, logged
+    assert json.loads((run / "manifest.json").read_text())["global_step"] == 6
+    state = json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_without_checkpoints_is_a_clear_error(cli, small, tmp_path):
+    _, data = small
+    result = train(cli, data, tmp_path / "run", "--max_steps", "2", "--resume_from_checkpoint", "true")
+    assert result.code == 2 and "no checkpoint-* directory" in result.err
+
+
+def test_non_empty_output_dir_needs_overwrite_flag(cli, small, tmp_path):
+    _, data = small
+    run = tmp_path / "run"
+    assert train(cli, data, run, "--max_steps", "1").code == 0
+    refused = train(cli, data, run, "--max_steps", "1")
+    assert refused.code == 2 and "--overwrite_output_dir" in refused.err
+    assert train(cli, data, run, "--max_steps", "1", "--overwrite_output_dir").code == 0
+
+
+def test_yaml_config_is_overridden_by_flags_and_saved_resolved(cli, small, tmp_path):
+    _, data = small
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"lora_rank": 4, "max_steps": 3, "learning_rate": 1e-3,
+                                      "target_modules": "q_proj,v_proj"}))
+    result = train(cli, data, tmp_path / "run", "--config", config, "--max_steps", "2")
+    assert result.code == 0, result.err
+    resolved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert (resolved["lora_rank"], resolved["max_steps"], resolved["learning_rate"]) == (4, 2, 1e-3)
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_default_lora_targets_are_every_linear_layer_of_glm(cli, small, tmp_path):
+    _, data = small
+    assert train(cli, data, tmp_path / "run", "--max_steps", "1").code == 0
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj",
+                                                        "down_proj"])
+
+
+def test_unknown_target_module_is_a_clear_error(cli, small, tmp_path):
+    _, data = small
+    result = train(cli, data, tmp_path / "run", "--max_steps", "1", "--target_modules", "query_key_value")
+    assert result.code == 2 and "check --target_modules" in result.err
+
+
+def test_fp16_without_a_gpu_is_a_clear_error(cli, small, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    _, data = small
+    result = train(cli, data, tmp_path / "run", "--max_steps", "1", "--fp16")
+    assert result.code == 2 and "--fp16 needs a CUDA GPU" in result.err
+
+
+def test_dataset_path_that_is_not_a_prepared_dataset(cli, tmp_path):
+    (tmp_path / "data").mkdir()
+    result = cli("train", "--dataset_path", tmp_path / "data", "--output_dir", tmp_path / "run")
+    assert result.code == 2 and "has no manifest.json" in result.err and "glmtune prepare" in result.err
+
+
+def test_example_config_runs(cli, small, tmp_path):
+    from conftest import ROOT
+
+    _, data = small
+    result = train(cli, data, tmp_path / "run", "--config", ROOT / "examples" / "finance_lora.yaml",
+                   "--max_steps", "1")
+    assert result.code == 0, result.err
