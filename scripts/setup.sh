@@ -3,10 +3,11 @@
 #
 # - torch comes first, and the CPU build where there is no NVIDIA GPU: a plain `torch` requirement pulls a
 #   multi-GB CUDA build from PyPI, which a CPU-only machine can't use.
-# - The environment is keyed by a hash of the dependency lists, the Python version and the torch variant,
-#   and kept under ~/.cache/glmtune/envs (GLMTUNE_ENV_CACHE overrides). An unchanged dependency list reuses
-#   the environment built before (CI clones the project afresh each run); a changed one builds a new one.
-#   .venv is a link to it. glmtune itself is reinstalled (editable, no dependencies) each time: seconds.
+# - The dependencies live in a shared environment keyed by a hash of the dependency lists, the Python version
+#   and the torch variant, under ~/.cache/glmtune/envs (GLMTUNE_ENV_CACHE overrides). An unchanged dependency
+#   list reuses the one built before (CI clones the project afresh each run); a changed one builds a new one.
+# - .venv is this checkout's own small environment: it sees the shared one's packages through a .pth file
+#   and holds glmtune installed in editable mode, so two checkouts never point one environment at each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,10 +49,15 @@ else
   echo "setup: reusing the environment $env_dir (dependency lists unchanged)"
 fi
 
-if [ -e .venv ] && [ ! -L .venv ]; then
-  echo "setup: .venv exists and is not a link made by this script; move it away first" >&2
-  exit 1
+shared_site=$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -L .venv ] || [ ! -f .venv/.glmtune-deps ] || [ "$(cat .venv/.glmtune-deps)" != "$env_dir" ]; then
+  rm -rf .venv
+  "$PYTHON" -m venv --without-pip .venv
+  local_site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # addsitedir (not a plain path line) so that the shared environment's own .pth files are processed too.
+  echo "import site; site.addsitedir('$shared_site')" > "$local_site/_glmtune_shared_env.pth"
+  echo "$env_dir" > .venv/.glmtune-deps
 fi
-ln -sfn "$env_dir" .venv
+# pip runs from the shared environment but installs into .venv (--prefix), editable and without dependencies.
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-echo "setup: ready (.venv/bin/glmtune)"
+echo "setup: ready (.venv/bin/glmtune; dependencies from $env_dir)"

@@ -98,8 +98,11 @@ def test_fp16_without_a_gpu_is_a_clear_error(cli, small, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     _, data = small
-    result = train(cli, data, tmp_path / "run", "--max_steps", "1", "--fp16")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "earlier.txt").write_text("keep")
+    result = train(cli, data, tmp_path / "run", "--max_steps", "1", "--fp16", "--overwrite_output_dir")
     assert result.code == 2 and "--fp16 needs a CUDA GPU" in result.err
+    assert (tmp_path / "run" / "earlier.txt").read_text() == "keep"  # a refused run clears nothing
 
 
 def test_dataset_path_that_is_not_a_prepared_dataset(cli, tmp_path):

@@ -20,13 +20,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
+    import torch
     from transformers import TrainingArguments
 
     from glmtune.train.sft import run_sft
 
+    # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
+    machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
     model_args, data_args, lora_args, training_args = parse_arguments(
         "glmtune train", [ModelArguments, DatasetArguments, LoraArguments, TrainingArguments], argv,
-        {**TRAIN_DEFAULTS, **(defaults or {})}, description=__doc__)
+        {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
     result = run_sft(model_args, data_args, lora_args, training_args)
     print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
           + (f" (last logged loss {result.final_loss:.4f})" if result.final_loss is not None else ""))

@@ -47,7 +47,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     output_dir = Path(training_args.output_dir)
     resume = _resolve_resume(training_args.resume_from_checkpoint, output_dir)
     if resume is None:
-        _make_fresh_output_dir(output_dir, data_args.overwrite_output_dir)
+        check_writable_output(output_dir, data_args.overwrite_output_dir)
     if training_args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA GPU and none is available",
                         hint="leave --fp16 out on CPU (or use --bf16 where the CPU supports it)")
@@ -68,6 +68,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     except ValueError as e:  # e.g. a --target_modules name the model doesn't have
         raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
     model.print_trainable_parameters()
+    if resume is None:  # every check passed: only now may an old run be cleared away
+        _clear_output_dir(output_dir)
 
     trainer = Trainer(
         model=model,
@@ -108,9 +110,9 @@ def _resolve_resume(value: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def _make_fresh_output_dir(output_dir: Path, overwrite: bool) -> None:
-    check_writable_output(output_dir, overwrite)
-    if overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+def _clear_output_dir(output_dir: Path) -> None:
+    """Empty an output directory the user allowed us to overwrite (check_writable_output ran before)."""
+    if output_dir.is_dir() and any(output_dir.iterdir()):
         resolved = output_dir.resolve()
         if resolved in {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}:
             raise UserError(f"--output_dir {output_dir} is the current directory, one above it, or home: "
