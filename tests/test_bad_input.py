@@ -126,3 +126,60 @@ def test_model_not_available_offline_says_how_to_pass_model(cli, tmp_path):
 def test_invalid_option_values(cli, tmp_path, tiny_model, flag, value, needle):
     data = write_json(tmp_path / "data.json", [{"prompt": "p", "completion": "c"}])
     assert_clean_failure(prepare(cli, data, tmp_path / "out", tiny_model, flag, value), tmp_path / "out", needle)
+
+
+def test_empty_json_array(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [])
+    assert_clean_failure(prepare(cli, data, tmp_path / "out", tiny_model), tmp_path / "out", f"{data} holds no rows")
+
+
+def test_yaml_value_of_the_wrong_type(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [{"prompt": "p", "completion": "c"}])
+    config = tmp_path / "config.yaml"
+    config.write_text("max_seq_length: [12]\n", encoding="utf-8")
+    assert_clean_failure(prepare(cli, data, tmp_path / "out", tiny_model, "--config", config), tmp_path / "out",
+                         f"{config}: key 'max_seq_length': expected a single value, found [12]")
+
+
+def test_output_that_is_the_input_is_refused(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [{"prompt": "p", "completion": "c"}])
+    result = prepare(cli, data, data, tiny_model, "--overwrite_output_dir")
+    assert result.code == 2 and "is also an input of this command" in result.err
+    assert data.is_file()
+
+
+def test_output_under_a_file_is_refused(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [{"prompt": "p", "completion": "c"}])
+    result = prepare(cli, data, data / "sub", tiny_model)
+    assert result.code == 2 and f"{data} is a file, not a directory" in result.err
+
+
+def test_demo_refuses_to_replace_the_current_directory(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    result = cli("demo", "--output_dir", ".", "--overwrite_output_dir")
+    assert result.code == 2 and "refusing to replace it" in result.err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_damaged_dataset_manifest_is_a_clear_error(cli, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{not json")
+    result = cli("train", "--dataset_path", tmp_path / "data", "--output_dir", tmp_path / "run")
+    assert result.code == 2 and "cannot read the manifest" in result.err and "Traceback" not in result.err
+
+
+def test_relative_model_path_is_recorded_absolute(cli, tmp_path, tiny_model, monkeypatch):
+    import json
+
+    data = write_json(tmp_path / "data.json", [{"prompt": "p", "completion": "c"}])
+    monkeypatch.chdir(tiny_model.parent)
+    assert prepare(cli, data, tmp_path / "out", tiny_model.name).code == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["model"] == str(tiny_model.resolve())
+
+
+def test_manifest_command_line_hides_secrets():
+    from glmtune.artifacts import redact_secrets
+
+    assert redact_secrets(["glmtune", "train", "--hub_token", "abc", "--api_key=xyz", "--max_steps", "3"]) == [
+        "glmtune", "train", "--hub_token", "***", "--api_key=***", "--max_steps", "3"]

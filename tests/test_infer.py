@@ -56,3 +56,26 @@ def test_nothing_to_answer_is_a_clear_error(cli, tiny_model):
 def test_peft_path_that_is_not_an_adapter(cli, tmp_path):
     result = cli("infer", "--peft_path", tmp_path, "--prompt", "x")
     assert result.code == 2 and "has no adapter_config.json" in result.err
+
+
+def test_max_length_budget_is_per_prompt_whatever_the_batch(cli, tiny_model):
+    prompts = ["短", "a much longer prompt about compound interest and bonds and stocks"]
+    args = [arg for p in prompts for arg in ("--prompt", p)]
+    batched = cli("infer", "--model", tiny_model, *args, "--max_length", "40", "--batch_size", "2")
+    single = cli("infer", "--model", tiny_model, *args, "--max_length", "40", "--batch_size", "1")
+    assert batched.code == single.code == 0, batched.err
+    assert batched.out == single.out
+
+
+def test_unknown_input_format_and_directory_output_are_refused(cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "q"}])
+    assert "--format foo is unknown" in cli("infer", "--model", tiny_model, "--input", data, "--format", "foo").err
+    (tmp_path / "dir").mkdir()
+    result = cli("infer", "--model", tiny_model, "--input", data, "--output", tmp_path / "dir")
+    assert result.code == 2 and "is a directory, expected a file path" in result.err
+
+
+def test_empty_prompt_row_is_refused_with_its_location(cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}, {"text": ""}])
+    result = cli("infer", "--model", tiny_model, "--input", data)
+    assert result.code == 2 and f"{data}:2: the prompt is empty" in result.err

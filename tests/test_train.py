@@ -118,3 +118,11 @@ def test_example_config_runs(cli, small, tmp_path):
     result = train(cli, data, tmp_path / "run", "--config", ROOT / "examples" / "finance_lora.yaml",
                    "--max_steps", "1")
     assert result.code == 0, result.err
+
+
+def test_resume_with_other_lora_flags_is_refused(cli, small, tmp_path):
+    _, data = small
+    run = tmp_path / "run"
+    assert train(cli, data, run, "--max_steps", "2", "--save_steps", "2").code == 0
+    result = train(cli, data, run, "--max_steps", "4", "--resume_from_checkpoint", "true", "--lora_rank", "4")
+    assert result.code == 2 and "r: checkpoint 8, now 4" in result.err

@@ -16,6 +16,13 @@ def _help(text: str, **kwargs) -> dict:
     return {"metadata": {"help": text}, **kwargs}
 
 
+def _check_format(name: str | None) -> None:
+    from glmtune.data.formats import FORMATS
+
+    if name is not None and name not in FORMATS:
+        raise UserError(f"--format {name} is unknown", hint=f"choose one of {', '.join(FORMATS)}")
+
+
 @dataclass
 class ModelArguments:
     model: str | None = field(**_help("Name or path of the base model (a hub name or a local directory). "
@@ -33,12 +40,9 @@ class PrepareArguments:
     overwrite_output_dir: bool = field(**_help("Replace --save_path if it exists.", default=False))
 
     def __post_init__(self) -> None:
-        from glmtune.data.formats import FORMATS
-
         if self.max_seq_length < 2:
             raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
-        if self.format is not None and self.format not in FORMATS:
-            raise UserError(f"--format {self.format} is unknown", hint=f"choose one of {', '.join(FORMATS)}")
+        _check_format(self.format)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class InferenceArguments:
     seed: int = field(**_help("Random seed for sampling.", default=42))
 
     def __post_init__(self) -> None:
+        _check_format(self.format)
         if self.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -38,7 +38,9 @@ def parse_arguments(
 
     merged = dict(defaults or {})
     if config_path is not None:
-        merged.update(read_yaml_config(config_path, known))
+        values = read_yaml_config(config_path, known)
+        actions = {action.dest: action for action in parser._actions}
+        merged.update({key: _coerce(actions[key], key, value, config_path) for key, value in values.items()})
     parser.set_defaults(**merged)
     try:
         *instances, namespace_rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -68,6 +70,30 @@ def read_yaml_config(path: Path, known: set[str]) -> dict[str, Any]:
         raise UserError(f"config file {path} has unknown keys", problems=problems,
                         hint="keys are the command's flags without the leading --; see --help")
     return values
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
+    """Convert a YAML value with the option's own argparse type (argparse only converts string defaults)."""
+    def fail(expected: str) -> UserError:
+        return UserError(f"{path}: key '{key}': expected {expected}, found {value!r}")
+
+    convert = action.type or (lambda v: v)
+    try:
+        if value is None:
+            if action.default is not None and not action.required:
+                raise fail("a value (null is not allowed here)")
+            return None
+        if isinstance(value, dict):  # a few TrainingArguments options take mappings as they are
+            return value
+        if action.nargs in ("+", "*"):
+            return [convert(str(v)) for v in (value if isinstance(value, list) else [value])]
+        if isinstance(value, list):
+            if action.type is not str:
+                raise fail("a single value")
+            value = ",".join(map(str, value))  # a list for a comma-separated option, e.g. target_modules
+        return value if isinstance(value, bool) else convert(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise fail(getattr(action.type, "__name__", "another type")) from None
 
 
 def to_plain_dict(*instances: Any) -> dict[str, Any]:

@@ -4,14 +4,13 @@ the bundled finance Q&A, LoRA-trains on it, and shows answers before and after t
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments, PrepareArguments
-from glmtune.artifacts import check_writable_output
+from glmtune.artifacts import check_writable_output, empty_directory
 from glmtune.config import parse_arguments
 from glmtune.demo import demo_data_path
 
@@ -41,7 +40,7 @@ def run(args: DemoArguments) -> float:
 
     out = Path(args.output_dir)
     check_writable_output(out, args.overwrite_output_dir)
-    shutil.rmtree(out, ignore_errors=True)
+    empty_directory(out)
     started = time.time()
     data_file = demo_data_path()
     data = load_data(data_file, None)

@@ -29,7 +29,7 @@ def run(model_args: ModelArguments, args: InferenceArguments) -> list[dict[str, 
 
     rows, conversations = _read_prompts(args)
     if args.output:
-        check_writable_output(Path(args.output), args.overwrite_output_dir)
+        check_writable_output(Path(args.output), args.overwrite_output_dir, "file", _inputs(args))
     set_seed(args.seed)
     engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code)
     settings = GenerationSettings(args.max_new_tokens, args.max_length, args.temperature, args.top_p)
@@ -37,12 +37,16 @@ def run(model_args: ModelArguments, args: InferenceArguments) -> list[dict[str, 
     results = [{**row, "response": response} for row, response in zip(rows, responses, strict=True)]
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
-        with atomic_file(Path(args.output), args.overwrite_output_dir) as tmp:
+        with atomic_file(Path(args.output), args.overwrite_output_dir, _inputs(args)) as tmp:
             tmp.write_text(lines, encoding="utf-8")
         print(f"Wrote {len(results)} answers to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(lines)
     return results
+
+
+def _inputs(args: InferenceArguments) -> tuple[Path, ...]:
+    return (Path(args.input),) if args.input else ()
 
 
 def _read_prompts(args: InferenceArguments) -> tuple[list[dict[str, Any]], list[Conversation]]:

@@ -19,11 +19,12 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     system: str | None = None
     text: str | None = None  # plain text, trained on every token, no template
+    location: str | None = None  # "file:line" of the row it came from, for error messages
 
     def prompt_part(self) -> Conversation:
         """The conversation up to (not including) its last assistant message: what inference is asked."""
         if self.messages and self.messages[-1].role == "assistant":
-            return Conversation(messages=self.messages[:-1], system=self.system)
+            return Conversation(messages=self.messages[:-1], system=self.system, location=self.location)
         return self
 
     def to_chat_messages(self) -> list[dict[str, str]]:

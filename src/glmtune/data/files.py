@@ -31,9 +31,10 @@ def read_rows(path: Path) -> list[Row]:
                         f"{e.start})", hint="re-save the file as UTF-8") from None
     if not text.strip():
         raise UserError(f"{path} is empty: expected a JSON array of objects or one JSON object per line")
-    if text.lstrip().startswith("["):
-        return _read_json_array(path, text)
-    return _read_json_lines(path, text)
+    rows = _read_json_array(path, text) if text.lstrip().startswith("[") else _read_json_lines(path, text)
+    if not rows:
+        raise UserError(f"{path} holds no rows: expected a JSON array of objects or one JSON object per line")
+    return rows
 
 
 def _read_json_array(path: Path, text: str) -> list[Row]:
@@ -42,6 +43,8 @@ def _read_json_array(path: Path, text: str) -> list[Row]:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})",
                         hint="the file starts with '[' so it is read as one JSON array; is it cut off?") from None
+    if not isinstance(data, list):  # e.g. "[1] [2]" can't parse, but a top-level value other than a list can't be rows
+        raise UserError(f"{path}: expected a JSON array of objects")
     return [Row(f"{path} row {i}", item) for i, item in enumerate(data)]
 
 

@@ -92,7 +92,9 @@ def to_conversations(rows: list[Row], fmt: Format, need_answer: bool = True) -> 
             if len(problems) >= MAX_PROBLEMS:
                 break
             continue
-        conversations.append(fmt.to_conversation(row.data))
+        conversation = fmt.to_conversation(row.data)
+        conversation.location = row.location
+        conversations.append(conversation)
     if problems:
         raise UserError(f"{len(problems)} problem(s) in the data (format '{fmt.name}': {fmt.description})",
                         problems=problems[:MAX_PROBLEMS],

@@ -89,7 +89,7 @@ def save_dataset(columns: dict[str, list[list[int]]], report: PrepareReport, dat
                  overwrite: bool, config: dict[str, Any], **manifest_fields: Any) -> None:
     from datasets import Dataset, DatasetDict
 
-    with atomic_directory(save_path, overwrite) as tmp:
+    with atomic_directory(save_path, overwrite, (data_path,)) as tmp:
         DatasetDict({"train": Dataset.from_dict(columns)}).save_to_disk(str(tmp))
         write_manifest(tmp, "prepare", config, inputs={str(data_path): sha256_file(data_path)},
                        **manifest_fields, report=asdict(report))

@@ -11,6 +11,7 @@ so the tuned model stops.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from glmtune.data.conversation import Conversation
@@ -20,12 +21,19 @@ IGNORE_INDEX = -100  # label of a token that takes no loss (transformers' conven
 
 
 def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"the tokenizer of {tokenizer.name_or_path} has no chat template",
                         hint="use a chat model, or a tokenizer directory whose tokenizer_config.json or "
                              "chat_template.jinja defines one")
-    return tokenizer.apply_chat_template(conversation.to_chat_messages(), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(conversation.to_chat_messages(), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # templates refuse what their model can't take (e.g. a system message)
+        where = f"{conversation.location}: " if conversation.location else ""
+        raise UserError(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: {e}",
+                        hint="change the data (for example drop the system prompt) or use another model") from None
 
 
 def encode_prompt(tokenizer: Any, conversation: Conversation) -> list[int]:
@@ -45,52 +53,70 @@ def encode_for_training(tokenizer: Any, conversation: Conversation,
             ids.append(_end_token(tokenizer, stop_ids))
         return ids, list(ids)
 
-    ids: list[int] = []
-    labels: list[int] = []
-    trained_ends: list[int] = []  # token index just after each trained answer
-    rendered = ""
-    for i, message in enumerate(conversation.messages):
-        if message.role != "assistant":
-            continue
-        history = Conversation(messages=conversation.messages[:i], system=conversation.system)
-        prompt = render(tokenizer, history, add_generation_prompt=True)
-        upto = Conversation(messages=conversation.messages[: i + 1], system=conversation.system)
-        full = render(tokenizer, upto, add_generation_prompt=False)
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
-            raise UserError(f"the chat template of {tokenizer.name_or_path} renders a conversation's turns "
-                            "differently depending on what follows them, so answers can't be located in it",
-                            hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
-        _append(tokenizer, prompt[len(rendered):], False, ids, labels)
-        _append(tokenizer, full[len(prompt):], message.train, ids, labels)
-        if message.train:
-            trained_ends.append(len(ids))
-        rendered = full
-    tail = render(tokenizer, conversation, add_generation_prompt=False)[len(rendered):]
-    _append(tokenizer, tail, False, ids, labels)
-
-    # Make every trained answer end with a stop token: either its own last token, or the token the
-    # template writes next (GLM-4 writes "<|user|>" before the next question), or an appended one at the end.
-    for end in reversed(trained_ends):
-        if ids[end - 1] in stop_ids:
-            continue
-        if end < len(ids) and ids[end] in stop_ids:
-            labels[end] = ids[end]
-        elif end == len(ids):
-            ids.append(_end_token(tokenizer, stop_ids))
-            labels.append(ids[-1])
-        else:
-            raise UserError(f"the chat template of {tokenizer.name_or_path} does not end an assistant turn with a "
-                            f"token generation stops on (stop ids {stop_ids})",
-                            hint="the model's generation_config.json eos_token_id should list its end-of-turn ids")
+    text, char_spans = _render_with_answer_spans(tokenizer, conversation)
+    ids, token_spans = _tokenize_with_spans(tokenizer, text, char_spans)
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in reversed(token_spans):  # reversed: an appended end token doesn't shift earlier spans
+        end = _end_at_stop_token(tokenizer, ids, start, end, stop_ids)
+        labels[start:end] = ids[start:end]
     return ids, labels
 
 
-def _append(tokenizer: Any, text: str, train: bool, ids: list[int], labels: list[int]) -> None:
-    if not text:
-        return
-    piece = tokenizer.encode(text, add_special_tokens=False)
-    ids += piece
-    labels += piece if train else [IGNORE_INDEX] * len(piece)
+def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The whole rendered conversation and, for each trained answer, its character range: from the end of the
+    generation prompt before it to the end of the rendering through it."""
+    text = render(tokenizer, conversation, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(conversation.messages):
+        if message.role != "assistant" or not message.train:
+            continue
+        prompt = render(tokenizer, Conversation(messages=conversation.messages[:i], system=conversation.system),
+                        add_generation_prompt=True)
+        through = render(tokenizer, Conversation(messages=conversation.messages[: i + 1],
+                                                 system=conversation.system), add_generation_prompt=False)
+        if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
+            raise UserError(f"the chat template of {tokenizer.name_or_path} renders a conversation's turns "
+                            "differently depending on what follows them, so answers can't be located in it",
+                            hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
+        spans.append((len(prompt), len(through)))
+    return text, spans
+
+
+def _tokenize_with_spans(tokenizer: Any, text: str,
+                         char_spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the whole text (as inference tokenizes it: one call, no added special tokens) and the token
+    range of each character span."""
+    if tokenizer.is_fast:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        starts = [s for s, _ in offsets]  # ascending
+        return ids, [(bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)) for a, b in char_spans]
+    # Slow tokenizers give no offsets: encode the pieces between span boundaries one by one.
+    cuts = sorted({0, len(text), *(c for span in char_spans for c in span)})
+    ids, first_token = [], {}
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        first_token[a] = len(ids)
+        ids += tokenizer.encode(text[a:b], add_special_tokens=False)
+    first_token[len(text)] = len(ids)
+    return ids, [(first_token[a], first_token[b]) for a, b in char_spans]
+
+
+def _end_at_stop_token(tokenizer: Any, ids: list[int], start: int, end: int, stop_ids: list[int]) -> int:
+    """Where a trained answer's supervision ends, so that its last supervised token is one generation stops on:
+    its own end-of-turn token (ChatML-style templates write a newline after it, which is not trained), the
+    token the template writes next (GLM-4 writes "<|user|>" before the next question), or an appended one."""
+    stops_inside = [k for k in range(start, end) if ids[k] in stop_ids]
+    if stops_inside and not tokenizer.decode(ids[stops_inside[-1] + 1: end]).strip():
+        return stops_inside[-1] + 1
+    if end < len(ids) and ids[end] in stop_ids:
+        return end + 1
+    if end == len(ids):
+        ids.append(_end_token(tokenizer, stop_ids))
+        return end + 1
+    raise UserError(f"the chat template of {tokenizer.name_or_path} does not end an assistant turn with a token "
+                    f"generation stops on (stop ids {stop_ids}); after an answer it writes "
+                    f"{tokenizer.decode(ids[end:end + 3])!r}",
+                    hint="the model's generation_config.json eos_token_id should list its end-of-turn ids")
 
 
 def _end_token(tokenizer: Any, stop_ids: list[int]) -> int:

@@ -6,16 +6,16 @@ Prompts are built by the same template code as training (`encode_prompt`), so th
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmtune.artifacts import MANIFEST
+from glmtune.artifacts import MANIFEST, read_json_object
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
+from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -34,9 +34,9 @@ class Engine:
         from peft import PeftModel
 
         adapter_base = _adapter_base_model(Path(peft_path)) if peft_path else None
-        self.model_name = model or adapter_base
-        if not self.model_name:
+        if not (model or adapter_base):
             raise UserError("--model is required (or --peft_path, whose adapter names its base model)")
+        self.model_name = canonical_model_name(model or adapter_base)
         self.tokenizer = load_tokenizer(self.model_name, trust_remote_code)
         if peft_path:
             _check_adapter_tokenizer(Path(peft_path), self.tokenizer, self.model_name)
@@ -62,41 +62,48 @@ class Engine:
         from tqdm.auto import tqdm
 
         prompts = [encode_prompt(self.tokenizer, c.prompt_part()) for c in conversations]
+        budgets = [self._answer_budget(settings, prompt, c) for prompt, c in zip(prompts, conversations, strict=True)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
         batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="Generating", unit="batch", disable=not progress):
             input_ids, attention_mask = self._left_pad([prompts[i] for i in batch])
-            config = self._generation_config(settings, input_ids.shape[1])
+            config = self._generation_config(settings, max(budgets[i] for i in batch))
             with torch.no_grad():
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                              generation_config=config)
             for row, index in enumerate(batch):
-                new_tokens = output[row, input_ids.shape[1]:]
+                # Each answer keeps its own budget, whatever it was batched with.
+                new_tokens = output[row, input_ids.shape[1]:][: budgets[index]]
                 answers[index] = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         return answers
+
+    def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
+        """New tokens allowed for one prompt; checked for every prompt before anything is generated."""
+        where = f"{conversation.location}: " if conversation.location else ""
+        if not prompt:
+            raise UserError(f"{where}the prompt is empty", hint="give every row a non-empty prompt")
+        if settings.max_new_tokens is not None:
+            return settings.max_new_tokens
+        if settings.max_length is None:
+            return DEFAULT_MAX_NEW_TOKENS
+        if settings.max_length <= len(prompt):
+            raise UserError(f"{where}--max_length {settings.max_length} leaves no room for an answer after a "
+                            f"{len(prompt)}-token prompt", hint="raise --max_length or use --max_new_tokens")
+        return settings.max_length - len(prompt)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[Any, Any]:
         import torch
 
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # (batch, width)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)  # (batch, width)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
         return input_ids, attention_mask
 
-    def _generation_config(self, settings: GenerationSettings, prompt_width: int) -> Any:
+    def _generation_config(self, settings: GenerationSettings, max_new: int) -> Any:
         from transformers import GenerationConfig
 
-        if settings.max_new_tokens is not None:
-            max_new = settings.max_new_tokens
-        elif settings.max_length is not None:
-            max_new = settings.max_length - prompt_width
-            if max_new < 1:
-                raise UserError(f"--max_length {settings.max_length} leaves no room for an answer after a "
-                                f"{prompt_width}-token prompt", hint="raise --max_length or use --max_new_tokens")
-        else:
-            max_new = DEFAULT_MAX_NEW_TOKENS
         sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
             if settings.temperature > 0 else {"do_sample": False}
         return GenerationConfig(max_new_tokens=max_new, eos_token_id=self.stop_ids,
@@ -108,7 +115,7 @@ def _adapter_base_model(peft_path: Path) -> str | None:
     if not config_file.is_file():
         raise UserError(f"--peft_path {peft_path} is not a LoRA adapter directory: it has no adapter_config.json",
                         hint="pass the --output_dir of `glmtune train` (or one of its checkpoint-* directories)")
-    return json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return read_json_object(config_file, "adapter config").get("base_model_name_or_path")
 
 
 def _check_adapter_tokenizer(peft_path: Path, tokenizer: Any, model_name: str) -> None:
@@ -116,7 +123,7 @@ def _check_adapter_tokenizer(peft_path: Path, tokenizer: Any, model_name: str) -
     manifest_file = peft_path / MANIFEST
     if not manifest_file.is_file():  # a checkpoint-* directory or a foreign adapter: nothing to compare
         return
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    manifest = read_json_object(manifest_file, "manifest")
     expected = manifest.get("tokenizer_fingerprint")
     if expected and expected != tokenizer_fingerprint(tokenizer):
         raise UserError(f"the adapter {peft_path} was trained on '{manifest.get('base_model')}', whose tokenizer "

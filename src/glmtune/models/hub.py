@@ -20,7 +20,7 @@ def resolve_model(name: str) -> str:
     """The local path of `name`, or `name` itself when the hub will resolve it; a UserError when nothing can."""
     path = Path(name).expanduser()
     if path.is_dir():
-        return str(path)
+        return str(path.resolve())  # absolute: manifests and adapters must work from any directory
     if path.exists():
         raise UserError(f"--model {name} is a file; expected a model directory or a hub name", hint=HINT)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -32,6 +32,12 @@ def resolve_model(name: str) -> str:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub can't be reached"
         raise UserError(f"model '{name}' is not in the local cache and {why}", hint=HINT)
     return name
+
+
+def canonical_model_name(name: str) -> str:
+    """What to record of a --model value: the absolute path of a local directory, else the hub name."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -59,7 +59,14 @@ def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that decides the ids a tokenizer and its chat template produce."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Truncation and padding are call-time settings that transformers changes on the first encode().
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        body = json.dumps(state, sort_keys=True)
+    else:
+        body = json.dumps(sorted(tokenizer.get_vocab().items()))
     return sha256_text(body + "\n" + str(getattr(tokenizer, "chat_template", "") or ""))
 
 

@@ -14,15 +14,17 @@ from typing import Any
 import yaml
 
 from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments
-from glmtune.artifacts import check_writable_output, read_manifest, write_manifest
+from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, read_manifest, write_manifest
 from glmtune.config import to_plain_dict
 from glmtune.errors import UserError
+from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from glmtune.models.lora import resolve_target_modules
 from glmtune.train.plot import plot_loss
 
 CONFIG_FILE = "train_config.yaml"
 LOSS_PLOT = "loss.png"
+STAGING = ".final.tmp"  # inside the output directory: the final artifacts before they are moved into place
 
 
 @dataclass
@@ -43,10 +45,12 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         raise UserError("--dataset_path is required", hint="make one with `glmtune prepare`")
     dataset_dir = Path(data_args.dataset_path)
     dataset_manifest = read_manifest(dataset_dir, "prepare", "dataset directory")
-    model_name = model_args.model or dataset_manifest["model"]
+    if not (model_args.model or dataset_manifest.get("model")):
+        raise UserError(f"{dataset_dir}/manifest.json names no model", hint="pass --model")
+    model_name = canonical_model_name(model_args.model or dataset_manifest["model"])
     output_dir = Path(training_args.output_dir)
     resume = _resolve_resume(training_args.resume_from_checkpoint, output_dir)
-    if resume is None:
+    if resume is None or output_dir.resolve() not in resume.resolve().parents:
         check_writable_output(output_dir, data_args.overwrite_output_dir)
     if training_args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA GPU and none is available",
@@ -55,7 +59,11 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
     _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
     tokenizer.padding_side = "right"  # training pads on the right; generation sets left itself
-    dataset = load_from_disk(str(dataset_dir))["train"]
+    try:
+        dataset = load_from_disk(str(dataset_dir))["train"]
+    except (FileNotFoundError, KeyError) as e:
+        raise UserError(f"{dataset_dir} has a manifest but no readable `train` split ({e})",
+                        hint="prepare it again with `glmtune prepare`") from None
 
     model = load_model(model_name, model_args.trust_remote_code)
     peft_config = LoraConfig(
@@ -63,13 +71,19 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         lora_dropout=lora_args.lora_dropout,
         target_modules=resolve_target_modules(model.config.model_type, lora_args.target_modules),
     )
+    if resume is not None:
+        _check_same_adapter_shape(resume, peft_config)
     try:
         model = get_peft_model(model, peft_config)
     except ValueError as e:  # e.g. a --target_modules name the model doesn't have
         raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
     model.print_trainable_parameters()
-    if resume is None:  # every check passed: only now may an old run be cleared away
-        _clear_output_dir(output_dir)
+    # Every check passed: only now may an old run be cleared away (by the main process, the others wait).
+    with training_args.main_process_first(desc="preparing the output directory"):
+        if training_args.process_index == 0:
+            if resume is None:
+                empty_directory(output_dir)
+            shutil.rmtree(output_dir / STAGING, ignore_errors=True)
 
     trainer = Trainer(
         model=model,
@@ -84,12 +98,27 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     config = to_plain_dict(model_args, data_args, lora_args, training_args)
     config["model"] = model_name
-    _save_final(output_dir, trainer, tokenizer, config,
+    _save_final(output_dir, trainer, config,
                 base_model=model_name, dataset=str(dataset_dir),
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                 global_step=trainer.state.global_step, train_loss=result.training_loss,
                 last_logged_loss=losses[-1] if losses else None)
     return TrainResult(output_dir, trainer.state.global_step, losses[-1] if losses else None)
+
+
+def _check_same_adapter_shape(checkpoint: Path, peft_config: Any) -> None:
+    """Resuming restores the adapter's weights: its rank and target modules must be the ones asked for."""
+    saved = read_json_object(checkpoint / "adapter_config.json", "adapter config")
+    ours = {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
+            "target_modules": sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str)
+            else peft_config.target_modules}
+    theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+              "target_modules": sorted(saved.get("target_modules") or []) if isinstance(ours["target_modules"], list)
+              else saved.get("target_modules")}
+    differing = [f"{key}: checkpoint {theirs[key]}, now {ours[key]}" for key in ours if ours[key] != theirs[key]]
+    if differing:
+        raise UserError(f"cannot resume from {checkpoint}: its LoRA adapter differs from the one asked for",
+                        problems=differing, hint="resume with the LoRA flags the run started with")
 
 
 def _resolve_resume(value: str | None, output_dir: Path) -> Path | None:
@@ -105,19 +134,10 @@ def _resolve_resume(value: str | None, output_dir: Path) -> Path | None:
                             hint="check --output_dir, or pass the checkpoint's path")
         return Path(last)
     path = Path(value)
-    if not path.is_dir():
-        raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
+    if not (path / "trainer_state.json").is_file() or not (path / "adapter_config.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json "
+                        "and adapter_config.json)", hint="pass a checkpoint-* directory of an earlier run, or true")
     return path
-
-
-def _clear_output_dir(output_dir: Path) -> None:
-    """Empty an output directory the user allowed us to overwrite (check_writable_output ran before)."""
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        resolved = output_dir.resolve()
-        if resolved in {Path.cwd().resolve(), *Path.cwd().resolve().parents, Path.home().resolve()}:
-            raise UserError(f"--output_dir {output_dir} is the current directory, one above it, or home: "
-                            "refusing to empty it", hint="pass a dedicated directory")
-        shutil.rmtree(output_dir)
 
 
 def _check_same_tokenizer(tokenizer: Any, model_name: str, manifest: dict[str, Any], dataset_dir: Path) -> None:
@@ -128,13 +148,14 @@ def _check_same_tokenizer(tokenizer: Any, model_name: str, manifest: dict[str, A
                              f"--model {manifest.get('model')}")
 
 
-def _save_final(output_dir: Path, trainer: Any, tokenizer: Any, config: dict[str, Any], **fields: Any) -> None:
+def _save_final(output_dir: Path, trainer: Any, config: dict[str, Any], **fields: Any) -> None:
     """Write the final artifacts into a staging directory, then move them into output_dir, manifest last."""
-    staging = output_dir / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    trainer.model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
-    tokenizer.save_pretrained(staging)
+    staging = output_dir / STAGING
+    # Every process takes part (a sharded model gathers its weights); only the main one writes. This saves the
+    # adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer.
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return
     (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
     plot_loss(trainer.state.log_history, staging / LOSS_PLOT)
     write_manifest(staging, "train", config, **fields)
