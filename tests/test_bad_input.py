@@ -121,7 +121,7 @@ def test_model_not_available_offline_says_how_to_pass_model(cli, tmp_path):
 
 @pytest.mark.parametrize("flag, value, needle", [
     ("--max_seq_length", "1", "--max_seq_length must be at least 2"),
-    ("--format", "sharegpt", "--format sharegpt is unknown"),
+    ("--format", "yaml", "--format yaml is unknown"),
 ])
 def test_invalid_option_values(cli, tmp_path, tiny_model, flag, value, needle):
     data = write_json(tmp_path / "data.json", [{"prompt": "p", "completion": "c"}])

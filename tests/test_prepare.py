@@ -83,13 +83,19 @@ def test_report_counts_rows_truncated_dropped_and_supervised_tokens(cli, tmp_pat
     dataset = load(tmp_path / "out")
     assert len(dataset) == 2
     assert max(len(r["input_ids"]) for r in dataset) == 64
-    # Independent count of what was kept, from the saved rows themselves.
+    # Independent counts: from the saved rows themselves, and from tokenizing each answer on its own.
     tokens = sum(len(r["input_ids"]) for r in dataset)
     supervised = sum(label != IGNORE_INDEX for r in dataset for label in r["labels"])
+    answer_tokens = [len(tokenizer.encode("\n" + row["output"])) + 1 for row in rows]  # + the end token
     report = json.loads((tmp_path / "out" / "manifest.json").read_text())["report"]
-    assert report == {"format": "alpaca", "rows_read": 3, "kept": 2, "truncated": 1,
-                      "dropped": {"with no supervised token left after truncation": 1},
-                      "tokens": tokens, "supervised_tokens": supervised}
+    assert {k: report[k] for k in ("rows_read", "kept", "dropped", "truncated", "rows_over_max", "tokens",
+                                   "supervised_tokens", "supervised_tokens_lost")} == {
+        "rows_read": 3, "kept": 2, "dropped": {"no supervised token left after truncation": 1},
+        "truncated": {"right": 1}, "rows_over_max": 2, "tokens": tokens, "supervised_tokens": supervised,
+        "supervised_tokens_lost": sum(answer_tokens) - supervised}
+    assert report["length_percentiles"]["max"] == len(tokenizer.apply_chat_template(
+        [{"role": "user", "content": rows[2]["instruction"]}, {"role": "assistant", "content": "lost"}],
+        return_dict=False)) + 1
     assert "rows read:         3" in result.out
     assert f"supervised tokens: {supervised} ({supervised / tokens:.1%} of all tokens)" in result.out
 

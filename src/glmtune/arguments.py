@@ -32,17 +32,46 @@ class ModelArguments:
 
 @dataclass
 class PrepareArguments:
-    jsonl_path: str | None = field(**_help("Data file: a JSON array or JSON lines (.json/.jsonl).", default=None))
+    jsonl_path: list[str] | None = field(**_help(
+        "Data file(s): JSON array, JSON lines, CSV or Parquet; several may follow the flag.", default=None))
     save_path: str | None = field(**_help("Directory to write the tokenized dataset to.", default=None))
-    max_seq_length: int = field(**_help("Longest sample in tokens; longer ones are cut at the end.", default=512))
-    format: str | None = field(**_help("Data format: alpaca, prompt_completion, context_target or text. "
-                                       "Detected from the rows when not given.", default=None))
+    max_seq_length: int = field(**_help("Longest sample in tokens (see --truncation).", default=512))
+    truncation: str = field(**_help("Rows longer than --max_seq_length: 'right' cuts the end, 'left' drops the "
+                                    "oldest turns (then cuts the start) to keep the last answer, 'drop' leaves "
+                                    "the row out.", default="right"))
+    format: str | None = field(**_help("Data format (sharegpt, messages, alpaca, prompt_response, "
+                                       "prompt_completion, context_target, content_summary, text). Detected "
+                                       "from each file's rows when not given.", default=None))
+    columns: str | None = field(**_help("Rename the files' fields, e.g. 'question=instruction,answer=output'.",
+                                        default=None))
+    last_turn_only: bool = field(**_help("Train on the last assistant turn only (default: every one).",
+                                         default=False))
+    train_on_prompt: bool = field(**_help("Take the loss on the prompts too, not only on the answers.",
+                                          default=False))
+    skip_bad_rows: bool = field(**_help("Leave bad rows out (counted, and written to SAVE_PATH.rejects.jsonl) "
+                                        "instead of stopping.", default=False))
+    dry_run: bool = field(**_help("Print the report and write nothing.", default=False))
     overwrite_output_dir: bool = field(**_help("Replace --save_path if it exists.", default=False))
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 2:
             raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
+        from glmtune.data.prepare import TRUNCATION_RULES
+
+        if self.truncation not in TRUNCATION_RULES:
+            raise UserError(f"--truncation {self.truncation} is unknown", hint=f"choose {', '.join(TRUNCATION_RULES)}")
         _check_format(self.format)
+        self.column_map()  # validates
+
+    def column_map(self) -> dict[str, str]:
+        mapping = {}
+        for pair in filter(None, (p.strip() for p in (self.columns or "").split(","))):
+            source, sep, target = pair.partition("=")
+            if not sep or not source.strip() or not target.strip():
+                raise UserError(f"--columns: '{pair}' is not of the form file_field=format_field",
+                                hint="e.g. --columns question=instruction,answer=output")
+            mapping[source.strip()] = target.strip()
+        return mapping
 
 
 @dataclass

@@ -43,14 +43,14 @@ def run(args: DemoArguments) -> float:
     empty_directory(out)
     started = time.time()
     data_file = demo_data_path()
-    data = load_data(data_file, None)
+    data = load_data([data_file], None)
 
     _step(1, "build a tiny random GLM (transformers' GlmForCausalLM) and a BPE tokenizer")
     texts = [m.content for c in data.conversations for m in c.messages] * 4
     base = build_tiny_glm(out / "base-model", texts)
     _step(2, "prepare the bundled finance Q&A")
     prepare.run(ModelArguments(model=str(base)),
-                PrepareArguments(jsonl_path=str(data_file), save_path=str(out / "dataset"), max_seq_length=256))
+                PrepareArguments(jsonl_path=[str(data_file)], save_path=str(out / "dataset"), max_seq_length=256))
     _step(3, f"LoRA-train for {args.max_steps} steps")
     training = TrainingArguments(
         output_dir=str(out / "run"), max_steps=args.max_steps, per_device_train_batch_size=16,

@@ -1,5 +1,5 @@
-"""glmtune prepare: tokenize a data file with a model's tokenizer and chat template (the seed's
-tokenize_dataset_rows.py)."""
+"""glmtune prepare: tokenize data files with a model's tokenizer and chat template (the seed's
+tokenize_dataset_rows.py), and report exactly what the model will be trained on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from glmtune.arguments import ModelArguments, PrepareArguments
 from glmtune.artifacts import check_writable_output
 from glmtune.config import parse_arguments, to_plain_dict
-from glmtune.data.prepare import PrepareReport, load_data, save_dataset, tokenize_conversations
+from glmtune.data.prepare import PrepareReport, TokenizeOptions, load_data, save_dataset, tokenize_conversations
 from glmtune.errors import UserError
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_tokenizer, stop_token_ids, tokenizer_fingerprint
@@ -22,22 +22,29 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
 
 
 def run(model_args: ModelArguments, args: PrepareArguments) -> PrepareReport:
-    for flag in ("jsonl_path", "save_path"):
-        if not getattr(args, flag):
-            raise UserError(f"--{flag} is required", hint="glmtune prepare --jsonl_path DATA.json "
-                                                            "--save_path DIR --model MODEL")
+    if not args.jsonl_path or (not args.save_path and not args.dry_run):
+        raise UserError("--jsonl_path and --save_path are required (--save_path not with --dry_run)",
+                        hint="glmtune prepare --jsonl_path DATA.json --save_path DIR --model MODEL")
     if not model_args.model:
         raise UserError("--model is required: its tokenizer and chat template decide the tokens")
-    data_path, save_path = Path(args.jsonl_path), Path(args.save_path)
-    check_writable_output(save_path, args.overwrite_output_dir, "directory", (data_path,))
+    data_paths = [Path(p) for p in args.jsonl_path]
+    save_path = Path(args.save_path) if args.save_path else None
+    if save_path is not None and not args.dry_run:
+        check_writable_output(save_path, args.overwrite_output_dir, "directory", tuple(data_paths))
 
-    data = load_data(data_path, args.format)  # bad rows stop us before any model is loaded
+    # Bad rows stop us before any model is loaded.
+    data = load_data(data_paths, args.format, columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
     stop_ids = stop_token_ids(model_args.model, tokenizer)
-    columns, report = tokenize_conversations(data, tokenizer, stop_ids, args.max_seq_length)
-    save_dataset(columns, report, data_path, save_path, args.overwrite_output_dir,
-                 to_plain_dict(model_args, args), model=canonical_model_name(model_args.model),
-                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), stop_ids=stop_ids)
+    options = TokenizeOptions(args.max_seq_length, args.truncation, args.last_turn_only, args.train_on_prompt)
+    columns, report = tokenize_conversations(data, tokenizer, stop_ids, options)
 
-    print("\n".join(["", "Dataset report", *report.lines(), f"saved to:          {save_path}"]))
+    print("\n".join(["", "Dataset report" + (" (dry run: nothing written)" if args.dry_run else ""),
+                     *report.lines()]))
+    if args.dry_run:
+        return report
+    rejects = save_dataset(columns, report, data, save_path, args.overwrite_output_dir,
+                           to_plain_dict(model_args, args), model=canonical_model_name(model_args.model),
+                           tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), stop_ids=stop_ids)
+    print(f"saved to:          {save_path}" + (f"\nbad rows written to {rejects}" if rejects else ""))
     return report

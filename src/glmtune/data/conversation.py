@@ -18,14 +18,19 @@ class Conversation:
 
     messages: list[Message] = field(default_factory=list)
     system: str | None = None
+    tools: list[dict] | None = None  # tool definitions, given to the chat template as `tools`
     text: str | None = None  # plain text, trained on every token, no template
     location: str | None = None  # "file:line" of the row it came from, for error messages
 
     def prompt_part(self) -> Conversation:
         """The conversation up to (not including) its last assistant message: what inference is asked."""
         if self.messages and self.messages[-1].role == "assistant":
-            return Conversation(messages=self.messages[:-1], system=self.system, location=self.location)
+            return self.upto(len(self.messages) - 1)
         return self
+
+    def upto(self, n: int) -> Conversation:
+        """The same conversation with only its first n messages."""
+        return Conversation(messages=self.messages[:n], system=self.system, tools=self.tools, location=self.location)
 
     def to_chat_messages(self) -> list[dict[str, str]]:
         """The list of {"role", "content"} dicts that `tokenizer.apply_chat_template` takes."""

@@ -1,7 +1,8 @@
-"""Read rows from JSON-array and JSON-lines files, naming file:line for anything malformed."""
+"""Read rows from JSON-array, JSON-lines, CSV and Parquet files, naming file:line for anything malformed."""
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,27 @@ class Row:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """All rows of a .json (array, or JSON lines by mistake) or .jsonl file."""
+    """All rows of a data file: .csv, .parquet, or JSON (an array, or one object per line, whatever the suffix)."""
     if not path.exists():
         raise UserError(f"data file {path} does not exist", hint="check the path given to --jsonl_path/--input")
     if path.is_dir():
-        raise UserError(f"{path} is a directory, expected a JSON or JSON-lines file")
+        raise UserError(f"{path} is a directory, expected a JSON, JSON-lines, CSV or Parquet file")
+    if path.suffix.lower() == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        text = _read_text(path)
+        if path.suffix.lower() == ".csv":
+            rows = _read_csv(path, text)
+        elif text.lstrip().startswith("["):
+            rows = _read_json_array(path, text)
+        else:
+            rows = _read_json_lines(path, text)
+    if not rows:
+        raise UserError(f"{path} holds no rows: expected a JSON array of objects or one JSON object per line")
+    return rows
+
+
+def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
@@ -31,10 +48,31 @@ def read_rows(path: Path) -> list[Row]:
                         f"{e.start})", hint="re-save the file as UTF-8") from None
     if not text.strip():
         raise UserError(f"{path} is empty: expected a JSON array of objects or one JSON object per line")
-    rows = _read_json_array(path, text) if text.lstrip().startswith("[") else _read_json_lines(path, text)
-    if not rows:
-        raise UserError(f"{path} holds no rows: expected a JSON array of objects or one JSON object per line")
+    return text
+
+
+def _read_csv(path: Path, text: str) -> list[Row]:
+    """A header line of field names, then one row per line (every value a string)."""
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    rows = []
+    try:
+        for record in reader:
+            if None in record:  # more cells than header names
+                raise UserError(f"{path}:{reader.line_num}: more values than the header has columns")
+            rows.append(Row(f"{path}:{reader.line_num}", dict(record)))
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
     return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+    return [Row(f"{path} row {i}", record) for i, record in enumerate(table.to_pylist())]
 
 
 def _read_json_array(path: Path, text: str) -> list[Row]:

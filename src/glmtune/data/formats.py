@@ -1,11 +1,13 @@
-"""Input formats: which fields each has, how it is detected, and how a row becomes a Conversation.
+"""Input formats: how each is detected, and how one of its rows becomes a Conversation.
 
-Readers are small and separate; everything after them sees only conversations.
+One small reader per format; everything after them sees only conversations. A reader raises RowProblem for
+the first thing wrong with a row; `to_conversations` collects them with the row's file:line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,119 +16,228 @@ from glmtune.data.files import Row
 from glmtune.errors import MAX_PROBLEMS, UserError
 
 
+class RowProblem(Exception):
+    def __init__(self, field: str, expected: str, found: Any = None, missing: bool = False):
+        self.field, self.expected, self.found, self.missing = field, expected, found, missing
+        super().__init__(field)
+
+    def describe(self, row: dict[str, Any]) -> str:
+        if self.missing:
+            return f"field '{self.field}' is missing (found fields: {sorted(row)})"
+        return f"field '{self.field}': expected {self.expected}, found {describe_value(self.found)}"
+
+
+def _text(row: dict[str, Any], key: str, optional: bool = False, where: str | None = None) -> str | None:
+    if key not in row or row[key] is None:
+        if optional:
+            return None
+        raise RowProblem(where or key, "a string", missing=key not in row)
+    if not isinstance(row[key], str):
+        raise RowProblem(where or key, "a string", row[key])
+    return row[key]
+
+
+def _history(row: dict[str, Any]) -> list[Message]:
+    """`history` as [[question, answer], ...] (alpaca, ChatGLM2 P-Tuning): every answer is trained."""
+    value = row.get("history")
+    if value is None:
+        return []
+    if not (isinstance(value, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in value)):
+        raise RowProblem("history", "a list of [question, answer] string pairs", value)
+    return [m for question, answer in value for m in _exchange(question, answer)]
+
+
 def _exchange(prompt: str, answer: str | None) -> list[Message]:
     """A question and its trained answer; an inference row may have no answer."""
-    answer_part = [Message("assistant", answer, train=True)] if answer is not None else []
-    return [Message("user", prompt), *answer_part]
+    return [Message("user", prompt), *([Message("assistant", answer, train=True)] if answer is not None else [])]
 
 
-def _alpaca(row: dict[str, Any]) -> Conversation:
+def read_alpaca(row: dict[str, Any], need_answer: bool) -> Conversation:
+    instruction, extra = _text(row, "instruction"), _text(row, "input", optional=True)
+    prompt = instruction + ("\n" + extra if extra else "")
+    messages = _history(row) + _exchange(prompt, _text(row, "output", optional=not need_answer))
+    return Conversation(messages=messages, system=_text(row, "system", optional=True) or None)
+
+
+def read_prompt_response(row: dict[str, Any], need_answer: bool) -> Conversation:
+    """ChatGLM2's P-Tuning format: prompt/response plus history [[q, a], ...]."""
+    messages = _history(row) + _exchange(_text(row, "prompt"), _text(row, "response", optional=not need_answer))
+    return Conversation(messages=messages)
+
+
+def pair_reader(prompt_key: str, answer_key: str) -> Callable[[dict[str, Any], bool], Conversation]:
+    def read(row: dict[str, Any], need_answer: bool) -> Conversation:
+        return Conversation(messages=_exchange(_text(row, prompt_key),
+                                               _text(row, answer_key, optional=not need_answer)))
+    return read
+
+
+def read_text(row: dict[str, Any], need_answer: bool) -> Conversation:
+    return Conversation(text=_text(row, "text"))
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "observation", "tool": "observation",
+                  "system": "system"}
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation",
+                 "observation": "observation"}
+
+
+def _turns(row: dict[str, Any], key: str, role_key: str,
+           roles: dict[str, str]) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(where, turn, our role) for each turn of a row's list of turns, validated."""
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RowProblem(key, f"a non-empty list of turns with '{role_key}'", turns, missing=key not in row)
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowProblem(where, f"an object with '{role_key}'", turn)
+        if turn.get(role_key) not in roles:
+            raise RowProblem(f"{where}.{role_key}", f"one of {sorted(roles)}", turn.get(role_key))
+        yield where, turn, roles[turn[role_key]]
+
+
+def read_sharegpt(row: dict[str, Any], need_answer: bool) -> Conversation:
+    messages = [Message(role, _text(turn, "value", where=f"{where}.value"), train=role == "assistant")
+                for where, turn, role in _turns(row, "conversations", "from", SHAREGPT_ROLES)]
+    return _conversation(messages, row, _text(row, "system", optional=True))
+
+
+def read_messages(row: dict[str, Any], need_answer: bool) -> Conversation:
+    """OpenAI-style messages; content as a string or typed parts; per-message `loss_weight` or `train`."""
     messages = []
-    for question, answer in row.get("history") or []:
-        messages += _exchange(question, answer)
-    prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
-    messages += _exchange(prompt, row.get("output"))
-    return Conversation(messages=messages, system=row.get("system") or None)
+    for where, turn, role in _turns(row, "messages", "role", MESSAGE_ROLES):
+        train = role == "assistant"
+        if "loss_weight" in turn:
+            if not isinstance(turn["loss_weight"], (int, float)) or isinstance(turn["loss_weight"], bool):
+                raise RowProblem(f"{where}.loss_weight", "a number", turn["loss_weight"])
+            train = train and turn["loss_weight"] > 0
+        if "train" in turn:
+            if not isinstance(turn["train"], bool):
+                raise RowProblem(f"{where}.train", "true or false", turn["train"])
+            train = train and turn["train"]
+        messages.append(Message(role, _content(turn.get("content"), f"{where}.content"), train=train))
+    return _conversation(messages, row, None)
 
 
-def _pair(prompt_key: str, answer_key: str) -> Callable[[dict[str, Any]], Conversation]:
-    def convert(row: dict[str, Any]) -> Conversation:
-        return Conversation(messages=_exchange(row[prompt_key], row.get(answer_key)))
-    return convert
+def _content(value: Any, where: str) -> str:
+    """A message's text: a string, or a list of text parts ({"type": "text", "text"|"value": ...})."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            text = part.get("text", part.get("value")) if isinstance(part, dict) else None
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(text, str)):
+                raise RowProblem(where, "a string or a list of text parts (other part types are not supported)",
+                                 part)
+            texts.append(text)
+        return "".join(texts)
+    raise RowProblem(where, "a string or a list of text parts", value)
 
 
-def _text(row: dict[str, Any]) -> Conversation:
-    return Conversation(text=row["text"])
+def _conversation(messages: list[Message], row: dict[str, Any], system: str | None) -> Conversation:
+    """A leading system message becomes the conversation's system prompt; `tools` are parsed if given."""
+    if messages and messages[0].role == "system":
+        system, messages = messages[0].content, messages[1:]
+    if any(m.role == "system" for m in messages):
+        raise RowProblem("system", "a system message only at the start", "one later in the conversation")
+    tools = row.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowProblem("tools", "a JSON list of tool definitions", tools) from None
+    if tools in ("", None):
+        tools = None
+    elif not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise RowProblem("tools", "a list of tool definitions", tools)
+    return Conversation(messages=messages, system=system or None, tools=tools)
 
 
 @dataclass(frozen=True)
 class Format:
     name: str
-    required: tuple[str, ...]
-    optional: tuple[str, ...]
-    to_conversation: Callable[[dict[str, Any]], Conversation]
+    keys: tuple[str, ...]  # the fields a row of this format has; the first format whose keys a row has wins
+    read: Callable[[dict[str, Any], bool], Conversation]
     description: str
-    answer: str | None = None  # the field inference does without (it is what the model is asked for)
+    answer: str | None = None  # a key inference does without (it is what the model is asked for)
 
-    def required_fields(self, need_answer: bool) -> tuple[str, ...]:
-        return self.required if need_answer else tuple(k for k in self.required if k != self.answer)
-
-    def optional_fields(self, need_answer: bool) -> tuple[str, ...]:
-        return self.optional if need_answer or self.answer is None else (*self.optional, self.answer)
+    def matches(self, row: dict[str, Any], need_answer: bool) -> bool:
+        return all(k in row for k in self.keys if need_answer or k != self.answer)
 
 
-# Detection order matters: the first format whose required fields a row has wins.
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("alpaca", ("instruction", "output"), ("input", "system", "history"), _alpaca,
+    Format("sharegpt", ("conversations",), read_sharegpt,
+           "conversations of {from, value} (human/gpt/system/function_call/observation), optional tools"),
+    Format("messages", ("messages",), read_messages,
+           "messages of {role, content}, optional loss_weight/train per message"),
+    Format("alpaca", ("instruction", "output"), read_alpaca,
            "instruction/input/output, optional system and history [[q, a], ...]", answer="output"),
-    Format("prompt_completion", ("prompt", "completion"), (), _pair("prompt", "completion"),
+    Format("prompt_response", ("prompt", "response"), read_prompt_response,
+           "prompt/response, optional history [[q, a], ...] (ChatGLM2 P-Tuning)", answer="response"),
+    Format("prompt_completion", ("prompt", "completion"), pair_reader("prompt", "completion"),
            "prompt/completion", answer="completion"),
-    Format("context_target", ("context", "target"), (), _pair("context", "target"), "context/target",
+    Format("context_target", ("context", "target"), pair_reader("context", "target"), "context/target",
            answer="target"),
-    Format("text", ("text",), (), _text, "text (loss on every token)"),
+    Format("content_summary", ("content", "summary"), pair_reader("content", "summary"),
+           "content/summary (AdvertiseGen, ChatGLM P-Tuning)", answer="summary"),
+    Format("text", ("text",), read_text, "text (loss on every token)"),
 )}
 
 
 def detect_format(rows: list[Row], need_answer: bool = True) -> Format:
     first = rows[0]
     if not isinstance(first.data, dict):
-        raise UserError(f"{first.location}: expected a JSON object, found {_describe(first.data)}")
+        raise UserError(f"{first.location}: expected a JSON object, found {describe_value(first.data)}")
     for fmt in FORMATS.values():
-        if all(key in first.data for key in fmt.required_fields(need_answer)):
+        if fmt.matches(first.data, need_answer):
             return fmt
     known = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
     raise UserError(f"{first.location}: cannot tell the data format from the fields {sorted(first.data)}",
-                    hint=f"rows need the fields of one format ({known}), or pass --format")
+                    hint=f"rows need the fields of one format ({known}), or pass --format "
+                         "(and --columns to rename fields)")
 
 
-def to_conversations(rows: list[Row], fmt: Format, need_answer: bool = True) -> list[Conversation]:
-    """Validate every row against the format and convert it; report up to MAX_PROBLEMS bad rows at once.
+@dataclass
+class BadRow:
+    location: str
+    problem: str
+    data: Any
+
+
+def to_conversations(rows: list[Row], fmt: Format, need_answer: bool = True,
+                     skip_bad_rows: bool = False) -> tuple[list[Conversation], list[BadRow]]:
+    """Validate and convert every row. Bad rows stop the run (up to MAX_PROBLEMS are listed at once), or
+    with skip_bad_rows are returned apart.
 
     need_answer=False (inference) accepts rows without the answer field.
     """
-    conversations, problems = [], []
+    conversations, bad = [], []
     for row in rows:
-        found = _row_problems(row, fmt.required_fields(need_answer), fmt.optional_fields(need_answer))
-        if found:
-            problems += found
-            if len(problems) >= MAX_PROBLEMS:
-                break
-            continue
-        conversation = fmt.to_conversation(row.data)
-        conversation.location = row.location
-        conversations.append(conversation)
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) in the data (format '{fmt.name}': {fmt.description})",
-                        problems=problems[:MAX_PROBLEMS],
-                        hint="fix these rows, or pass --format if the format was detected wrongly")
-    return conversations
+        if not isinstance(row.data, dict):
+            bad.append(BadRow(row.location, f"expected a JSON object, found {describe_value(row.data)}", row.data))
+        else:
+            try:
+                conversation = fmt.read(row.data, need_answer)
+            except RowProblem as problem:
+                bad.append(BadRow(row.location, problem.describe(row.data), row.data))
+            else:
+                conversation.location = row.location
+                conversations.append(conversation)
+        if len(bad) >= MAX_PROBLEMS and not skip_bad_rows:
+            break
+    if bad and not skip_bad_rows:
+        raise UserError(f"{len(bad)} bad row(s) in the data (format '{fmt.name}': {fmt.description})",
+                        problems=[f"{b.location}: {b.problem}" for b in bad[:MAX_PROBLEMS]],
+                        hint="fix these rows, pass --skip_bad_rows to leave them out, or pass --format if the "
+                             "format was detected wrongly")
+    return conversations, bad
 
 
-def _row_problems(row: Row, required: tuple[str, ...], optional: tuple[str, ...]) -> list[str]:
-    data = row.data
-    if not isinstance(data, dict):
-        return [f"{row.location}: expected a JSON object, found {_describe(data)}"]
-    problems = []
-    for key in required:
-        if key not in data:
-            problems.append(f"{row.location}: field '{key}' is missing (found fields: {sorted(data)})")
-        elif not isinstance(data[key], str):
-            problems.append(f"{row.location}: field '{key}': expected a string, found {_describe(data[key])}")
-    for key in optional:
-        value = data.get(key)
-        if value is None:
-            continue
-        if key == "history":
-            if not (isinstance(value, list) and all(
-                    isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in value)):
-                problems.append(f"{row.location}: field 'history': expected a list of [question, answer] "
-                                f"string pairs, found {_describe(value)}")
-        elif not isinstance(value, str):
-            problems.append(f"{row.location}: field '{key}': expected a string, found {_describe(value)}")
-    return problems
-
-
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     kind = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
     shown = repr(value)

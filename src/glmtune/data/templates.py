@@ -28,8 +28,9 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
                         hint="use a chat model, or a tokenizer directory whose tokenizer_config.json or "
                              "chat_template.jinja defines one")
     try:
+        tools = {"tools": conversation.tools} if conversation.tools else {}
         return tokenizer.apply_chat_template(conversation.to_chat_messages(), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **tools)
     except TemplateError as e:  # templates refuse what their model can't take (e.g. a system message)
         where = f"{conversation.location}: " if conversation.location else ""
         raise UserError(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: {e}",
@@ -44,9 +45,10 @@ def encode_prompt(tokenizer: Any, conversation: Conversation) -> list[int]:
     return tokenizer.encode(render(tokenizer, conversation, add_generation_prompt=True), add_special_tokens=False)
 
 
-def encode_for_training(tokenizer: Any, conversation: Conversation,
-                        stop_ids: list[int]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a whole conversation; labels are IGNORE_INDEX except on trained answers."""
+def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: list[int],
+                        train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a whole conversation; labels are IGNORE_INDEX except on trained answers
+    (everywhere with train_on_prompt)."""
     if conversation.text is not None:
         ids = tokenizer.encode(conversation.text, add_special_tokens=True)
         if not ids or ids[-1] not in stop_ids:
@@ -59,7 +61,7 @@ def encode_for_training(tokenizer: Any, conversation: Conversation,
     for start, end in reversed(token_spans):  # reversed: an appended end token doesn't shift earlier spans
         end = _end_at_stop_token(tokenizer, ids, start, end, stop_ids)
         labels[start:end] = ids[start:end]
-    return ids, labels
+    return ids, list(ids) if train_on_prompt else labels
 
 
 def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
@@ -70,10 +72,8 @@ def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tup
     for i, message in enumerate(conversation.messages):
         if message.role != "assistant" or not message.train:
             continue
-        prompt = render(tokenizer, Conversation(messages=conversation.messages[:i], system=conversation.system),
-                        add_generation_prompt=True)
-        through = render(tokenizer, Conversation(messages=conversation.messages[: i + 1],
-                                                 system=conversation.system), add_generation_prompt=False)
+        prompt = render(tokenizer, conversation.upto(i), add_generation_prompt=True)
+        through = render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False)
         if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
             raise UserError(f"the chat template of {tokenizer.name_or_path} renders a conversation's turns "
                             "differently depending on what follows them, so answers can't be located in it",
