@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download must fail loudly
+# A fresh HF_HOME per test session: prepare's cache (HF_HOME/glmtune/prepare) starts empty and stays private.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="glmtune-test-hf-home-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -183,3 +183,9 @@ def test_manifest_command_line_hides_secrets():
 
     assert redact_secrets(["glmtune", "train", "--hub_token", "abc", "--api_key=xyz", "--max_steps", "3"]) == [
         "glmtune", "train", "--hub_token", "***", "--api_key=***", "--max_steps", "3"]
+
+
+def test_hub_dataset_name_offline_is_a_clear_error(cli, tmp_path, tiny_model):
+    result = prepare(cli, "tatsu-lab/alpaca", tmp_path / "out", tiny_model)
+    assert_clean_failure(result, tmp_path / "out", "'tatsu-lab/alpaca' is not a local file, and as a hub dataset "
+                                                   "it can't be loaded: HF_HUB_OFFLINE is set")

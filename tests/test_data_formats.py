@@ -185,3 +185,39 @@ def test_csv_parquet_several_files_and_renamed_columns(cli, tmp_path, tiny_model
     assert [trained_texts(tokenizer, r) for r in dataset] == [["A loan."], ["A2"], ["A3"]]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert sorted(manifest["inputs"]) == sorted([str(tmp_path / "a.csv"), str(tmp_path / "b.parquet")])
+
+
+def test_second_identical_run_reuses_the_cache_and_equals_the_first(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)])
+    base = ["prepare", "--jsonl_path", data, "--model", tiny_model]
+    first = cli(*base, "--save_path", tmp_path / "a")
+    second = cli(*base, "--save_path", tmp_path / "b")
+    other_options = cli(*base, "--save_path", tmp_path / "c", "--train_on_prompt")
+    assert "reused from the cache" not in first.out
+    assert "reused from the cache" in second.out
+    assert "reused from the cache" not in other_options.out
+    assert prepared(tmp_path / "a").to_dict() == prepared(tmp_path / "b").to_dict()
+    uncached = cli(*base, "--save_path", tmp_path / "d", "--use_cache", "false")
+    assert "reused from the cache" not in uncached.out
+
+
+def test_parallel_tokenizing_equals_serial(cli, tmp_path, tiny_model, shared):
+    path = shared / "data" / "alpaca" / "alpaca_zh_demo.json"
+    base = ["prepare", "--jsonl_path", path, "--model", tiny_model, "--use_cache", "false"]
+    assert cli(*base, "--save_path", tmp_path / "serial").code == 0
+    assert cli(*base, "--save_path", tmp_path / "parallel", "--num_proc", "2").code == 0
+    assert prepared(tmp_path / "serial").to_dict() == prepared(tmp_path / "parallel").to_dict()
+
+
+@pytest.mark.parametrize("val_size, expected", [("0.25", 2), ("3", 3)])
+def test_val_size_writes_a_validation_split(cli, tmp_path, tiny_model, val_size, expected):
+    from datasets import load_from_disk
+
+    data = write_json(tmp_path / "data.json", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)])
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", tiny_model,
+                 "--val_size", val_size)
+    assert result.code == 0, result.err
+    splits = load_from_disk(str(tmp_path / "out"))
+    assert (len(splits["train"]), len(splits["validation"])) == (8 - expected, expected)
+    rows = {tuple(r["input_ids"]) for r in splits["train"]} | {tuple(r["input_ids"]) for r in splits["validation"]}
+    assert len(rows) == 8  # a partition: nothing lost, nothing doubled

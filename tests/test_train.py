@@ -126,3 +126,23 @@ def test_resume_with_other_lora_flags_is_refused(cli, small, tmp_path):
     assert train(cli, data, run, "--max_steps", "2", "--save_steps", "2").code == 0
     result = train(cli, data, run, "--max_steps", "4", "--resume_from_checkpoint", "true", "--lora_rank", "4")
     assert result.code == 2 and "r: checkpoint 8, now 4" in result.err
+
+
+def test_validation_split_is_evaluated_at_the_end(cli, small, tmp_path):
+    from glmtune.cli import main
+
+    model, _ = small
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(8)]
+    data = write_json(tmp_path / "rows.json", rows)
+    assert main(["prepare", "--jsonl_path", str(data), "--save_path", str(tmp_path / "data"), "--model", str(model),
+                 "--val_size", "2"]) == 0
+    result = train(cli, tmp_path / "data", tmp_path / "run", "--max_steps", "2")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert isinstance(manifest["eval_loss"], float) and manifest["eval_loss"] > 0
+
+
+def test_eval_strategy_without_validation_split_is_refused(cli, small, tmp_path):
+    _, data = small
+    result = train(cli, data, tmp_path / "run", "--max_steps", "2", "--eval_strategy", "steps")
+    assert result.code == 2 and "needs a validation split" in result.err

@@ -51,17 +51,27 @@ class PrepareArguments:
     skip_bad_rows: bool = field(**_help("Leave bad rows out (counted, and written to SAVE_PATH.rejects.jsonl) "
                                         "instead of stopping.", default=False))
     dry_run: bool = field(**_help("Print the report and write nothing.", default=False))
+    val_size: float = field(**_help("Rows held out in a `validation` split: a fraction (below 1) or a count.",
+                                    default=0.0))
+    seed: int = field(**_help("Seed of the validation split's shuffle.", default=42))
+    num_proc: int | None = field(**_help("Processes that tokenize in parallel.", default=None))
+    use_cache: bool = field(**_help("Reuse the result of an identical earlier run (same data, tokenizer, "
+                                    "template and options), kept under HF_HOME/glmtune/prepare.", default=True))
     overwrite_output_dir: bool = field(**_help("Replace --save_path if it exists.", default=False))
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 2:
             raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
-        from glmtune.data.prepare import TRUNCATION_RULES
+        from glmtune.data.tokenize import TRUNCATION_RULES
 
         if self.truncation not in TRUNCATION_RULES:
             raise UserError(f"--truncation {self.truncation} is unknown", hint=f"choose {', '.join(TRUNCATION_RULES)}")
         _check_format(self.format)
         self.column_map()  # validates
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise UserError(f"--val_size must be a fraction below 1 or a whole count, got {self.val_size}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise UserError(f"--num_proc must be at least 1, got {self.num_proc}")
 
     def column_map(self) -> dict[str, str]:
         mapping = {}

@@ -43,7 +43,7 @@ def run(args: DemoArguments) -> float:
     empty_directory(out)
     started = time.time()
     data_file = demo_data_path()
-    data = load_data([data_file], None)
+    data = load_data([str(data_file)], None)
 
     _step(1, "build a tiny random GLM (transformers' GlmForCausalLM) and a BPE tokenizer")
     texts = [m.content for c in data.conversations for m in c.messages] * 4

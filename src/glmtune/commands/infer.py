@@ -56,7 +56,7 @@ def _read_prompts(args: InferenceArguments) -> tuple[list[dict[str, Any]], list[
         rows.append({"prompt": prompt})
         conversations.append(Conversation(messages=[Message("user", prompt)]))
     if args.input:
-        data = load_data([Path(args.input)], args.format, need_answer=False)
+        data = load_data([args.input], args.format, need_answer=False)
         rows += data.rows
         conversations += [c.prompt_part() for c in data.conversations]
     if not conversations:

@@ -3,13 +3,23 @@ tokenize_dataset_rows.py), and report exactly what the model will be trained on.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from glmtune.arguments import ModelArguments, PrepareArguments
 from glmtune.artifacts import check_writable_output
 from glmtune.config import parse_arguments, to_plain_dict
-from glmtune.data.prepare import PrepareReport, TokenizeOptions, load_data, save_dataset, tokenize_conversations
+from glmtune.data.prepare import (
+    cache_key,
+    default_cache_root,
+    load_data,
+    save_dataset,
+    split_validation,
+    tokenize_with_cache,
+)
+from glmtune.data.report import PrepareReport
+from glmtune.data.tokenize import TokenizeOptions
 from glmtune.errors import UserError
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_tokenizer, stop_token_ids, tokenizer_fingerprint
@@ -33,18 +43,24 @@ def run(model_args: ModelArguments, args: PrepareArguments) -> PrepareReport:
         check_writable_output(save_path, args.overwrite_output_dir, "directory", tuple(data_paths))
 
     # Bad rows stop us before any model is loaded.
-    data = load_data(data_paths, args.format, columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
+    data = load_data(args.jsonl_path, args.format, columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
     stop_ids = stop_token_ids(model_args.model, tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer)
     options = TokenizeOptions(args.max_seq_length, args.truncation, args.last_turn_only, args.train_on_prompt)
-    columns, report = tokenize_conversations(data, tokenizer, stop_ids, options)
+    key = cache_key(data, tokenizer=fingerprint, stop_ids=stop_ids, options=asdict(options),
+                    columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
+    kept, report = tokenize_with_cache(data, tokenizer, stop_ids, options, args.num_proc,
+                                       default_cache_root() if args.use_cache else None, key)
+    splits = split_validation(kept, args.val_size, args.seed)
+    report.validation_rows = len(splits["validation"]) if "validation" in splits else 0
 
     print("\n".join(["", "Dataset report" + (" (dry run: nothing written)" if args.dry_run else ""),
                      *report.lines()]))
     if args.dry_run:
         return report
-    rejects = save_dataset(columns, report, data, save_path, args.overwrite_output_dir,
+    rejects = save_dataset(splits, report, data, save_path, args.overwrite_output_dir,
                            to_plain_dict(model_args, args), model=canonical_model_name(model_args.model),
-                           tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), stop_ids=stop_ids)
+                           tokenizer_fingerprint=fingerprint, stop_ids=stop_ids)
     print(f"saved to:          {save_path}" + (f"\nbad rows written to {rejects}" if rejects else ""))
     return report

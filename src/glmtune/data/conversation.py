@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -36,3 +38,15 @@ class Conversation:
         """The list of {"role", "content"} dicts that `tokenizer.apply_chat_template` takes."""
         out = [{"role": "system", "content": self.system}] if self.system else []
         return out + [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def to_record(self) -> dict[str, Any]:
+        """A flat form for an Arrow table (tools as JSON text: their schemas differ from row to row)."""
+        return {"messages": [{"role": m.role, "content": m.content, "train": m.train} for m in self.messages],
+                "system": self.system, "tools": json.dumps(self.tools) if self.tools else None,
+                "text": self.text, "location": self.location}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Conversation:
+        return cls(messages=[Message(**m) for m in record["messages"] or []], system=record["system"],
+                   tools=json.loads(record["tools"]) if record["tools"] else None, text=record["text"],
+                   location=record["location"])

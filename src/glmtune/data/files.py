@@ -4,17 +4,49 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmtune.artifacts import sha256_file
 from glmtune.errors import MAX_PROBLEMS, UserError
+from glmtune.hub import offline_reason
 
 
 @dataclass
 class Row:
     location: str  # "file:line" (JSON lines) or "file row N" (JSON array), for error messages
     data: Any
+
+
+HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+FILE_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}
+
+
+def read_source(source: str) -> tuple[list[Row], str]:
+    """The rows of a data file, or of a dataset on the Hugging Face hub (its `train` split), and a hash that
+    identifies the content (for manifests and the cache)."""
+    path = Path(source)
+    if not path.exists() and path.suffix.lower() not in FILE_SUFFIXES and HUB_NAME.match(source):
+        return _read_hub_dataset(source)
+    return read_rows(path), sha256_file(path)
+
+
+def _read_hub_dataset(name: str) -> tuple[list[Row], str]:
+    why = offline_reason()
+    if why:
+        raise UserError(f"'{name}' is not a local file, and as a hub dataset it can't be loaded: {why}",
+                        hint="pass a local JSON, JSON-lines, CSV or Parquet file")
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split="train")
+    except Exception as e:  # datasets raises many types for a missing or unreadable dataset
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the hub dataset '{name}': {first}") from None
+    rows = [Row(f"{name} row {i}", record) for i, record in enumerate(dataset.to_list())]
+    return rows, f"hub:{name}:{dataset._fingerprint}"
 
 
 def read_rows(path: Path) -> list[Row]:

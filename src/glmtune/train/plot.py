@@ -9,18 +9,24 @@ from typing import Any
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> Path | None:
     """Plot the training loss logged by the Trainer; None when nothing was logged."""
     points = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
-    if not points:
+    evals = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    if not points and not evals:
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    steps, losses = zip(*points, strict=True)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, marker="." if len(points) < 50 else None)
+    if points:
+        steps, losses = zip(*points, strict=True)
+        ax.plot(steps, losses, marker="." if len(points) < 50 else None, label="training")
+    if evals:
+        steps, losses = zip(*evals, strict=True)
+        ax.plot(steps, losses, marker="o", label="validation")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title("glmtune train")
     ax.grid(alpha=0.3)
     fig.tight_layout()

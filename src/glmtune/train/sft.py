@@ -60,10 +60,15 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
     tokenizer.padding_side = "right"  # training pads on the right; generation sets left itself
     try:
-        dataset = load_from_disk(str(dataset_dir))["train"]
+        splits = load_from_disk(str(dataset_dir))
+        dataset = splits["train"]
     except (FileNotFoundError, KeyError) as e:
         raise UserError(f"{dataset_dir} has a manifest but no readable `train` split ({e})",
                         hint="prepare it again with `glmtune prepare`") from None
+    eval_dataset = splits["validation"] if "validation" in splits else None
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs a validation split, and "
+                        f"{dataset_dir} has none", hint="prepare the data with --val_size")
 
     model = load_model(model_name, model_args.trust_remote_code)
     peft_config = LoraConfig(
@@ -89,11 +94,15 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         model=model,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         # Pads input_ids with the pad id and labels with -100 (no loss on padding).
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # With a validation split, the run always ends with an evaluation (and evaluates periodically too when
+    # --eval_strategy asks for it).
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     config = to_plain_dict(model_args, data_args, lora_args, training_args)
@@ -102,7 +111,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                 base_model=model_name, dataset=str(dataset_dir),
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                 global_step=trainer.state.global_step, train_loss=result.training_loss,
-                last_logged_loss=losses[-1] if losses else None)
+                last_logged_loss=losses[-1] if losses else None, eval_loss=eval_loss)
     return TrainResult(output_dir, trainer.state.global_step, losses[-1] if losses else None)
 
 

@@ -1,0 +1,97 @@
+"""The dataset report: what was read, kept, cut and dropped, how long the rows are, and the first samples with
+their trained spans marked, so a user sees exactly what the model will learn."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmtune.data.templates import IGNORE_INDEX
+
+SAMPLES_IN_REPORT = 3
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around trained spans in the rendered samples
+
+
+@dataclass
+class PrepareReport:
+    format: str
+    max_seq_length: int
+    rows_read: int = 0
+    bad_rows_skipped: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    truncated: dict[str, int] = field(default_factory=dict)  # rule -> rows kept after being cut
+    supervised_tokens_lost: int = 0  # by truncation, in kept and dropped rows
+    length_percentiles: dict[str, int] = field(default_factory=dict)  # before truncation
+    rows_over_max: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    validation_rows: int = 0
+    reused_cache: bool = False
+    samples: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        share = self.supervised_tokens / self.tokens if self.tokens else 0.0
+        dropped = sum(self.dropped.values())
+        lengths = ", ".join(f"{k} {v}" for k, v in self.length_percentiles.items())
+        lines = [
+            f"format:            {self.format}",
+            f"rows read:         {self.rows_read}" + (f" ({self.bad_rows_skipped} bad rows skipped)"
+                                                       if self.bad_rows_skipped else ""),
+            f"rows kept:         {self.kept}" + (f" ({self.validation_rows} of them in the validation split)"
+                                                  if self.validation_rows else ""),
+            f"rows dropped:      {dropped}" + (" (" + ", ".join(f"{n} {r}" for r, n in self.dropped.items()) + ")"
+                                                if dropped else ""),
+            f"rows truncated:    {sum(self.truncated.values())}" + (
+                " (" + ", ".join(f"{n} cut {rule}" for rule, n in self.truncated.items()) + ")"
+                if self.truncated else "") + f"; supervised tokens lost: {self.supervised_tokens_lost}",
+            f"lengths (tokens):  {lengths}; {self.rows_over_max} rows over --max_seq_length {self.max_seq_length}",
+            f"tokens:            {self.tokens}",
+            f"supervised tokens: {self.supervised_tokens} ({share:.1%} of all tokens)",
+        ]
+        if self.reused_cache:
+            lines.append("tokenized:         reused from the cache (same data, tokenizer, template and options)")
+        if self.samples:
+            lines.append(f"first samples, trained spans between {MARK_OPEN} and {MARK_CLOSE}:")
+            lines += [f"--- sample {i}\n{s}" for i, s in enumerate(self.samples, start=1)]
+        return lines
+
+
+def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncation: str) -> PrepareReport:
+    """Fill the counts from the per-row columns that tokenizing wrote (see data/tokenize.py)."""
+    lengths, dropped, cut = tokenized["length"], tokenized["dropped"], tokenized["cut"]
+    supervised, input_ids = tokenized["supervised"], tokenized["input_ids"]
+    kept = [i for i, reason in enumerate(dropped) if not reason]
+    report.kept = len(kept)
+    report.dropped = dict(Counter(reason for reason in dropped if reason))
+    cut_kept = sum(cut[i] for i in kept)
+    report.truncated = {truncation: cut_kept} if cut_kept else {}
+    report.supervised_tokens = sum(supervised[i] for i in kept)
+    report.supervised_tokens_lost = sum(tokenized["supervised_before"]) - report.supervised_tokens
+    report.length_percentiles = percentiles(lengths)
+    report.rows_over_max = sum(n > report.max_seq_length for n in lengths)
+    report.tokens = sum(len(input_ids[i]) for i in kept)
+    report.samples = [render_trained_spans(tokenizer, input_ids[i], tokenized[i]["labels"])
+                      for i in kept[:SAMPLES_IN_REPORT]]
+    return report
+
+
+def percentiles(lengths: list[int]) -> dict[str, int]:
+    ordered = sorted(lengths)
+    if not ordered:
+        return {}
+    pick = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+    out = {name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for name, q in pick.items()}
+    return {**out, "max": ordered[-1]}
+
+
+def render_trained_spans(tokenizer: Any, ids: list[int], labels: list[int]) -> str:
+    """The sample as text, with every trained span between MARK_OPEN and MARK_CLOSE."""
+    parts, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(ids[start:i])
+            parts.append(text if labels[start] == IGNORE_INDEX else f"{MARK_OPEN}{text}{MARK_CLOSE}")
+            start = i
+    return "".join(parts)

@@ -1,0 +1,89 @@
+"""Tokenizing conversations for training: the truncation policy per row, and the batched, parallel map over a
+whole dataset (datasets.map with num_proc), with per-row statistics for the report."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from glmtune.data.conversation import Conversation, Message
+from glmtune.data.templates import IGNORE_INDEX, encode_for_training
+
+TRUNCATION_RULES = ("right", "left", "drop")
+NO_SUPERVISED = "no supervised token left"
+TOO_LONG = "longer than --max_seq_length (--truncation drop)"
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    max_seq_length: int
+    truncation: str = "right"  # right: cut the end; left: drop the oldest turns, then cut the start; drop
+    last_turn_only: bool = False  # train on the last assistant turn only
+    train_on_prompt: bool = False  # take the loss on the prompts too
+
+
+def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: list[int],
+                         options: TokenizeOptions) -> dict[str, Any]:
+    """One row's input_ids/labels after the truncation policy, and what happened to it."""
+    if options.last_turn_only:
+        conversation = _train_last_turn_only(conversation)
+    ids, labels = encode_for_training(tokenizer, conversation, stop_ids, options.train_on_prompt)
+    length, supervised_before = len(ids), _supervised(labels)
+    cut = length > options.max_seq_length
+    dropped = ""
+    if cut and options.truncation == "drop":
+        ids, labels, dropped = [], [], TOO_LONG
+    elif cut:
+        ids, labels = _truncate(tokenizer, conversation, stop_ids, options, ids, labels)
+    supervised = _supervised(labels)
+    if not dropped and supervised == 0:  # nothing to learn from: never train on such a row silently
+        dropped = NO_SUPERVISED + (" after truncation" if cut else "")
+    return {"input_ids": ids, "labels": labels, "length": length, "supervised_before": supervised_before,
+            "supervised": supervised, "cut": cut, "dropped": dropped}
+
+
+def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
+                     options: TokenizeOptions, num_proc: int | None, fingerprint: str) -> Any:
+    """All rows tokenized (kept and dropped, with their statistics), as a datasets.Dataset."""
+    from datasets import Dataset
+
+    records = Dataset.from_list([c.to_record() for c in conversations])
+
+    def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        results = [process_conversation(Conversation.from_record(r), tokenizer, stop_ids, options) for r in rows]
+        return {key: [r[key] for r in results] for key in results[0]}
+
+    # new_fingerprint: datasets would otherwise try to hash the tokenizer in the closure.
+    return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc,
+                       remove_columns=records.column_names, desc="Tokenizing", new_fingerprint=fingerprint)
+
+
+def _train_last_turn_only(conversation: Conversation) -> Conversation:
+    trained = [i for i, m in enumerate(conversation.messages) if m.train]
+    if not trained:
+        return conversation
+    return dataclasses.replace(conversation, messages=[
+        Message(m.role, m.content, m.train and i == trained[-1]) for i, m in enumerate(conversation.messages)])
+
+
+def _truncate(tokenizer: Any, conversation: Conversation, stop_ids: list[int], options: TokenizeOptions,
+              ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    limit = options.max_seq_length
+    if options.truncation == "right":
+        return ids[:limit], labels[:limit]
+    # left: keep the end of the conversation and its last answer. Drop whole earlier exchanges first, so the
+    # template's opening tokens stay; only if the last exchange alone is too long, cut its start.
+    if conversation.text is None:
+        starts = [i for i, m in enumerate(conversation.messages) if m.role == "user" and i > 0]
+        for start in starts:
+            shorter = dataclasses.replace(conversation, messages=conversation.messages[start:])
+            ids, labels = encode_for_training(tokenizer, shorter, stop_ids, options.train_on_prompt)
+            if len(ids) <= limit:
+                return ids, labels
+    return ids[-limit:], labels[-limit:]
+
+
+def _supervised(labels: list[int]) -> int:
+    return sum(label != IGNORE_INDEX for label in labels)
