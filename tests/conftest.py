@@ -42,6 +42,13 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "fixtures").is_dir():
+        pytest.skip(f"the shared folder {SHARED} is absent")
+    return SHARED
+
+
 @pytest.fixture
 def shared() -> Path:
     if not (SHARED / "data").is_dir():

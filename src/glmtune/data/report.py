@@ -71,8 +71,9 @@ def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncati
     report.truncated = {truncation: cut_kept} if cut_kept else {}
     report.supervised_tokens = sum(supervised[i] for i in kept)
     report.supervised_tokens_lost = sum(stats["supervised_before"]) - report.supervised_tokens
-    report.length_percentiles = percentiles(lengths)
-    report.rows_over_max = sum(n > report.max_seq_length for n in lengths)
+    measured = [n for n, reason in zip(lengths, dropped, strict=True) if n or not reason]  # 0: never tokenized
+    report.length_percentiles = percentiles(measured)
+    report.rows_over_max = sum(n > report.max_seq_length for n in measured)
     report.tokens = sum(stats["tokens"][i] for i in kept)
     samples = tokenized.select(kept[:SAMPLES_IN_REPORT])
     report.samples = [render_trained_spans(tokenizer, row["input_ids"], row["labels"]) for row in samples]

@@ -20,6 +20,12 @@ from glmtune.errors import UserError
 IGNORE_INDEX = -100  # label of a token that takes no loss (transformers' convention)
 
 
+class AnswerNotLocated(UserError):
+    """The template renders a conversation's prefix as something other than a prefix of the whole, so an answer
+    can't be located: always for some templates, for others only with some content (GLM-4's writes nothing for
+    an empty message)."""
+
+
 def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bool) -> str:
     from jinja2 import TemplateError
 
@@ -76,7 +82,7 @@ def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tup
         last = i + 1 == len(conversation.messages)  # the usual case: no need to render the whole again
         through = text if last else render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False)
         if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
-            raise UserError(f"the chat template of {tokenizer.name_or_path} renders a conversation's turns "
+            raise AnswerNotLocated(f"the chat template of {tokenizer.name_or_path} renders a conversation's turns "
                             "differently depending on what follows them, so answers can't be located in it",
                             hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
         spans.append((len(prompt), len(through)))

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
-from glmtune.data.templates import IGNORE_INDEX, encode_for_training
+from glmtune.data.templates import IGNORE_INDEX, AnswerNotLocated, encode_for_training
 
 TRUNCATION_RULES = ("right", "left", "drop")
 NO_SUPERVISED = "no supervised token left"
+NOT_LOCATED = "answer not locatable in the rendered template (an empty answer, or a template that rewrites history)"
 TOO_LONG = "longer than --max_seq_length (--truncation drop)"
 
 
@@ -28,7 +29,11 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
     """One row's input_ids/labels after the truncation policy, and what happened to it."""
     if options.last_turn_only:
         conversation = _train_last_turn_only(conversation)
-    ids, labels = encode_for_training(tokenizer, conversation, stop_ids, options.train_on_prompt)
+    try:
+        ids, labels = encode_for_training(tokenizer, conversation, stop_ids, options.train_on_prompt)
+    except AnswerNotLocated:
+        return {"input_ids": [], "labels": [], "length": 0, "tokens": 0, "supervised_before": 0, "supervised": 0,
+                "cut": False, "dropped": NOT_LOCATED}
     length, supervised_before = len(ids), _supervised(labels)
     cut = length > options.max_seq_length
     dropped = ""

@@ -8,6 +8,7 @@ from typing import Any
 
 from glmtune.artifacts import sha256_text
 from glmtune.errors import UserError
+from glmtune.models.chatglm.glm4_tokenizer import build_glm4_tokenizer, is_glm4_tokenizer_dir
 from glmtune.models.hub import HINT, resolve_model
 
 
@@ -15,6 +16,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     source = resolve_model(name)
+    if not trust_remote_code and is_glm4_tokenizer_dir(Path(source)):
+        return build_glm4_tokenizer(Path(source))  # THUDM's remote-code tokenizer, rebuilt natively
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
