@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glmtune.artifacts import sha256_text
+from glmtune.artifacts import read_json_object, sha256_text
 from glmtune.errors import UserError
+from glmtune.models.chatglm.convert import is_chatglm2_config, load_chatglm2
 from glmtune.models.chatglm.glm4_tokenizer import build_glm4_tokenizer, is_glm4_tokenizer_dir
 from glmtune.models.hub import HINT, resolve_model
 
@@ -32,11 +33,19 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None) ->
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name)
+    config = _local_config(source)
+    if not trust_remote_code and config is not None and is_chatglm2_config(config):
+        return load_chatglm2(Path(source), config, dtype or torch.float32)  # THUDM's layout, converted natively
     try:
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                     dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model '{name}': {_first_line(e)}", hint=HINT) from None
+
+
+def _local_config(source: str) -> dict[str, Any] | None:
+    path = Path(source) / "config.json"
+    return read_json_object(path, "model config") if path.is_file() else None
 
 
 def stop_token_ids(name: str, tokenizer: Any) -> list[int]:

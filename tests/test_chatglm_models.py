@@ -1,0 +1,96 @@
+"""ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat checkpoints (official parameter names) load as transformers'
+GlmForCausalLM without remote code, and compute what the official code computed on them
+(../shared/fixtures/chatglm/{v2,v3,glm4}/golden.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+FAMILIES = ["v2", "v3", "glm4"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, shared_dir):
+    from glmtune.models.loading import load_model
+
+    directory = shared_dir / "fixtures" / "chatglm" / request.param
+    golden = json.loads((directory / "golden.json").read_text(encoding="utf-8"))
+    return load_model(str(directory)), golden
+
+
+def test_loads_as_native_glm(family):
+    model, _ = family
+    assert type(model).__name__ == "GlmForCausalLM"
+
+
+def test_logits_and_loss_match_the_official_code(family):
+    import torch
+
+    model, golden = family
+    for name, sequence in golden["sequences"].items():
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([sequence["input_ids"]]), labels=torch.tensor([sequence["labels"]]))
+        assert (out.logits - torch.tensor(sequence["logits"])).abs().max().item() < 1e-4, name
+        assert abs(out.loss.item() - sequence["loss"]) < 1e-5, name
+
+
+def test_greedy_generation_through_the_cache_matches_step_by_step(family):
+    import torch
+
+    model, golden = family
+    for name, sequence in golden["sequences"].items():
+        for case in ("generate_from_prompt", "generate_continue"):
+            expected = sequence[case]
+            ids = torch.tensor([expected["input_ids"]])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, max_new_tokens=expected["n_new"], do_sample=False,
+                                     num_beams=1, use_cache=True, return_dict_in_generate=True, output_scores=True,
+                                     eos_token_id=None)
+            assert out.sequences[0, ids.shape[1]:].tolist() == expected["new_ids"], (name, case)
+            scores = torch.stack([s[0] for s in out.scores])  # (steps, vocab)
+            assert (scores - torch.tensor(expected["step_scores"])).abs().max().item() < 1e-4, (name, case)
+
+
+def test_left_padded_batch_gives_the_same_logits_at_real_positions(family):
+    import torch
+
+    model, golden = family
+    sequences = list(golden["sequences"].values())
+    width = max(len(s["input_ids"]) for s in sequences)
+    pad = model.config.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(s["input_ids"])) + s["input_ids"] for s in sequences])
+    mask = torch.tensor([[0] * (width - len(s["input_ids"])) + [1] * len(s["input_ids"]) for s in sequences])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    for row, sequence in enumerate(sequences):
+        real = logits[row, width - len(sequence["input_ids"]):]
+        assert (real - torch.tensor(sequence["logits"])).abs().max().item() < 1e-4  # (seq, vocab)
+
+
+def test_a_few_lora_steps_run_and_lower_the_loss(shared_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from glmtune.models.loading import load_model
+    from glmtune.models.lora import resolve_target_modules
+
+    directory = shared_dir / "fixtures" / "chatglm" / "glm4"
+    golden = json.loads((directory / "golden.json").read_text(encoding="utf-8"))
+    model = load_model(str(directory))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=resolve_target_modules(
+        model.config.model_type, None)))
+    sequence = golden["sequences"]["long"]
+    ids, labels = torch.tensor([sequence["input_ids"]]), torch.tensor([sequence["labels"]])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert abs(losses[0] - sequence["loss"]) < 1e-4  # LoRA starts as the identity
+    assert losses[-1] < losses[0] - 0.5
