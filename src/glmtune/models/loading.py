@@ -22,6 +22,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
+        if _tokenizer_class(source) == "ChatGLMTokenizer":
+            raise UserError(f"'{name}' uses THUDM's ChatGLMTokenizer (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B), which "
+                            "glmtune does not rebuild natively yet, and whose own code needs --trust_remote_code "
+                            "(it fails under transformers 5)", hint="GLM-4-9B-chat's tokenizer is supported") from None
         raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(e)}", hint=HINT) from None
     if tokenizer.pad_token_id is None:  # batching needs one; eos is the usual stand-in for causal LMs
         tokenizer.pad_token = tokenizer.eos_token
@@ -41,6 +45,11 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None) ->
                                                     dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model '{name}': {_first_line(e)}", hint=HINT) from None
+
+
+def _tokenizer_class(source: str) -> str | None:
+    path = Path(source) / "tokenizer_config.json"
+    return read_json_object(path, "tokenizer config").get("tokenizer_class") if path.is_file() else None
 
 
 def _local_config(source: str) -> dict[str, Any] | None:

@@ -1,0 +1,40 @@
+"""glmtune convert SRC DST: write a ChatGLM2/3 or GLM-4 checkpoint (as THUDM publishes it, with remote code)
+as a plain transformers directory that AutoModelForCausalLM/AutoTokenizer load without remote code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glmtune.config import parse_arguments, to_plain_dict
+
+
+@dataclass
+class ConvertArguments:
+    model: str | None = field(default=None, metadata={"help": "The checkpoint directory (SRC)."})
+    output_dir: str | None = field(default=None, metadata={"help": "The directory to write (DST)."})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "Where the tokenizer files are, if not beside the weights."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace DST if it exists."})
+
+
+def main(argv: list[str]) -> None:
+    # `glmtune convert SRC DST` is sugar for --model SRC --output_dir DST.
+    positional = []
+    while argv and not argv[0].startswith("-") and len(positional) < 2:
+        positional.append(argv.pop(0))
+    argv = [*(a for pair in zip(["--model", "--output_dir"], positional, strict=False) for a in pair), *argv]
+    (args,) = parse_arguments("glmtune convert", [ConvertArguments], argv, description=__doc__)
+    run(args)
+
+
+def run(args: ConvertArguments) -> Path:
+    from glmtune.errors import UserError
+    from glmtune.models.export import export_model
+
+    if not args.model or not args.output_dir:
+        raise UserError("SRC and DST are required", hint="glmtune convert SRC_DIR DST_DIR")
+    destination = export_model(args.model, Path(args.output_dir), args.tokenizer, args.overwrite_output_dir,
+                               to_plain_dict(args))
+    print(f"Converted {args.model} to {destination}: loads with AutoModelForCausalLM and AutoTokenizer")
+    return destination

@@ -1,0 +1,52 @@
+"""Write a plain transformers model directory from a checkpoint glmtune loads natively (THUDM's ChatGLM2/3 and
+GLM-4 layouts): AutoModelForCausalLM and AutoTokenizer load it without glmtune and without remote code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from glmtune.artifacts import atomic_directory, write_manifest
+from glmtune.errors import UserError
+from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
+
+END_OF_TURN = ["<|user|>", "<|observation|>"]  # what ChatGLM3 and GLM-4 chats stop on, besides the eos
+
+
+def export_model(source: str, destination: Path, tokenizer_source: str | None, overwrite: bool,
+                 config: dict[str, Any]) -> Path:
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer = load_tokenizer(tokenizer_source or source)
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"the tokenizer of {tokenizer_source or source} has no native fast implementation yet, "
+                        "so the converted directory could not be loaded without remote code")
+    model = load_model(source, dtype=_checkpoint_dtype(source, torch))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:  # a real tokenizer beside a tiny test model, as in the fixtures
+        print(f"warning: the tokenizer has {len(tokenizer)} tokens, more than the model's {vocab} embeddings: "
+              "ids past the table will fail at run time", file=sys.stderr)
+    candidates = stop_token_ids(source, tokenizer) + tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    # Only ids the model can emit: a tokenizer's ids past a smaller test model's table are left out.
+    stops = list(dict.fromkeys(i for i in candidates if i is not None and i != tokenizer.unk_token_id and i < vocab))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad)
+    model.config.eos_token_id = stops
+    with atomic_directory(destination, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, "convert", config, source=source, tokenizer_source=tokenizer_source or source,
+                       tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), stop_ids=stops,
+                       architecture=type(model).__name__)
+    return destination
+
+
+def _checkpoint_dtype(source: str, torch: Any) -> Any:
+    """Keep the published precision (THUDM ships float16/bfloat16): a 6B model in fp32 needs twice the memory."""
+    from glmtune.artifacts import read_json_object
+
+    config_file = Path(source) / "config.json"
+    name = read_json_object(config_file, "model config").get("torch_dtype") if config_file.is_file() else None
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
