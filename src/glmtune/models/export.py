@@ -11,8 +11,6 @@ from glmtune.artifacts import atomic_directory, write_manifest
 from glmtune.errors import UserError
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 
-END_OF_TURN = ["<|user|>", "<|observation|>"]  # what ChatGLM3 and GLM-4 chats stop on, besides the eos
-
 
 def export_model(source: str, destination: Path, tokenizer_source: str | None, overwrite: bool,
                  config: dict[str, Any]) -> Path:
@@ -28,9 +26,8 @@ def export_model(source: str, destination: Path, tokenizer_source: str | None, o
     if len(tokenizer) > vocab:  # a real tokenizer beside a tiny test model, as in the fixtures
         print(f"warning: the tokenizer has {len(tokenizer)} tokens, more than the model's {vocab} embeddings: "
               "ids past the table will fail at run time", file=sys.stderr)
-    candidates = stop_token_ids(source, tokenizer) + tokenizer.convert_tokens_to_ids(END_OF_TURN)
     # Only ids the model can emit: a tokenizer's ids past a smaller test model's table are left out.
-    stops = list(dict.fromkeys(i for i in candidates if i is not None and i != tokenizer.unk_token_id and i < vocab))
+    stops = [i for i in stop_token_ids(source, tokenizer) if i < vocab]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
     model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad)
     model.config.eos_token_id = stops

@@ -10,7 +10,10 @@ from glmtune.artifacts import read_json_object, sha256_text
 from glmtune.errors import UserError
 from glmtune.models.chatglm.convert import is_chatglm2_config, load_chatglm2
 from glmtune.models.chatglm.glm4_tokenizer import build_glm4_tokenizer, is_glm4_tokenizer_dir
+from glmtune.models.chatglm.sp_tokenizer import build_chatglm_sp_tokenizer, chatglm_sp_family
 from glmtune.models.hub import HINT, resolve_model
+
+END_OF_TURN = ["<|user|>", "<|observation|>"]
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
@@ -18,14 +21,18 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
 
     source = resolve_model(name)
     if not trust_remote_code and is_glm4_tokenizer_dir(Path(source)):
-        return build_glm4_tokenizer(Path(source))  # THUDM's remote-code tokenizer, rebuilt natively
+        return build_glm4_tokenizer(Path(source))  # THUDM's remote-code tokenizers, rebuilt natively
+    family = None if trust_remote_code else chatglm_sp_family(Path(source))
+    if family:
+        return build_chatglm_sp_tokenizer(Path(source), family)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         if _tokenizer_class(source) == "ChatGLMTokenizer":
-            raise UserError(f"'{name}' uses THUDM's ChatGLMTokenizer (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B), which "
-                            "glmtune does not rebuild natively yet, and whose own code needs --trust_remote_code "
-                            "(it fails under transformers 5)", hint="GLM-4-9B-chat's tokenizer is supported") from None
+            raise UserError(f"'{name}' uses the first ChatGLM-6B's tokenizer (ice_text.model), which glmtune does not "
+                            "rebuild natively yet, and whose own code needs --trust_remote_code (it fails under "
+                            "transformers 5)",
+                            hint="ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat are supported") from None
         raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(e)}", hint=HINT) from None
     if tokenizer.pad_token_id is None:  # batching needs one; eos is the usual stand-in for causal LMs
         tokenizer.pad_token = tokenizer.eos_token
@@ -70,6 +77,10 @@ def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
         if config_file.is_file():
             ids += _as_list(json.loads(config_file.read_text(encoding="utf-8")).get("eos_token_id"))
     ids += _as_list(tokenizer.eos_token_id)
+    # Chats with role tokens (ChatGLM3, GLM-4) end a turn where the next one begins; their official chat() stops
+    # there too, though ChatGLM3's config lists only the eos.
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[token] for token in END_OF_TURN if token in vocab]
     stops = list(dict.fromkeys(i for i in ids if i is not None))
     if not stops:
         raise UserError(f"'{name}' defines no end-of-sequence token, so a tuned model would never stop",

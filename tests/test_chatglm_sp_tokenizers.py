@@ -1,0 +1,98 @@
+"""ChatGLM2-6B's and ChatGLM3-6B's tokenizers, rebuilt without remote code from their SentencePiece model,
+against what the official tokenizers produced (../shared/fixtures/chatglm/{v2,v3}/tokenizer_golden.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glmtune.data.conversation import Conversation, Message
+from glmtune.data.templates import IGNORE_INDEX, encode_for_training, encode_prompt
+
+FAMILIES = {"v2": "chatglm2-6b", "v3": "chatglm3-6b"}
+# Texts holding special-token strings: glmtune recognises them as those tokens, as transformers' own tokenizers
+# do; the official ChatGLM2/3 tokenizers encode them as ordinary pieces (a documented difference).
+SPECIAL_TEXT = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|", "</s>", "<unk>", "<s>")
+QUERY = "写一首关于春天的短诗\nThen translate it to English."
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, shared_dir):
+    from glmtune.models.loading import load_tokenizer, stop_token_ids
+
+    directory = shared_dir / "tokenizers" / FAMILIES[request.param]
+    tokenizer = load_tokenizer(str(directory))
+    golden = json.loads((shared_dir / f"fixtures/chatglm/{request.param}/tokenizer_golden.json").read_text())
+    return request.param, tokenizer, golden, stop_token_ids(str(directory), tokenizer)
+
+
+def history(shared_dir, system: bool = False) -> list[dict[str, str]]:
+    chat = json.loads((shared_dir / "fixtures/chatglm/v3/tokenizer_golden.json").read_text())["chat"]
+    turns = chat["with_system"]["history"] if system else chat["history"]
+    return [{"role": m["role"], "content": m["content"]} for m in turns] + [{"role": "user", "content": QUERY}]
+
+
+def test_vocabulary_size_and_special_ids(family):
+    _, tokenizer, golden, _ = family
+    assert len(tokenizer) == golden["len_tokenizer"]
+    ids = golden["special_token_ids"]
+    assert tokenizer.convert_tokens_to_ids(["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"]) == [
+        ids["[MASK]"], ids["[gMASK]"], ids["[sMASK]"], ids["sop"], ids["eop"]]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (ids["<eos>"], ids["<pad>"])
+
+
+def test_encode_and_decode_give_the_official_results(family):
+    _, tokenizer, golden, _ = family
+    checked = 0
+    for case in golden["strings"]:
+        if any(s in case["text"] for s in SPECIAL_TEXT):
+            continue
+        assert tokenizer.encode(case["text"]) == case["ids"], case["text"]  # [gMASK] sop prepended
+        assert tokenizer.encode(case["text"], add_special_tokens=False) == case["ids_no_special"], case["text"]
+        assert tokenizer.decode(case["ids_no_special"]) == case["decode_ids_no_special"], case["text"]
+        checked += 1
+    assert checked >= 30
+
+
+def test_chat_template_gives_the_official_prompt_ids(family, shared_dir):
+    name, tokenizer, golden, _ = family
+    ids = tokenizer.apply_chat_template(history(shared_dir), add_generation_prompt=True, return_dict=False)
+    assert list(ids) == golden["chat"]["input_ids"]
+    if name == "v3":
+        with_system = tokenizer.apply_chat_template(history(shared_dir, system=True), add_generation_prompt=True,
+                                                    return_dict=False)
+        assert list(with_system) == golden["chat"]["with_system"]["input_ids"]
+        assert family[3] == golden["chat"]["chat_eos_token_id"]  # stops where the official chat() stops
+    else:
+        first = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                              return_dict=False)
+        assert list(first) == golden["chat"]["no_history_input_ids"]
+
+
+def test_training_labels_cover_the_answers_and_their_stop(family):
+    name, tokenizer, _, stops = family
+    conversation = Conversation(messages=[Message("user", "你好"), Message("assistant", "你好！", True),
+                                          Message("user", "What is 2+2?"), Message("assistant", "4.", True)])
+    ids, labels = encode_for_training(tokenizer, conversation, stops)
+    spans, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            spans, current = [*spans, current], []
+    spans.append(current)
+
+    def piece(text: str) -> list[int]:  # the official encode() of a text, without the [gMASK] sop prefix
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    user, eos = tokenizer.convert_tokens_to_ids("<|user|>"), tokenizer.eos_token_id
+    if name == "v3":
+        # The official message layout: <|assistant|> + encode(metadata + "\n") + encode(content); generation
+        # starts after the role token, so the answer is the "\n" part and the content, then where it stops.
+        assert spans == [piece("\n") + piece("你好！") + [user], piece("\n") + piece("4.") + [eos]]
+    else:
+        # ChatGLM2 writes no stop token between rounds: the middle answer is trained as text, the last stops.
+        assert [tokenizer.decode(span) for span in spans] == ["你好！", "4.</s>"]
+    first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert ids[:first_answer] == encode_prompt(tokenizer, conversation.upto(1))
