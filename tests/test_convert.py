@@ -7,10 +7,17 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_converted_glm4_loads_with_plain_transformers(cli, tmp_path, shared_dir):
-    source = shared_dir / "fixtures" / "chatglm" / "glm4"
-    result = cli("convert", source, tmp_path / "out", "--tokenizer", shared_dir / "tokenizers" / "glm-4-9b-chat")
+
+@pytest.mark.parametrize("family, tokenizer_dir, eos", [
+    ("glm4", "glm-4-9b-chat", [500, 507, 509]),  # the model's own end-of-turn ids (the tokenizer's lie past its table)
+    ("v3", "chatglm3-6b", [2]),
+    ("v2", "chatglm2-6b", [2]),
+])
+def test_converted_checkpoint_loads_with_plain_transformers(cli, tmp_path, shared_dir, family, tokenizer_dir, eos):
+    source = shared_dir / "fixtures" / "chatglm" / family
+    result = cli("convert", source, tmp_path / "out", "--tokenizer", shared_dir / "tokenizers" / tokenizer_dir)
     assert result.code == 0, result.err
     assert "more than the model's 512 embeddings" in result.err  # real tokenizer, tiny model: a warning only
     # A fresh interpreter that never imports glmtune.
@@ -22,19 +29,19 @@ tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / "out")!r})
 seq = json.load(open({str(source / "golden.json")!r}))["sequences"]["short"]
 with torch.no_grad():
     out = model(input_ids=torch.tensor([seq["input_ids"]]), labels=torch.tensor([seq["labels"]]))
-chat = json.load(open({str(shared_dir / "fixtures/chatglm/glm4/tokenizer_golden.json")!r}))["chat"]
-ids = tokenizer.apply_chat_template(chat["messages"], add_generation_prompt=True, return_dict=False)
+strings = json.load(open({str(source / "tokenizer_golden.json")!r}))["strings"]
 print(json.dumps({{"glmtune": "glmtune" in sys.modules, "class": type(model).__name__,
                   "logits": (out.logits - torch.tensor(seq["logits"])).abs().max().item(),
-                  "loss": abs(out.loss.item() - seq["loss"]), "chat": list(ids) == chat["input_ids"],
-                  "eos": model.generation_config.eos_token_id}}))
+                  "loss": abs(out.loss.item() - seq["loss"]),
+                  "ids": [tokenizer.encode(c["text"]) == c["ids"] for c in strings[:12]],
+                  "template": bool(tokenizer.chat_template), "eos": model.generation_config.eos_token_id}}))
 """
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report["glmtune"] is False and report["class"] == "GlmForCausalLM"
     assert report["logits"] < 1e-4 and report["loss"] < 1e-5
-    assert report["chat"] is True
-    assert report["eos"] == [500, 507, 509]  # the model's own end-of-turn ids (the tokenizer's lie past its table)
+    assert all(report["ids"]) and report["template"]
+    assert report["eos"] == eos
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["command"] == "convert" and manifest["architecture"] == "GlmForCausalLM"
 
