@@ -189,3 +189,28 @@ def test_hub_dataset_name_offline_is_a_clear_error(cli, tmp_path, tiny_model):
     result = prepare(cli, "tatsu-lab/alpaca", tmp_path / "out", tiny_model)
     assert_clean_failure(result, tmp_path / "out", "'tatsu-lab/alpaca' is not a local file, and as a hub dataset "
                                                    "it can't be loaded: HF_HUB_OFFLINE is set")
+
+
+def test_preference_data_is_named_as_such(cli, tmp_path, tiny_model, shared):
+    result = prepare(cli, shared / "data" / "preference" / "dpo_en_demo.json", tmp_path / "out", tiny_model)
+    assert_clean_failure(result, tmp_path / "out", "this is preference data (chosen/rejected)")
+
+
+def test_every_row_bad_with_skip_bad_rows_is_a_clear_error(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [{"instruction": "q", "output": 3}, {"instruction": "q", "output": 4}])
+    result = prepare(cli, data, tmp_path / "out", tiny_model, "--skip_bad_rows")
+    assert_clean_failure(result, tmp_path / "out", "every row of", "2 skipped")
+
+
+def test_json_lines_may_hold_unicode_line_separators(cli, tmp_path, tiny_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a\\u2028b", "completion": "c\u2029d"}\n{"prompt": "x", "completion": "y"}\n',
+                    encoding="utf-8")
+    assert prepare(cli, data, tmp_path / "out", tiny_model).code == 0
+
+
+def test_columns_as_a_yaml_mapping(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [{"question": "q", "answer": "a"}])
+    config = tmp_path / "config.yaml"
+    config.write_text("columns: {question: prompt, answer: completion}\n", encoding="utf-8")
+    assert prepare(cli, data, tmp_path / "out", tiny_model, "--config", config).code == 0

@@ -94,3 +94,31 @@ def test_a_few_lora_steps_run_and_lower_the_loss(shared_dir):
         losses.append(loss.item())
     assert abs(losses[0] - sequence["loss"]) < 1e-4  # LoRA starts as the identity
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_rope_ratio_scales_the_base_or_interpolates_positions_as_the_checkpoint_code_does(shared_dir, tmp_path):
+    import torch
+
+    from glmtune.models.chatglm.convert import glm_config
+
+    config = json.loads((shared_dir / "fixtures/chatglm/v2/config.json").read_text())
+
+    def rotary(settings: dict, directory=None):
+        from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+        glm = glm_config({**config, **settings}, directory)
+        return GlmRotaryEmbedding(config=glm), glm.rope_parameters
+
+    plain, _ = rotary({})
+    scaled, params = rotary({"rope_ratio": 50})  # ChatGLM3-32K / GLM-4 style: a larger base
+    assert params["rope_theta"] == 500000.0 and params["rope_type"] == "default"
+    (tmp_path / "modeling_chatglm.py").write_text(
+        "seq_idx = torch.arange(seq_len, dtype=torch.float, device=device) / self.rope_ratio\n")
+    interpolated, params = rotary({"rope_ratio": 16}, tmp_path)  # ChatGLM2-6B-32K: positions / rope_ratio
+    assert params["rope_type"] == "linear"
+    x = torch.zeros(1, 1, 8)
+    cos_i, sin_i = interpolated(x, torch.tensor([[160]]))
+    inv_freq = plain.inv_freq  # reference: the plain rotary angles at position 160 / 16 = 10
+    assert torch.allclose(cos_i[0, 0, : inv_freq.numel()], torch.cos(10.0 * inv_freq), atol=1e-5)
+    assert torch.allclose(sin_i[0, 0, : inv_freq.numel()], torch.sin(10.0 * inv_freq), atol=1e-5)
+    assert not torch.allclose(scaled.inv_freq, plain.inv_freq)

@@ -221,3 +221,53 @@ def test_val_size_writes_a_validation_split(cli, tmp_path, tiny_model, val_size,
     assert (len(splits["train"]), len(splits["validation"])) == (8 - expected, expected)
     rows = {tuple(r["input_ids"]) for r in splits["train"]} | {tuple(r["input_ids"]) for r in splits["validation"]}
     assert len(rows) == 8  # a partition: nothing lost, nothing doubled
+
+
+def test_opening_assistant_turn_is_context_not_a_trained_answer(cli, tmp_path, tiny_model, tokenizer):
+    row = {"conversations": [{"from": "gpt", "value": "Welcome!"}, {"from": "human", "value": "hi"},
+                             {"from": "gpt", "value": "hello"}]}
+    data = write_json(tmp_path / "data.json", [row])
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", tiny_model)
+    assert result.code == 0, result.err
+    assert trained_texts(tokenizer, prepared(tmp_path / "out")[0]) == ["hello"]
+
+
+def test_a_row_the_template_refuses_is_dropped_and_counted(cli, tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    strict = tmp_path / "strict"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('no system messages') }}{% endif %}"
+                               "<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(strict)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (strict / name).write_bytes((tiny_model / name).read_bytes())
+    data = write_json(tmp_path / "data.json", [{"instruction": "q", "output": "a"},
+                                               {"instruction": "q", "output": "a", "system": "s"}])
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", strict)
+    assert result.code == 0, result.err
+    report = json.loads((tmp_path / "out" / "manifest.json").read_text())["report"]
+    assert report["kept"] == 1 and report["dropped"] == {"refused by the chat template (no system messages)": 1}
+
+
+def test_truncation_left_never_cuts_the_prompt_of_the_last_answer(cli, tmp_path, tiny_model, tokenizer):
+    row = {"conversations": [{"from": "human", "value": "question"}, {"from": "gpt", "value": "word " * 200}]}
+    data = write_json(tmp_path / "data.json", [row])
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", tiny_model,
+                 "--max_seq_length", "40", "--truncation", "left")
+    assert result.code == 0, result.err
+    (sample,) = prepared(tmp_path / "out")
+    assert len(sample["input_ids"]) == 40
+    assert tokenizer.decode(sample["input_ids"]).startswith("[gMASK]<sop><|user|>\nquestion<|assistant|>\nword")
+
+
+def test_truncation_left_drops_trailing_untrained_turns_before_answers(cli, tmp_path, tiny_model, tokenizer):
+    row = {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                             {"from": "human", "value": "pad " * 100}]}
+    data = write_json(tmp_path / "data.json", [row])
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", tiny_model,
+                 "--max_seq_length", "30", "--truncation", "left")
+    assert result.code == 0, result.err
+    assert trained_texts(tokenizer, prepared(tmp_path / "out")[0]) == ["a1"]

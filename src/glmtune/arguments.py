@@ -74,6 +74,8 @@ class PrepareArguments:
             raise UserError(f"--num_proc must be at least 1, got {self.num_proc}")
 
     def column_map(self) -> dict[str, str]:
+        if isinstance(self.columns, dict):  # from a YAML mapping
+            return {str(source): str(target) for source, target in self.columns.items()}
         mapping = {}
         for pair in filter(None, (p.strip() for p in (self.columns or "").split(","))):
             source, sep, target = pair.partition("=")

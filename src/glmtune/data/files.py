@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def _read_text(path: Path) -> str:
 
 def _read_csv(path: Path, text: str) -> list[Row]:
     """A header line of field names, then one row per line (every value a string)."""
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may hold newlines
     rows = []
     try:
         for record in reader:
@@ -120,7 +121,9 @@ def _read_json_array(path: Path, text: str) -> list[Row]:
 
 def _read_json_lines(path: Path, text: str) -> list[Row]:
     rows, problems = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028/U+2029/U+0085 raw, which splitlines() breaks on.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

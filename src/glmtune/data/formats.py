@@ -192,6 +192,9 @@ def detect_format(rows: list[Row], need_answer: bool = True) -> Format:
     first = rows[0]
     if not isinstance(first.data, dict):
         raise UserError(f"{first.location}: expected a JSON object, found {describe_value(first.data)}")
+    if "chosen" in first.data and "rejected" in first.data:
+        raise UserError(f"{first.location}: this is preference data (chosen/rejected), not supervised data",
+                        hint="preference tuning (DPO) is not available yet; prepare rows with one answer each")
     for fmt in FORMATS.values():
         if fmt.matches(first.data, need_answer):
             return fmt

@@ -67,6 +67,9 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
         report.reused_cache = True
         return load_from_disk(str(entry / "dataset")), report
 
+    if not data.conversations:
+        raise UserError(f"every row of {', '.join(data.inputs)} is bad ({len(data.bad_rows)} skipped)",
+                        problems=[f"{b.location}: {b.problem}" for b in data.bad_rows[:20]])
     report = PrepareReport(format=data.format, max_seq_length=options.max_seq_length, rows_read=data.rows_read,
                            bad_rows_skipped=len(data.bad_rows))
     tokenized = tokenize_dataset(data.conversations, tokenizer, stop_ids, options, num_proc, key)

@@ -20,7 +20,16 @@ from glmtune.errors import UserError
 IGNORE_INDEX = -100  # label of a token that takes no loss (transformers' convention)
 
 
-class AnswerNotLocated(UserError):
+class RowNotRenderable(UserError):
+    """A conversation this template can't render for training; `reason` says why in a few words (the report
+    counts rows by it), without the row's location."""
+
+    def __init__(self, message: str, reason: str, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.reason = reason
+
+
+class AnswerNotLocated(RowNotRenderable):
     """The template renders a conversation's prefix as something other than a prefix of the whole, so an answer
     can't be located: always for some templates, for others only with some content (GLM-4's writes nothing for
     an empty message)."""
@@ -39,8 +48,10 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
                                              add_generation_prompt=add_generation_prompt, **tools)
     except TemplateError as e:  # templates refuse what their model can't take (e.g. a system message)
         where = f"{conversation.location}: " if conversation.location else ""
-        raise UserError(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: {e}",
-                        hint="change the data (for example drop the system prompt) or use another model") from None
+        raise RowNotRenderable(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: "
+                               f"{e}", reason=f"refused by the chat template ({e})",
+                               hint="change the data (for example drop the system prompt), or use another model"
+                               ) from None
 
 
 def encode_prompt(tokenizer: Any, conversation: Conversation) -> list[int]:
@@ -75,16 +86,21 @@ def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tup
     generation prompt before it to the end of the rendering through it."""
     text = render(tokenizer, conversation, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
+    asked = False
     for i, message in enumerate(conversation.messages):
-        if message.role != "assistant" or not message.train:
-            continue
+        asked = asked or message.role == "user"
+        if message.role != "assistant" or not message.train or not asked:
+            continue  # an opening assistant turn (a greeting) answers nothing: it stays context
         prompt = render(tokenizer, conversation.upto(i), add_generation_prompt=True)
         last = i + 1 == len(conversation.messages)  # the usual case: no need to render the whole again
         through = text if last else render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False)
         if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
-            raise AnswerNotLocated(f"the chat template of {tokenizer.name_or_path} renders a conversation's turns "
-                            "differently depending on what follows them, so answers can't be located in it",
-                            hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
+            raise AnswerNotLocated(
+                f"the chat template of {tokenizer.name_or_path} renders a conversation's turns differently depending "
+                "on what follows them, so answers can't be located in it",
+                reason="answer not locatable in the rendered template (an empty answer, or a template that rewrites "
+                       "history)",
+                hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
         spans.append((len(prompt), len(through)))
     return text, spans
 

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
-from glmtune.data.templates import IGNORE_INDEX, AnswerNotLocated, encode_for_training
+from glmtune.data.templates import IGNORE_INDEX, RowNotRenderable, encode_for_training
 
 TRUNCATION_RULES = ("right", "left", "drop")
 NO_SUPERVISED = "no supervised token left"
-NOT_LOCATED = "answer not locatable in the rendered template (an empty answer, or a template that rewrites history)"
 TOO_LONG = "longer than --max_seq_length (--truncation drop)"
 
 
@@ -31,9 +30,9 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
         conversation = _train_last_turn_only(conversation)
     try:
         ids, labels = encode_for_training(tokenizer, conversation, stop_ids, options.train_on_prompt)
-    except AnswerNotLocated:
+    except RowNotRenderable as problem:  # this row only: it is dropped and counted, the run goes on
         return {"input_ids": [], "labels": [], "length": 0, "tokens": 0, "supervised_before": 0, "supervised": 0,
-                "cut": False, "dropped": NOT_LOCATED}
+                "cut": False, "dropped": problem.reason}
     length, supervised_before = len(ids), _supervised(labels)
     cut = length > options.max_seq_length
     dropped = ""
@@ -78,16 +77,21 @@ def _truncate(tokenizer: Any, conversation: Conversation, stop_ids: list[int], o
     limit = options.max_seq_length
     if options.truncation == "right":
         return ids[:limit], labels[:limit]
-    # left: keep the end of the conversation and its last answer. Drop whole earlier exchanges first, so the
-    # template's opening tokens stay; only if the last exchange alone is too long, cut its start.
-    if conversation.text is None:
-        starts = [i for i, m in enumerate(conversation.messages) if m.role == "user" and i > 0]
-        for start in starts:
-            shorter = dataclasses.replace(conversation, messages=conversation.messages[start:])
-            ids, labels = encode_for_training(tokenizer, shorter, stop_ids, options.train_on_prompt)
-            if len(ids) <= limit:
-                return ids, labels
-    return ids[-limit:], labels[-limit:]
+    if conversation.text is not None:  # plain text: keep its end
+        return ids[-limit:], labels[-limit:]
+    # left: keep the last trained answer and as much of the conversation before it as fits. Untrained turns after
+    # it go first, then whole exchanges from the start, so the template's opening tokens and the answer's own
+    # prompt stay; if that last exchange alone is still too long, its answer is cut at the end.
+    messages = conversation.messages
+    trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
+    last = trained[-1] if trained else len(messages) - 1
+    starts = [0] + [i for i, m in enumerate(messages) if m.role == "user" and 0 < i < last]
+    for start in starts:
+        shorter = dataclasses.replace(conversation, messages=messages[start: last + 1])
+        ids, labels = encode_for_training(tokenizer, shorter, stop_ids, options.train_on_prompt)
+        if len(ids) <= limit:
+            break
+    return ids[:limit], labels[:limit]
 
 
 def _supervised(labels: list[int]) -> int:

@@ -35,7 +35,26 @@ def is_chatglm2_config(config: dict[str, Any]) -> bool:
     return config.get("model_type") == "chatglm" and "multi_query_attention" in config
 
 
-def glm_config(config: dict[str, Any]) -> Any:
+def rope_parameters(config: dict[str, Any], directory: Path | None = None) -> dict[str, Any]:
+    """Rotary settings. Rotary on half of each head (the official RotaryEmbedding(head_dim // 2)).
+    `rope_ratio` means two things: ChatGLM3-32K/128K and GLM-4 scale the base (10000 * rope_ratio), ChatGLM2-6B-32K
+    interpolates positions (position / rope_ratio). The checkpoint's own modeling code tells which; without it, the
+    name does."""
+    ratio = config.get("rope_ratio", 1)
+    base = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    if ratio == 1:
+        return base
+    code = directory / "modeling_chatglm.py" if directory is not None else None
+    if code is not None and code.is_file():
+        interpolates = re.search(r"arange\([^)]*\)\s*/\s*self\.rope_ratio", code.read_text(encoding="utf-8"))
+    else:
+        interpolates = "chatglm2" in str(config.get("_name_or_path", "")).lower()
+    if interpolates:
+        return {**base, "rope_type": "linear", "factor": float(ratio)}
+    return {**base, "rope_theta": 10000.0 * ratio}
+
+
+def glm_config(config: dict[str, Any], directory: Path | None = None) -> Any:
     from transformers import GlmConfig
 
     unsupported = {
@@ -64,9 +83,7 @@ def glm_config(config: dict[str, Any]) -> Any:
         max_position_embeddings=config.get("seq_length", 2048),
         attention_bias=config.get("add_qkv_bias", False),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
-        # Rotary on half of each head (the official RotaryEmbedding(head_dim // 2)); base scaled by rope_ratio.
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * config.get("rope_ratio", 1),
-                         "partial_rotary_factor": 0.5},
+        rope_parameters=rope_parameters(config, directory),
         pad_token_id=config.get("pad_token_id"),
         eos_token_id=config.get("eos_token_id"),
         bos_token_id=None,
@@ -119,7 +136,7 @@ def load_chatglm2(directory: Path, config: dict[str, Any], dtype: Any) -> Any:
 
     from glmtune.models.checkpoint import read_state_dict
 
-    glm = glm_config(config)
+    glm = glm_config(config, directory)
     state = convert_state_dict(read_state_dict(directory), glm, grouped=bool(config.get("multi_query_attention")))
     with torch.device("meta"):
         model = GlmForCausalLM(glm)
@@ -127,10 +144,11 @@ def load_chatglm2(directory: Path, config: dict[str, Any], dtype: Any) -> Any:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise UserError(f"{directory}: the weights don't fit the config ({str(e).splitlines()[0]})") from None
-    # Non-persistent buffers (the rotary frequencies) were left on the meta device: compute them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=glm)
     model.tie_weights()
     model = model.to(dtype).eval()
+    # Non-persistent buffers (the rotary frequencies) were left on the meta device: compute them for real, after
+    # the cast, in fp32 as from_pretrained keeps them (in bf16 they would move the logits by up to 0.2).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=glm)
     model.config._name_or_path = str(directory)
     model.name_or_path = str(directory)
     model.generation_config = GenerationConfig(eos_token_id=glm.eos_token_id, pad_token_id=glm.pad_token_id)
