@@ -83,3 +83,37 @@ def test_prepare_with_the_real_tokenizer_drops_empty_answers_and_counts_them(cli
     # GLM-4's template writes nothing for an empty message, so the answer has no place in the rendered text.
     assert report["kept"] == 1 and list(report["dropped"].values()) == [1]
     assert "⟦\nAnnual rate.<|endoftext|>⟧" in result.out
+
+
+def test_tools_and_tool_calls_render_the_glm4_way(cli, tmp_path, shared_dir):
+    from datasets import load_from_disk
+
+    source = shared_dir / "data" / "multiturn" / "glaive_toolcall_zh_demo.json"
+    row = json.loads(source.read_text(encoding="utf-8"))[0]
+    from conftest import write_json
+
+    data = write_json(tmp_path / "data.json", [row])
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model",
+                 shared_dir / "tokenizers" / "glm-4-9b-chat", "--max_seq_length", "4096")
+    assert result.code == 0, result.err
+    (sample,) = load_from_disk(str(tmp_path / "out"))["train"]
+    tokenizer = glm4_tokenizer(shared_dir)
+    text = tokenizer.decode(sample["input_ids"])
+    for tool in json.loads(row["tools"]):  # every tool is shown to the model, in the system turn
+        assert f"## {tool['name']}" in text.split("<|user|>")[0]
+    call = json.loads(row["conversations"][1]["value"])
+    first_span = []
+    for token, label in zip(sample["input_ids"], sample["labels"], strict=True):
+        if label != -100:
+            first_span.append(token)
+        elif first_span:
+            break
+    # GLM-4 writes a call as "<|assistant|>NAME\n{arguments}" and the tool's answer follows "<|observation|>".
+    expected = f"{call['name']}\n{json.dumps(call['arguments'], ensure_ascii=False)}<|observation|>"
+    assert tokenizer.decode(first_span) == expected
+
+
+def glm4_tokenizer(shared_dir):
+    from glmtune.models.loading import load_tokenizer
+
+    return load_tokenizer(str(shared_dir / "tokenizers" / "glm-4-9b-chat"))

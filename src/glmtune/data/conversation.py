@@ -12,6 +12,7 @@ class Message:
     role: str  # "user", "assistant" (later: "observation"/"tool")
     content: str
     train: bool = False  # take the loss on this message (assistant turns only)
+    tool_call: dict[str, Any] | None = None  # an assistant's call: {"name": ..., "arguments": ...}
 
 
 @dataclass
@@ -41,12 +42,15 @@ class Conversation:
 
     def to_record(self) -> dict[str, Any]:
         """A flat form for an Arrow table (tools as JSON text: their schemas differ from row to row)."""
-        return {"messages": [{"role": m.role, "content": m.content, "train": m.train} for m in self.messages],
+        return {"messages": [{"role": m.role, "content": m.content, "train": m.train,
+                              "tool_call": json.dumps(m.tool_call) if m.tool_call else None} for m in self.messages],
                 "system": self.system, "tools": json.dumps(self.tools) if self.tools else None,
                 "text": self.text, "location": self.location}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Conversation:
-        return cls(messages=[Message(**m) for m in record["messages"] or []], system=record["system"],
+        messages = [Message(m["role"], m["content"], m["train"], json.loads(m["tool_call"]) if m["tool_call"] else None)
+                    for m in record["messages"] or []]
+        return cls(messages=messages, system=record["system"],
                    tools=json.loads(record["tools"]) if record["tools"] else None, text=record["text"],
                    location=record["location"])

@@ -100,9 +100,23 @@ def _turns(row: dict[str, Any], key: str, role_key: str,
 
 
 def read_sharegpt(row: dict[str, Any], need_answer: bool) -> Conversation:
-    messages = [Message(role, _text(turn, "value", where=f"{where}.value"), train=role == "assistant")
-                for where, turn, role in _turns(row, "conversations", "from", SHAREGPT_ROLES)]
+    messages = []
+    for where, turn, role in _turns(row, "conversations", "from", SHAREGPT_ROLES):
+        value = _text(turn, "value", where=f"{where}.value")
+        call = _tool_call(value) if turn["from"] == "function_call" else None
+        messages.append(Message(role, value, train=role == "assistant", tool_call=call))
     return _conversation(messages, row, _text(row, "system", optional=True))
+
+
+def _tool_call(value: str) -> dict[str, Any] | None:
+    """A function_call turn's {"name", "arguments"}, so that each template can write calls its own way."""
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(call, dict) and isinstance(call.get("name"), str):
+        return {"name": call["name"], "arguments": call.get("arguments", {})}
+    return None
 
 
 def read_messages(row: dict[str, Any], need_answer: bool) -> Conversation:
@@ -154,6 +168,8 @@ def _conversation(messages: list[Message], row: dict[str, Any], system: str | No
         tools = None
     elif not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise RowProblem("tools", "a list of tool definitions", tools)
+    else:  # bare {name, description, parameters} definitions in the OpenAI form templates expect
+        tools = [t if "type" in t else {"type": "function", "function": t} for t in tools]
     return Conversation(messages=messages, system=system or None, tools=tools)
 
 

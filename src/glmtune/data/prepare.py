@@ -90,8 +90,10 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
 
 
 def cache_key(data: LoadedData, **settings: Any) -> str:
-    """A hash of everything that decides the tokenized result."""
-    fields = {"version": __version__, "inputs": list(data.inputs.values()), "format": data.format,
+    """A hash of everything that decides the tokenized result, the code that reads and renders data included."""
+    code = "".join(sorted(p.read_text(encoding="utf-8") for p in Path(__file__).parent.glob("*.py")))
+    fields = {"version": __version__, "code": sha256_text(code), "inputs": list(data.inputs.values()),
+              "format": data.format,
               "rows": data.rows_read, "bad_rows": len(data.bad_rows), **settings}
     return sha256_text(json.dumps(fields, sort_keys=True, default=str))[:32]
 

@@ -12,6 +12,7 @@ so the tuned model stops.
 from __future__ import annotations
 
 import bisect
+import json
 from typing import Any
 
 from glmtune.data.conversation import Conversation
@@ -43,15 +44,44 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
                         hint="use a chat model, or a tokenizer directory whose tokenizer_config.json or "
                              "chat_template.jinja defines one")
     try:
-        tools = {"tools": conversation.tools} if conversation.tools else {}
-        return tokenizer.apply_chat_template(conversation.to_chat_messages(), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **tools)
+        messages, extra = chat_inputs(tokenizer.chat_template, conversation)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
     except TemplateError as e:  # templates refuse what their model can't take (e.g. a system message)
         where = f"{conversation.location}: " if conversation.location else ""
         raise RowNotRenderable(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: "
                                f"{e}", reason=f"refused by the chat template ({e})",
                                hint="change the data (for example drop the system prompt), or use another model"
                                ) from None
+
+
+def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages (and keyword arguments) for apply_chat_template. Tools and tool calls go where the template
+    reads them: GLM-4's official template reads tools from a message (`item['tools']`) and writes a call as
+    `<|assistant|>NAME\n{arguments}` (`metadata`); transformers' convention is `tools=` and `tool_calls`. A
+    template that knows neither gets the call as the message's text."""
+    glm_style, hf_style = "['metadata']" in template, "tool_calls" in template
+    messages: list[dict[str, Any]] = [{"role": "system", "content": conversation.system}] if conversation.system else []
+    for m in conversation.messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_call and (glm_style or hf_style):
+            arguments = m.tool_call["arguments"]
+            if glm_style:
+                text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+                message = {"role": "assistant", "metadata": m.tool_call["name"], "content": text}
+            else:
+                message = {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": m.tool_call["name"], "arguments": arguments}}]}
+        messages.append(message)
+    if not conversation.tools:
+        return messages, {}
+    if "['tools']" not in template:
+        return messages, {"tools": conversation.tools}
+    if messages and messages[0]["role"] == "system":
+        messages[0] = {**messages[0], "tools": conversation.tools}
+    else:
+        messages.insert(0, {"role": "system", "content": "", "tools": conversation.tools})
+    return messages, {}
 
 
 def encode_prompt(tokenizer: Any, conversation: Conversation) -> list[int]:
