@@ -271,3 +271,16 @@ def test_truncation_left_drops_trailing_untrained_turns_before_answers(cli, tmp_
                  "--max_seq_length", "30", "--truncation", "left")
     assert result.code == 0, result.err
     assert trained_texts(tokenizer, prepared(tmp_path / "out")[0]) == ["a1"]
+
+
+def test_skip_bad_rows_skips_malformed_json_lines_too(cli, tmp_path, tiny_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "p1", "completion": "c1"}\n{"prompt": "p2", "compl\n'
+                    '{"prompt": "p3", "completion": "c3"}\n', encoding="utf-8")
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", tiny_model,
+                 "--skip_bad_rows")
+    assert result.code == 0, result.err
+    assert len(prepared(tmp_path / "out")) == 2
+    (reject,) = [json.loads(line) for line in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert reject["location"] == f"{data}:2" and reject["row"] == '{"prompt": "p2", "compl'
+    assert "invalid JSON" in reject["problem"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.artifacts import sha256_file
-from glmtune.errors import MAX_PROBLEMS, UserError
+from glmtune.errors import UserError
 from glmtune.hub import offline_reason
 
 
@@ -119,8 +119,16 @@ def _read_json_array(path: Path, text: str) -> list[Row]:
     return [Row(f"{path} row {i}", item) for i, item in enumerate(data)]
 
 
+@dataclass
+class MalformedLine:
+    """A JSON line that doesn't parse: a bad row like any other (reported, or skipped with --skip_bad_rows)."""
+
+    text: str
+    problem: str
+
+
 def _read_json_lines(path: Path, text: str) -> list[Row]:
-    rows, problems = [], []
+    rows = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028/U+2029/U+0085 raw, which splitlines() breaks on.
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
@@ -129,9 +137,6 @@ def _read_json_lines(path: Path, text: str) -> list[Row]:
         try:
             rows.append(Row(f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as e:
-            problems.append(f"{path}:{number}:{e.colno}: invalid JSON ({e.msg}): {line[:80]!r}")
-            if len(problems) >= MAX_PROBLEMS:
-                break
-    if problems:
-        raise UserError(f"{path} has malformed lines (read as JSON lines: one object per line)", problems=problems)
+            problem = f"invalid JSON at column {e.colno} ({e.msg}), read as JSON lines: {line[:80]!r}"
+            rows.append(Row(f"{path}:{number}", MalformedLine(line, problem)))
     return rows

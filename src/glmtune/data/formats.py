@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
-from glmtune.data.files import Row
+from glmtune.data.files import MalformedLine, Row
 from glmtune.errors import MAX_PROBLEMS, UserError
 
 
@@ -205,7 +205,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 
 
 def detect_format(rows: list[Row], need_answer: bool = True) -> Format:
-    first = rows[0]
+    first = next((row for row in rows if not isinstance(row.data, MalformedLine)), rows[0])
+    if isinstance(first.data, MalformedLine):
+        raise UserError(f"{first.location}: {first.data.problem}", hint="no line of the file is valid JSON")
     if not isinstance(first.data, dict):
         raise UserError(f"{first.location}: expected a JSON object, found {describe_value(first.data)}")
     if "chosen" in first.data and "rejected" in first.data:
@@ -236,7 +238,9 @@ def to_conversations(rows: list[Row], fmt: Format, need_answer: bool = True,
     """
     conversations, bad = [], []
     for row in rows:
-        if not isinstance(row.data, dict):
+        if isinstance(row.data, MalformedLine):
+            bad.append(BadRow(row.location, row.data.problem, row.data.text))
+        elif not isinstance(row.data, dict):
             bad.append(BadRow(row.location, f"expected a JSON object, found {describe_value(row.data)}", row.data))
         else:
             try:
