@@ -40,7 +40,7 @@ def _text(row: dict[str, Any], key: str, optional: bool = False, where: str | No
 def _history(row: dict[str, Any]) -> list[Message]:
     """`history` as [[question, answer], ...] (alpaca, ChatGLM2 P-Tuning): every answer is trained."""
     value = row.get("history")
-    if value is None:
+    if value is None or value == "":  # absent, or an empty CSV cell
         return []
     if not (isinstance(value, list) and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in value)):
