@@ -146,3 +146,24 @@ def test_eval_strategy_without_validation_split_is_refused(cli, small, tmp_path)
     _, data = small
     result = train(cli, data, tmp_path / "run", "--max_steps", "2", "--eval_strategy", "steps")
     assert result.code == 2 and "needs a validation split" in result.err
+
+
+def test_chunked_loss_trains_exactly_like_the_plain_loss(cli, small, tmp_path):
+    _, data = small
+    runs = {}
+    for chunked in ("true", "false"):
+        result = train(cli, data, tmp_path / chunked, "--max_steps", "3", "--gradient_accumulation_steps", "2",
+                       "--chunked_loss", chunked, "--seed", "7")
+        assert result.code == 0, result.err
+        runs[chunked] = json.loads((tmp_path / chunked / "manifest.json").read_text())
+    assert runs["true"]["config"]["chunked_loss"] is True and runs["false"]["config"]["chunked_loss"] is False
+    assert abs(runs["true"]["train_loss"] - runs["false"]["train_loss"]) < 1e-5
+
+
+def test_same_seed_same_run(cli, small, tmp_path):
+    _, data = small
+    losses = []
+    for name in ("a", "b"):
+        assert train(cli, data, tmp_path / name, "--max_steps", "3", "--seed", "3").code == 0
+        losses.append(json.loads((tmp_path / name / "manifest.json").read_text())["train_loss"])
+    assert losses[0] == losses[1]

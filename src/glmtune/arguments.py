@@ -93,6 +93,13 @@ class DatasetArguments:
 
 
 @dataclass
+class LossArguments:
+    chunked_loss: bool = field(**_help("Compute the loss in chunks of tokens from the final hidden states, never "
+                                       "holding the whole [tokens x vocabulary] logits (same value and gradients).",
+                                       default=True))
+
+
+@dataclass
 class LoraArguments:
     lora_rank: int = field(**_help("LoRA rank r.", default=8))
     lora_alpha: float = field(**_help("LoRA scaling alpha (the update is scaled by alpha / r).", default=32))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments
+from glmtune.arguments import DatasetArguments, LoraArguments, LossArguments, ModelArguments
 from glmtune.config import parse_arguments
 
 # glmtune's defaults where transformers' suit full fine-tuning rather than LoRA; YAML and flags override them.
@@ -27,9 +27,9 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
 
     # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
     machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
-    model_args, data_args, lora_args, training_args = parse_arguments(
-        "glmtune train", [ModelArguments, DatasetArguments, LoraArguments, TrainingArguments], argv,
+    model_args, data_args, lora_args, loss_args, training_args = parse_arguments(
+        "glmtune train", [ModelArguments, DatasetArguments, LoraArguments, LossArguments, TrainingArguments], argv,
         {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
-    result = run_sft(model_args, data_args, lora_args, training_args)
+    result = run_sft(model_args, data_args, lora_args, training_args, loss_args)
     print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
           + (f" (last logged loss {result.final_loss:.4f})" if result.final_loss is not None else ""))

@@ -6,6 +6,7 @@ PEFT's format, the tokenizer, the resolved config, the loss plot and manifest.js
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments
+from glmtune.arguments import DatasetArguments, LoraArguments, LossArguments, ModelArguments
 from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, read_manifest, write_manifest
 from glmtune.config import to_plain_dict
 from glmtune.errors import UserError
@@ -35,11 +36,13 @@ class TrainResult:
 
 
 def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: LoraArguments,
-            training_args: Any) -> TrainResult:
+            training_args: Any, loss_args: LossArguments | None = None) -> TrainResult:
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    from glmtune.train.loss import ChunkedLossTrainer
 
     if not data_args.dataset_path:
         raise UserError("--dataset_path is required", hint="make one with `glmtune prepare`")
@@ -71,6 +74,9 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                         f"{dataset_dir} has none", hint="prepare the data with --val_size")
 
     model = load_model(model_name, model_args.trust_remote_code)
+    # The adapter's random init draws from the global generator: seed it first, or two runs with the same --seed
+    # start from different adapters (the Trainer seeds only after the adapter exists).
+    set_seed(training_args.seed)
     peft_config = LoraConfig(
         task_type="CAUSAL_LM", r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
         lora_dropout=lora_args.lora_dropout,
@@ -90,7 +96,9 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                 empty_directory(output_dir)
             shutil.rmtree(output_dir / STAGING, ignore_errors=True)
 
-    trainer = Trainer(
+    loss_args = loss_args or LossArguments()
+    chunked = loss_args.chunked_loss and _supports_chunked_loss(model)
+    trainer = (ChunkedLossTrainer if chunked else Trainer)(
         model=model,
         args=training_args,
         train_dataset=dataset,
@@ -105,7 +113,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    config = to_plain_dict(model_args, data_args, lora_args, training_args)
+    config = to_plain_dict(model_args, data_args, lora_args, loss_args, training_args)
+    config["chunked_loss"] = chunked  # what ran: the model may not support it
     config["model"] = model_name
     _save_final(output_dir, trainer, config,
                 base_model=model_name, dataset=str(dataset_dir),
@@ -128,6 +137,14 @@ def _check_same_adapter_shape(checkpoint: Path, peft_config: Any) -> None:
     if differing:
         raise UserError(f"cannot resume from {checkpoint}: its LoRA adapter differs from the one asked for",
                         problems=differing, hint="resume with the LoRA flags the run started with")
+
+
+def _supports_chunked_loss(model: Any) -> bool:
+    """The chunked loss needs the model to return its final hidden states without computing every position's
+    logits (transformers' `logits_to_keep`), and to expose its output layer; remote-code models may not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters and \
+        base.get_output_embeddings() is not None
 
 
 def _resolve_resume(value: str | None, output_dir: Path) -> Path | None:

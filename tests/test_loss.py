@@ -1,0 +1,47 @@
+"""The chunked loss equals the plain one (value and gradients), without holding the whole logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmtune.train.loss import chunked_causal_lm_loss
+
+
+@pytest.fixture
+def model_and_batch():
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(0)
+    config = GlmConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1)
+    model = GlmForCausalLM(config).float()
+    ids = torch.randint(2, 1000, (3, 40))
+    labels = ids.clone()
+    labels[:, :15] = -100  # prompts
+    labels[1, 30:] = -100  # padding
+    return model, ids, labels
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 1024])
+def test_value_and_gradients_equal_the_plain_loss(model_and_batch, chunk_tokens):
+    model, ids, labels = model_and_batch
+    plain = model(input_ids=ids, labels=labels, use_cache=False).loss  # transformers' own loss, the reference
+    plain.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    chunked = chunked_causal_lm_loss(out.hidden_states[-1], model.lm_head, labels, chunk_tokens=chunk_tokens)
+    chunked.backward()
+    assert abs(chunked.item() - plain.item()) < 1e-5
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, reference[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_num_items_in_batch_normalises_like_the_trainer(model_and_batch):
+    model, ids, labels = model_and_batch
+    out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    supervised = int((labels[:, 1:] != -100).sum())
+    mean = chunked_causal_lm_loss(out.hidden_states[-1], model.lm_head, labels)
+    summed = chunked_causal_lm_loss(out.hidden_states[-1], model.lm_head, labels, num_items_in_batch=2 * supervised)
+    assert torch.allclose(summed * 2, mean, atol=1e-6)
