@@ -1,7 +1,7 @@
 """A memory-light causal-LM loss: never the whole [tokens x vocabulary] logits at once.
 
 The gap this fills: a causal LM's forward builds fp32 logits for every position (GLM-4: 151,552 per token), and
-the default loss keeps several copies of them for backward (measured here: 8.0 GiB peak for 4 x 1,024 tokens on
+the default loss keeps several copies of them for backward (bench/loss_memory.py: 7.9 GiB peak for 4 x 1,024 tokens on
 a tiny model). Here the decoder runs without its output layer; then, over the supervised positions only, chunks
 of tokens go through the output layer and cross-entropy, each chunk recomputed in backward (activation
 checkpointing), so at most one chunk's logits exist at a time. Same value and gradients as the plain loss.
@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 1024  # tokens per chunk: logits of at most CHUNK_TOKENS x vocabulary exist at once
+CHUNK_TOKENS = 256  # at most CHUNK_TOKENS x vocabulary logits at once: GLM-4, 155 MB fp32 (bench/loss_memory.py)
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, labels: torch.Tensor,
