@@ -61,18 +61,18 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
     `<|assistant|>NAME\n{arguments}` (`metadata`); transformers' convention is `tools=` and `tool_calls`. A
     template that knows neither gets the call as the message's text."""
     glm_style, hf_style = "['metadata']" in template, "tool_calls" in template
-    messages: list[dict[str, Any]] = [{"role": "system", "content": conversation.system}] if conversation.system else []
-    for m in conversation.messages:
-        message: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.tool_call and (glm_style or hf_style):
-            arguments = m.tool_call["arguments"]
-            if glm_style:
-                text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-                message = {"role": "assistant", "metadata": m.tool_call["name"], "content": text}
-            else:
-                message = {"role": "assistant", "content": "", "tool_calls": [
-                    {"type": "function", "function": {"name": m.tool_call["name"], "arguments": arguments}}]}
-        messages.append(message)
+    messages: list[dict[str, Any]] = conversation.to_chat_messages()
+    offset = 1 if conversation.system else 0
+    for i, m in enumerate(conversation.messages):
+        if not (m.tool_call and (glm_style or hf_style)):
+            continue  # plain text: as to_chat_messages wrote it
+        arguments = m.tool_call["arguments"]
+        if glm_style:
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            messages[offset + i] = {"role": "assistant", "metadata": m.tool_call["name"], "content": text}
+        else:
+            messages[offset + i] = {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": m.tool_call["name"], "arguments": arguments}}]}
     if not conversation.tools:
         return messages, {}
     if "['tools']" not in template:
