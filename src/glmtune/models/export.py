@@ -9,7 +9,8 @@ from typing import Any
 
 from glmtune.artifacts import atomic_directory, write_manifest
 from glmtune.errors import UserError
-from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
+from glmtune.models.hub import resolve_model
+from glmtune.models.loading import load_model, load_tokenizer, local_config, stop_token_ids, tokenizer_fingerprint
 
 
 def export_model(source: str, destination: Path, tokenizer_source: str | None, overwrite: bool,
@@ -21,7 +22,7 @@ def export_model(source: str, destination: Path, tokenizer_source: str | None, o
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"the tokenizer of {tokenizer_source or source} has no native fast implementation yet, "
                         "so the converted directory could not be loaded without remote code")
-    model = load_model(source, dtype=_checkpoint_dtype(source, torch))
+    model = load_model(source, dtype=_checkpoint_dtype(source, torch))  # keeps THUDM's fp16/bf16
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:  # a real tokenizer beside a tiny test model, as in the fixtures
         print(f"warning: the tokenizer has {len(tokenizer)} tokens, more than the model's {vocab} embeddings: "
@@ -42,8 +43,5 @@ def export_model(source: str, destination: Path, tokenizer_source: str | None, o
 
 def _checkpoint_dtype(source: str, torch: Any) -> Any:
     """Keep the published precision (THUDM ships float16/bfloat16): a 6B model in fp32 needs twice the memory."""
-    from glmtune.artifacts import read_json_object
-
-    config_file = Path(source) / "config.json"
-    name = read_json_object(config_file, "model config").get("torch_dtype") if config_file.is_file() else None
+    name = (local_config(resolve_model(source)) or {}).get("torch_dtype")
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)

@@ -44,7 +44,7 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None) ->
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name)
-    config = _local_config(source)
+    config = local_config(source)
     if not trust_remote_code and config is not None and is_chatglm2_config(config):
         return load_chatglm2(Path(source), config, dtype or torch.float32)  # THUDM's layout, converted natively
     try:
@@ -59,7 +59,8 @@ def _tokenizer_class(source: str) -> str | None:
     return read_json_object(path, "tokenizer config").get("tokenizer_class") if path.is_file() else None
 
 
-def _local_config(source: str) -> dict[str, Any] | None:
+def local_config(source: str) -> dict[str, Any] | None:
+    """config.json of a local model directory, or None (a hub name, or no config)."""
     path = Path(source) / "config.json"
     return read_json_object(path, "model config") if path.is_file() else None
 
@@ -75,7 +76,7 @@ def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
     except OSError:  # no generation_config.json: fall back to config.json
         config_file = Path(resolve_model(name)) / "config.json"
         if config_file.is_file():
-            ids += _as_list(json.loads(config_file.read_text(encoding="utf-8")).get("eos_token_id"))
+            ids += _as_list(read_json_object(config_file, "model config").get("eos_token_id"))
     ids += _as_list(tokenizer.eos_token_id)
     # Chats with role tokens (ChatGLM3, GLM-4) end a turn where the next one begins; their official chat() stops
     # there too, though ChatGLM3's config lists only the eos.

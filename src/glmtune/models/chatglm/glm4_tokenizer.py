@@ -10,12 +10,11 @@ Proven id for id against the official outputs in the golden fixtures.
 from __future__ import annotations
 
 import base64
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from glmtune.artifacts import sha256_file
+from glmtune.artifacts import read_json_object, sha256_file
 
 RANKS_FILE = "tokenizer.model"
 SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
@@ -29,7 +28,7 @@ def is_glm4_tokenizer_dir(directory: Path) -> bool:
     config = directory / "tokenizer_config.json"
     if not (config.is_file() and (directory / RANKS_FILE).is_file()) or (directory / "tokenizer.json").is_file():
         return False
-    return json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") == "ChatGLM4Tokenizer"
+    return read_json_object(config, "tokenizer config").get("tokenizer_class") == "ChatGLM4Tokenizer"
 
 
 def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -45,7 +44,7 @@ def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 def build_glm4_tokenizer(directory: Path) -> Any:
     from transformers import PreTrainedTokenizerFast
 
-    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config = read_json_object(directory / "tokenizer_config.json", "tokenizer config")
     return PreTrainedTokenizerFast(
         tokenizer_object=_backend(directory / RANKS_FILE),
         eos_token="<|endoftext|>",

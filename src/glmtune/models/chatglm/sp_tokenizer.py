@@ -14,9 +14,10 @@ pieces), and sop/eop are named "<sop>"/"<eop>" so that the plain word "sop" stay
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from glmtune.artifacts import read_json_object
 
 PIECES_FILE = "tokenizer.model"
 PREFIX = ["[gMASK]", "<sop>"]  # what the official encode() puts before every text
@@ -46,13 +47,13 @@ def chatglm_sp_family(directory: Path) -> str | None:
     config = directory / "tokenizer_config.json"
     if not (config.is_file() and (directory / PIECES_FILE).is_file()) or (directory / "tokenizer.json").is_file():
         return None
-    settings = json.loads(config.read_text(encoding="utf-8"))
+    settings = read_json_object(config, "tokenizer config")
     if settings.get("tokenizer_class") != "ChatGLMTokenizer":
         return None
     model_config = directory / "config.json"
     names = [settings.get("name_or_path", "")]
     if model_config.is_file():
-        names.append(json.loads(model_config.read_text(encoding="utf-8")).get("_name_or_path", ""))
+        names.append(read_json_object(model_config, "model config").get("_name_or_path", ""))
     return "chatglm3" if any("chatglm3" in str(name).lower() for name in names) else "chatglm2"
 
 
