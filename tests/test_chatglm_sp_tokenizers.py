@@ -96,3 +96,50 @@ def test_training_labels_cover_the_answers_and_their_stop(family):
         assert [tokenizer.decode(span) for span in spans] == ["你好！", "4.</s>"]
     first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     assert ids[:first_answer] == encode_prompt(tokenizer, conversation.upto(1))
+
+
+def test_chatglm3_tools_and_calls_follow_the_official_layout(shared_dir):
+    """Against a hand-built reference of the official layout (build_chat_input for the tools, the fine-tuning
+    data preparation for the call), from this tokenizer's encode of each piece, which the golden ids prove."""
+    import ast
+
+    from glmtune.data.formats import read_sharegpt
+    from glmtune.models.loading import load_tokenizer, stop_token_ids
+
+    directory = shared_dir / "tokenizers" / FAMILIES["v3"]
+    tokenizer = load_tokenizer(str(directory))
+    tool = {"name": "track", "description": "追踪指定股票的实时价格",
+            "parameters": {"type": "object", "properties": {"symbol": {"description": "股票代码"}}}}
+    arguments = {"symbol": "AAPL", "days": 3, "note": "it's \"fine\"\n", "tags": ["a", 1], "live": True}
+    row = {"tools": [tool], "conversations": [
+        {"from": "human", "value": "帮我查一下苹果的股价"},
+        {"from": "function_call", "value": json.dumps({"name": "track", "arguments": arguments})},
+        {"from": "observation", "value": '{"price": 12412}'},
+        {"from": "gpt", "value": "苹果的股价是 12412。"}]}
+    ids, labels = encode_for_training(tokenizer, read_sharegpt(row, True), stop_token_ids(str(directory), tokenizer))
+
+    def message(role: str, metadata: str, content: str) -> list[int]:  # the official build_single_message
+        pieces = [tokenizer.encode(text, add_special_tokens=False) for text in (metadata + "\n", content)]
+        return [tokenizer.convert_tokens_to_ids(f"<|{role}|>")] + pieces[0] + pieces[1]
+
+    call = ast.unparse(ast.Call(func=ast.Name(id="tool_call"), args=[],
+                                keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()]))
+    system = ("Answer the following questions as best as you can. You have access to the following tools:\n"
+              + json.dumps([tool], indent=4, ensure_ascii=False))
+    expected = (tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"]) + message("system", "", system)
+                + message("user", "", "帮我查一下苹果的股价") + message("assistant", "track", f"```python\n{call}\n```")
+                + message("observation", "", '{"price": 12412}') + message("assistant", "", "苹果的股价是 12412。")
+                + [tokenizer.eos_token_id])
+    assert ids == expected
+    trained = [tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])]
+    assert "tool_call(symbol='AAPL'" in trained[0] and "12412。" in trained[0] and "追踪" not in trained[0]
+
+
+def test_chatglm2_refuses_tools(shared_dir):
+    from jinja2 import TemplateError
+
+    from glmtune.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(shared_dir / "tokenizers" / FAMILIES["v2"]))
+    with pytest.raises(TemplateError, match="no tools"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[{"name": "f"}], tokenize=False)

@@ -27,6 +27,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]  # 
 # ChatGLM2: ChatGLMTokenizer.build_prompt. "[Round i]\n\n问：...\n\n答：" per exchange, the answer after 答：, a
 # blank line between rounds. The prompt always ends with 答：, so there is no separate generation prompt.
 CHATGLM2_TEMPLATE = (
+    "{% if tools %}{{ raise_exception('ChatGLM2 has no tools') }}{% endif %}"
     "[gMASK]<sop>{% set ns = namespace(round=0) %}{% for m in messages %}"
     # (newlines as expressions: transformers renders templates with trim_blocks, which eats one after a tag)
     "{% if m['role'] == 'user' %}{% if ns.round > 0 %}{{ '\n\n' }}{% endif %}{% set ns.round = ns.round + 1 %}"
@@ -36,9 +37,32 @@ CHATGLM2_TEMPLATE = (
 )
 # ChatGLM3: build_single_message = role token + encode(metadata + "\n") + encode(content), each encode with its own
 # dummy prefix; as one text that is "<|role|>" + metadata + "\n " + content (the space becomes the prefix "▁").
-CHATGLM3_TEMPLATE = (
-    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>{{ m.get('metadata', '') }}\n {{ m['content'] }}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+# Tools (build_chat_input): the system message's content + "\n" + json.dumps(tools, indent=4, ensure_ascii=False),
+# with the official tool demo's system text when the conversation has none. A call (the official fine-tuning data
+# layout): <|assistant|>NAME + "\n" + "```python\ntool_call(key=value, ...)\n```", values written as Python's repr
+# (as the official data preparation's ast unparse writes them). The result comes back as an <|observation|> message.
+CHATGLM3_TOOLS_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
+_PYTHON_REPR = (  # Python's repr of a JSON value; strings in single quotes unless they hold only double ones
+    "{% macro pyrepr(v) %}{% if v is string %}{% set e = v | replace('\\\\', '\\\\\\\\') | replace('\\n', '\\\\n')"
+    " | replace('\\t', '\\\\t') | replace('\\r', '\\\\r') %}"
+    "{% if \"'\" in v and '\"' not in v %}\"{{ e }}\"{% else %}'{{ e | replace(\"'\", \"\\\\'\") }}'{% endif %}"
+    "{% elif v is mapping %}{{ '{' }}{% for k, x in v.items() %}{{ ', ' if not loop.first }}{{ pyrepr(k) }}: "
+    "{{ pyrepr(x) }}{% endfor %}{{ '}' }}{% elif v is iterable %}[{% for x in v %}{{ ', ' if not loop.first }}"
+    "{{ pyrepr(x) }}{% endfor %}]{% else %}{{ v }}{% endif %}{% endmacro %}"
+)
+CHATGLM3_TEMPLATE = _PYTHON_REPR + (
+    "[gMASK]<sop>{% set ns = namespace(skip_system=false, tools=[]) %}"
+    "{% if tools %}{% for t in tools %}{% set ns.tools = ns.tools + [t['function'] if t['function'] is defined else t]"
+    " %}{% endfor %}{% set ns.skip_system = messages and messages[0]['role'] == 'system' %}"
+    "<|system|>\n {{ messages[0]['content'] if ns.skip_system else '" + CHATGLM3_TOOLS_SYSTEM + "' }}"
+    "{{ '\n' }}{{ ns.tools | tojson(indent=4) }}{% endif %}"
+    "{% for m in messages %}{% if not (loop.first and ns.skip_system) %}"
+    "{% if m['role'] == 'assistant' and m.get('tool_calls') %}{% for call in m['tool_calls'] %}"
+    "{% set args = call['function']['arguments'] %}<|assistant|>{{ call['function']['name'] }}\n ```python\ntool_call("
+    "{% if args is mapping %}{% for k, v in args.items() %}{{ ', ' if not loop.first }}{{ k }}={{ pyrepr(v) }}"
+    "{% endfor %}{% else %}{{ args }}{% endif %})\n```{% endfor %}"
+    "{% else %}<|{{ m['role'] }}|>{{ m.get('metadata', '') }}\n {{ m['content'] }}{% endif %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 
