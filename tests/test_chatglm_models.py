@@ -122,3 +122,33 @@ def test_rope_ratio_scales_the_base_or_interpolates_positions_as_the_checkpoint_
     assert torch.allclose(cos_i[0, 0, : inv_freq.numel()], torch.cos(10.0 * inv_freq), atol=1e-5)
     assert torch.allclose(sin_i[0, 0, : inv_freq.numel()], torch.sin(10.0 * inv_freq), atol=1e-5)
     assert not torch.allclose(scaled.inv_freq, plain.inv_freq)
+
+
+def test_per_head_qkv_layout_without_multi_query_attention(shared_dir, tmp_path):
+    """A checkpoint without multi_query_attention fuses q/k/v per head ([q_h; k_h; v_h] rows, the official view
+    (heads, 3 * head_dim)). Rebuilt from the MQA fixture by giving every head its group's key and value, the
+    official computation is unchanged, so the converted model must reproduce the fixture's logits."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from glmtune.models.loading import load_model
+
+    source = shared_dir / "fixtures" / "chatglm" / "v2"
+    config = json.loads((source / "config.json").read_text())
+    golden = json.loads((source / "golden.json").read_text())
+    heads, groups = config["num_attention_heads"], config["multi_query_group_num"]
+    d = config.get("kv_channels") or config["hidden_size"] // heads
+    state = load_file(str(source / "model.safetensors"))
+    for name in [n for n in state if "query_key_value" in n]:
+        q, k, v = state[name].split([heads * d, groups * d, groups * d])
+        group = [h * groups // heads for h in range(heads)]
+        state[name] = torch.cat([torch.cat([q[h * d:(h + 1) * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]])
+                                 for h, g in enumerate(group)])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "multi_query_attention": False}))
+    model = load_model(str(tmp_path))
+    assert model.config.num_key_value_heads == heads
+    sequence = golden["sequences"]["long"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([sequence["input_ids"]])).logits
+    assert (logits - torch.tensor(sequence["logits"])).abs().max().item() < 1e-4

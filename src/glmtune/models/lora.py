@@ -9,6 +9,10 @@ from typing import Any
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
     "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+    # Attention only. peft 0.21 rewrites any gate_proj/up_proj/down_proj target of a transformers-5 MoE model into
+    # an adapter on the fused routed experts and then adapts neither the dense layers' nor the shared experts' MLP
+    # (peft issue #3711), so naming them would silently adapt something else than asked.
+    "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 
