@@ -32,3 +32,53 @@ def test_command_help_shows_the_seed_flags(cli):
 def test_no_arguments_prints_usage_and_exits_2(cli):
     result = cli()
     assert result.code == 2 and "usage: glmtune" in result.out
+
+
+def test_every_command_help_answers_without_importing_torch_or_transformers():
+    code = ("import contextlib, io, sys; from glmtune.cli import main\n"
+            "for verb in ('demo', 'prepare', 'train', 'infer', 'convert'):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main([verb, '--help'])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _flags(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"^\s+(?:-\w, )?(--\w+)", text, flags=re.MULTILINE))
+
+
+def test_command_help_lists_exactly_the_options_the_parser_accepts(cli):
+    """The quick help is rendered from the dataclasses without transformers; HfArgumentParser is the reference."""
+    from transformers import HfArgumentParser
+
+    from glmtune.arguments import InferenceArguments, ModelArguments, PrepareArguments
+    from glmtune.commands.convert import ConvertArguments
+    from glmtune.commands.demo import DemoArguments
+
+    for verb, types in {"prepare": [ModelArguments, PrepareArguments], "infer": [ModelArguments, InferenceArguments],
+                        "convert": [ConvertArguments], "demo": [DemoArguments]}.items():
+        result = cli(verb, "--help")
+        assert result.code == 0
+        options = {o for a in HfArgumentParser(types)._actions for o in a.option_strings if o.startswith("--")}
+        # Leave out the parser's aliases: --dashed-names and --no_FLAG for booleans that default to true.
+        accepted = {o for o in options if "-" not in o[2:] and not (o.startswith("--no_") and f"--{o[5:]}" in options)}
+        assert _flags(result.out) == accepted | {"--config"}, verb
+
+
+def test_train_help_shows_common_training_options_with_their_real_defaults(cli):
+    from transformers import TrainingArguments
+
+    from glmtune.commands.train import TRAIN_DEFAULTS
+    from glmtune.help import COMMON_TRAINING_OPTIONS
+
+    reference = {f.name: f.default for f in __import__("dataclasses").fields(TrainingArguments)}
+    for name, default, _ in COMMON_TRAINING_OPTIONS:
+        assert name in reference, name
+        if name not in TRAIN_DEFAULTS:
+            assert default == reference[name] or str(default) == str(reference[name]), name
+    result = cli("train", "--help_all")
+    assert result.code == 0
+    assert {f"--{name}" for name in reference} <= _flags(result.out)  # every TrainingArguments option

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from glmtune.errors import UserError
+from glmtune.help import asks_for_help, command_help
 
 
 def parse_arguments(
@@ -25,7 +26,10 @@ def parse_arguments(
     description: str | None = None,
 ) -> tuple[Any, ...]:
     """Parse argv (plus an optional `--config FILE.yaml`) into one instance of each dataclass."""
-    from transformers import HfArgumentParser  # light: does not import torch
+    if asks_for_help(argv):  # answered without importing transformers, as argparse would: print, exit 0
+        print(command_help(prog, description, dataclass_types, defaults))
+        raise SystemExit(0)
+    from transformers import HfArgumentParser  # about 2 s to import; does not import torch
 
     # allow_abbrev=False: an unknown flag must be an error, never silently taken as a prefix of a known one.
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description, allow_abbrev=False)

@@ -7,6 +7,7 @@ from typing import Any
 
 from glmtune.arguments import DatasetArguments, LoraArguments, LossArguments, ModelArguments
 from glmtune.config import parse_arguments
+from glmtune.help import asks_for_help, command_help
 
 # glmtune's defaults where transformers' suit full fine-tuning rather than LoRA; YAML and flags override them.
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -19,7 +20,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+OWN_ARGUMENTS = [ModelArguments, DatasetArguments, LoraArguments, LossArguments]
+
+
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
+    if asks_for_help(argv) and "--help_all" not in argv:  # before importing torch and transformers (~9 s)
+        print(command_help("glmtune train", __doc__, OWN_ARGUMENTS, {**TRAIN_DEFAULTS, **(defaults or {})},
+                           training_options=True))
+        return
+    if "--help_all" in argv:  # every TrainingArguments option too
+        argv = ["--help"]
     import torch
     from transformers import TrainingArguments
 
@@ -28,7 +38,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
     machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
     model_args, data_args, lora_args, loss_args, training_args = parse_arguments(
-        "glmtune train", [ModelArguments, DatasetArguments, LoraArguments, LossArguments, TrainingArguments], argv,
+        "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
         {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
     result = run_sft(model_args, data_args, lora_args, training_args, loss_args)
     print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
