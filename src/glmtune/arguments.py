@@ -90,6 +90,9 @@ class PrepareArguments:
 class DatasetArguments:
     dataset_path: str | None = field(**_help("Dataset directory written by `glmtune prepare`.", default=None))
     overwrite_output_dir: bool = field(**_help("Start afresh in a non-empty --output_dir.", default=False))
+    packing: bool = field(**_help("Put a batch's samples end to end in one row, positions restarting at each, with "
+                                  "no padding (on for models whose attention keeps packed samples apart; others "
+                                  "pad, grouped by length).", default=True))
 
 
 @dataclass

@@ -40,6 +40,8 @@ def parse_arguments(
     pre.add_argument("--config", type=Path, default=None)
     config_path = pre.parse_known_args(argv)[0].config
 
+    # Our own invariant: a default for a field no dataclass has would be dropped silently by the parser.
+    assert not set(defaults or {}) - known, f"defaults for unknown options: {set(defaults or {}) - known}"
     merged = dict(defaults or {})
     if config_path is not None:
         values = read_yaml_config(config_path, known)

@@ -17,6 +17,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "save_steps": 500,
     "report_to": "none",
     "remove_unused_columns": False,  # prepared datasets hold exactly the model's inputs
+    # Batches of samples of similar lengths: padded batches (no packing) compute less padding.
+    "train_sampling_strategy": "group_by_length",
 }
 
 

@@ -21,6 +21,7 @@ from glmtune.errors import UserError
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from glmtune.models.lora import resolve_target_modules
+from glmtune.train.batching import make_collator, supports_packing
 from glmtune.train.plot import plot_loss
 
 CONFIG_FILE = "train_config.yaml"
@@ -40,7 +41,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import Trainer, set_seed
 
     from glmtune.train.loss import ChunkedLossTrainer
 
@@ -98,13 +99,16 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
 
     loss_args = loss_args or LossArguments()
     chunked = loss_args.chunked_loss and _supports_chunked_loss(model)
+    packing = data_args.packing and supports_packing(model)
+    if data_args.packing and not packing:
+        print("packing: off (this model derives its attention from the ids, packed samples would see each other); "
+              "batches are padded")
     trainer = (ChunkedLossTrainer if chunked else Trainer)(
         model=model,
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        # Pads input_ids with the pad id and labels with -100 (no loss on padding).
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=make_collator(tokenizer, packing),
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -114,7 +118,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     config = to_plain_dict(model_args, data_args, lora_args, loss_args, training_args)
-    config["chunked_loss"] = chunked  # what ran: the model may not support it
+    config["chunked_loss"], config["packing"] = chunked, packing  # what ran: the model may not support them
     config["model"] = model_name
     _save_final(output_dir, trainer, config,
                 base_model=model_name, dataset=str(dataset_dir),
