@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("glmtune.commands.prepare", "Tokenize a data file into a training dataset directory."),
     "train": ("glmtune.commands.train", "LoRA fine-tuning on a prepared dataset."),
     "infer": ("glmtune.commands.infer", "Answer prompts with a base model and an optional adapter."),
-    "convert": ("glmtune.commands.convert", "Write a ChatGLM2/3 or GLM-4 checkpoint as a plain transformers model."),
+    "convert": ("glmtune.commands.convert", "Write a THUDM ChatGLM or GLM-4 checkpoint as a plain transformers model."),
 }
 
 

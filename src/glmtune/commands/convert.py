@@ -1,5 +1,6 @@
-"""glmtune convert SRC DST: write a ChatGLM2/3 or GLM-4 checkpoint (as THUDM publishes it, with remote code)
-as a plain transformers directory that AutoModelForCausalLM/AutoTokenizer load without remote code."""
+"""glmtune convert SRC DST: write a ChatGLM-6B, ChatGLM2/3 or GLM-4 checkpoint (as THUDM publishes it, with remote
+code) as a plain transformers directory that AutoModelForCausalLM/AutoTokenizer load without remote code (ChatGLM-6B,
+whose architecture transformers lacks: after `import glmtune.models`)."""
 
 from __future__ import annotations
 

@@ -21,8 +21,6 @@ from glmtune.data.prepare import (
 from glmtune.data.report import PrepareReport
 from glmtune.data.tokenize import TokenizeOptions
 from glmtune.errors import UserError
-from glmtune.models.hub import canonical_model_name
-from glmtune.models.loading import load_tokenizer, stop_token_ids, tokenizer_fingerprint
 
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
@@ -44,6 +42,9 @@ def run(model_args: ModelArguments, args: PrepareArguments) -> PrepareReport:
 
     # Bad rows stop us before any model is loaded.
     data = load_data(args.jsonl_path, args.format, columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
+    from glmtune.models.hub import canonical_model_name  # imports torch and transformers: not for --help
+    from glmtune.models.loading import load_tokenizer, stop_token_ids, tokenizer_fingerprint
+
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
     stop_ids = stop_token_ids(model_args.model, tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)

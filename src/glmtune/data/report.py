@@ -25,6 +25,7 @@ class PrepareReport:
     supervised_tokens_lost: int = 0  # by truncation, in kept and dropped rows
     length_percentiles: dict[str, int] = field(default_factory=dict)  # before truncation
     rows_over_max: int = 0
+    history_untrained: int = 0  # rows whose template writes earlier answers as history: only the last one trained
     tokens: int = 0
     supervised_tokens: int = 0
     validation_rows: int = 0
@@ -50,6 +51,9 @@ class PrepareReport:
             f"tokens:            {self.tokens}",
             f"supervised tokens: {self.supervised_tokens} ({share:.1%} of all tokens)",
         ]
+        if self.history_untrained:
+            lines.append(f"last answer only:  {self.history_untrained} rows (the chat template writes their earlier "
+                         "answers as history, so only the last one is trained)")
         if self.reused_cache:
             lines.append("tokenized:         reused from the cache (same data, tokenizer, template and options)")
         if self.samples:
@@ -61,7 +65,8 @@ class PrepareReport:
 def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncation: str) -> PrepareReport:
     """Fill the counts from the per-row columns that tokenizing wrote (see data/tokenize.py)."""
     # Plain lists: indexing a dataset column item by item is slow.
-    stats = tokenized.select_columns(["length", "tokens", "dropped", "cut", "supervised", "supervised_before"])
+    stats = tokenized.select_columns(["length", "tokens", "dropped", "cut", "supervised", "supervised_before",
+                                      "history_untrained"])
     stats = stats.to_dict()
     lengths, dropped, cut, supervised = stats["length"], stats["dropped"], stats["cut"], stats["supervised"]
     kept = [i for i, reason in enumerate(dropped) if not reason]
@@ -75,6 +80,7 @@ def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncati
     report.length_percentiles = percentiles(measured)
     report.rows_over_max = sum(n > report.max_seq_length for n in measured)
     report.tokens = sum(stats["tokens"][i] for i in kept)
+    report.history_untrained = sum(stats["history_untrained"][i] for i in kept)
     samples = tokenized.select(kept[:SAMPLES_IN_REPORT])
     report.samples = [render_trained_spans(tokenizer, row["input_ids"], row["labels"]) for row in samples]
     return report

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
-from glmtune.data.templates import IGNORE_INDEX, RowNotRenderable, encode_for_training
+from glmtune.data.templates import IGNORE_INDEX, AnswerNotLocated, RowNotRenderable, encode_for_training
 
 TRUNCATION_RULES = ("right", "left", "drop")
 NO_SUPERVISED = "no supervised token left"
@@ -28,11 +28,22 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
     """One row's input_ids/labels after the truncation policy, and what happened to it."""
     if options.last_turn_only:
         conversation = _train_last_turn_only(conversation)
+    history_untrained = False
     try:
-        ids, labels = encode_for_training(tokenizer, conversation, stop_ids, options.train_on_prompt)
+        try:
+            ids, labels = encode_for_training(tokenizer, conversation, stop_ids, options.train_on_prompt)
+        except AnswerNotLocated:
+            # Templates that write earlier answers as plain history, unlike the last one (ChatGLM-6B's "[Round i]"
+            # prompts, templates that strip earlier reasoning): the last answer is still trained, the earlier ones
+            # stay context, as the model's own training did. Counted in the report.
+            last_only = _train_last_turn_only(conversation)
+            if last_only == conversation:
+                raise
+            ids, labels = encode_for_training(tokenizer, last_only, stop_ids, options.train_on_prompt)
+            conversation, history_untrained = last_only, True
     except RowNotRenderable as problem:  # this row only: it is dropped and counted, the run goes on
         return {"input_ids": [], "labels": [], "length": 0, "tokens": 0, "supervised_before": 0, "supervised": 0,
-                "cut": False, "dropped": problem.reason}
+                "cut": False, "dropped": problem.reason, "history_untrained": False}
     length, supervised_before = len(ids), _supervised(labels)
     cut = length > options.max_seq_length
     dropped = ""
@@ -44,7 +55,8 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
     if not dropped and supervised == 0:  # nothing to learn from: never train on such a row silently
         dropped = NO_SUPERVISED + (" after truncation" if cut else "")
     return {"input_ids": ids, "labels": labels, "length": length, "tokens": len(ids),
-            "supervised_before": supervised_before, "supervised": supervised, "cut": cut, "dropped": dropped}
+            "supervised_before": supervised_before, "supervised": supervised, "cut": cut, "dropped": dropped,
+            "history_untrained": history_untrained}
 
 
 def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],

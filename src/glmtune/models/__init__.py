@@ -1,1 +1,10 @@
-"""Models: finding and loading checkpoints, their tokenizers and stop tokens; LoRA targets; tiny demo models."""
+"""Models: finding and loading checkpoints, their tokenizers and stop tokens; LoRA targets; tiny demo models.
+
+Importing this package registers glmtune's own architectures with transformers' Auto classes (ChatGLM-6B, whose
+architecture transformers lacks), so that a directory written by `glmtune convert` loads with
+AutoModelForCausalLM after `import glmtune.models`.
+"""
+
+from glmtune.models.chatglm6b import register
+
+register()

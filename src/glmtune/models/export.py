@@ -1,5 +1,6 @@
-"""Write a plain transformers model directory from a checkpoint glmtune loads natively (THUDM's ChatGLM2/3 and
-GLM-4 layouts): AutoModelForCausalLM and AutoTokenizer load it without glmtune and without remote code."""
+"""Write a plain transformers model directory from a checkpoint glmtune loads natively (THUDM's ChatGLM-6B,
+ChatGLM2/3 and GLM-4 layouts): AutoModelForCausalLM and AutoTokenizer load it without remote code (and, but for
+ChatGLM-6B's own class, which needs `import glmtune.models`, without glmtune)."""
 
 from __future__ import annotations
 

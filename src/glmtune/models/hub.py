@@ -19,8 +19,11 @@ def resolve_model(name: str) -> str:
         raise UserError(f"--model {name} is a file; expected a model directory or a hub name", hint=HINT)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model directory {name} does not exist", hint=HINT)
-    if _in_hub_cache(name):
-        return name
+    snapshot = _cached_snapshot(name)
+    if snapshot is not None:
+        # The snapshot directory: glmtune reads a checkpoint's config.json itself to pick its native loader
+        # (THUDM's ChatGLM layouts), which a bare hub name would hide.
+        return str(snapshot)
     why = offline_reason()
     if why:
         raise UserError(f"model '{name}' is not in the local cache and {why}", hint=HINT)
@@ -33,10 +36,12 @@ def canonical_model_name(name: str) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot directory of a hub model whose config.json is in the cache, else None."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        config = try_to_load_from_cache(repo_id, "config.json")
     except Exception:  # an invalid repo id is simply "not cached"
-        return False
+        return None
+    return Path(config).parent if isinstance(config, str) else None

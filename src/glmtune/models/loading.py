@@ -10,7 +10,9 @@ from glmtune.artifacts import read_json_object, sha256_text
 from glmtune.errors import UserError
 from glmtune.models.chatglm.convert import is_chatglm2_config, load_chatglm2
 from glmtune.models.chatglm.glm4_tokenizer import build_glm4_tokenizer, is_glm4_tokenizer_dir
+from glmtune.models.chatglm.ice_tokenizer import build_ice_tokenizer, is_ice_tokenizer_dir
 from glmtune.models.chatglm.sp_tokenizer import build_chatglm_sp_tokenizer, chatglm_sp_family
+from glmtune.models.chatglm6b.loading import is_chatglm6b_config, load_chatglm6b
 from glmtune.models.hub import HINT, resolve_model
 
 END_OF_TURN = ["<|user|>", "<|observation|>"]
@@ -22,17 +24,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     source = resolve_model(name)
     if not trust_remote_code and is_glm4_tokenizer_dir(Path(source)):
         return build_glm4_tokenizer(Path(source))  # THUDM's remote-code tokenizers, rebuilt natively
+    if not trust_remote_code and is_ice_tokenizer_dir(Path(source)):
+        return build_ice_tokenizer(Path(source))  # the first ChatGLM-6B's, rebuilt natively
     family = None if trust_remote_code else chatglm_sp_family(Path(source))
     if family:
         return build_chatglm_sp_tokenizer(Path(source), family)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        if _tokenizer_class(source) == "ChatGLMTokenizer":
-            raise UserError(f"'{name}' uses the first ChatGLM-6B's tokenizer (ice_text.model), which glmtune does not "
-                            "rebuild natively yet, and whose own code needs --trust_remote_code (it fails under "
-                            "transformers 5)",
-                            hint="ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat are supported") from None
         raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(e)}", hint=HINT) from None
     if tokenizer.pad_token_id is None:  # batching needs one; eos is the usual stand-in for causal LMs
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,16 +46,13 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None) ->
     config = local_config(source)
     if not trust_remote_code and config is not None and is_chatglm2_config(config):
         return load_chatglm2(Path(source), config, dtype or torch.float32)  # THUDM's layout, converted natively
+    if not trust_remote_code and config is not None and is_chatglm6b_config(config):
+        return load_chatglm6b(Path(source), config, dtype or torch.float32)  # glmtune's own ChatGLM-6B class
     try:
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                     dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model '{name}': {_first_line(e)}", hint=HINT) from None
-
-
-def _tokenizer_class(source: str) -> str | None:
-    path = Path(source) / "tokenizer_config.json"
-    return read_json_object(path, "tokenizer config").get("tokenizer_class") if path.is_file() else None
 
 
 def local_config(source: str) -> dict[str, Any] | None:

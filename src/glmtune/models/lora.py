@@ -13,6 +13,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     # an adapter on the fused routed experts and then adapts neither the dense layers' nor the shared experts' MLP
     # (peft issue #3711), so naming them would silently adapt something else than asked.
     "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # ChatGLM-6B: the fused attention projection, as THUDM's own LoRA recipes and the seed did.
+    "chatglm6b": ["query_key_value"],
 }
 
 
