@@ -95,11 +95,22 @@ class DatasetArguments:
                                   "pad, grouped by length).", default=True))
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
-class LossArguments:
+class ComputeArguments:
     chunked_loss: bool = field(**_help("Compute the loss in chunks of tokens from the final hidden states, never "
                                        "holding the whole [tokens x vocabulary] logits (same value and gradients).",
                                        default=True))
+    precision: str = field(**_help("Weights and compute in auto (bf16 where the GPU or CPU has bf16 units, fp16 on "
+                                   "older GPUs, else fp32), fp32, bf16 or fp16 (CUDA only). The LoRA weights and "
+                                   "the optimizer stay in fp32. --bf16/--fp16 mean the same as bf16/fp16 here.",
+                                   default="auto"))
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision} is unknown", hint=f"choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -149,3 +160,46 @@ class InferenceArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be at least 1, got {value}")
+
+
+@dataclass
+class ChatArguments:
+    peft_path: str | None = field(**_help("LoRA adapter directory (a `glmtune train` output).", default=None))
+    system: str | None = field(**_help("System prompt, at the start of every conversation.", default=None))
+    prompt: str | None = field(**_help("Answer this one prompt and exit (no interaction; for scripts).",
+                                       default=None))
+    max_new_tokens: int | None = field(**_help("Longest answer in tokens (default 256).", default=None))
+    temperature: float = field(**_help("Sampling temperature; 0 means greedy decoding.", default=0.0))
+    top_p: float = field(**_help("Nucleus sampling probability mass (with temperature > 0).", default=1.0))
+    seed: int = field(**_help("Random seed for sampling.", default=42))
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UserError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+MERGE_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class MergeArguments:
+    peft_path: str | None = field(**_help("LoRA adapter directory to fold into the base model (required).",
+                                          default=None))
+    output_dir: str | None = field(**_help("Directory to write the merged model to (required).", default=None))
+    overwrite_output_dir: bool = field(**_help("Replace --output_dir if it exists and is not empty.",
+                                               default=False))
+    dtype: str = field(**_help("Precision of the saved weights: auto (the base checkpoint's, else fp32), fp32, "
+                               "bf16 or fp16.", default="auto"))
+    tolerance: float | None = field(**_help("Largest absolute logit difference the proof accepts between the "
+                                            "merged model and base + adapter (default: chosen for the dtype).",
+                                            default=None))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in MERGE_DTYPES:
+            raise UserError(f"--dtype {self.dtype} is unknown", hint=f"choose one of {', '.join(MERGE_DTYPES)}")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise UserError(f"--tolerance must be >= 0, got {self.tolerance}")

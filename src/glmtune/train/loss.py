@@ -44,7 +44,9 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, 
 
 
 def _chunk_loss_sum(states: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module) -> torch.Tensor:
-    logits = output_layer(states).float()  # (chunk, vocabulary), freed after the chunk
+    # The loss runs outside the model's forward, so outside the Trainer's autocast (accelerate wraps the forward
+    # only): match the output layer's dtype by hand (a bf16 base gives fp32 states out of its final norm).
+    logits = output_layer(states.to(output_layer.weight.dtype)).float()  # (chunk, vocabulary), freed after the chunk
     return F.cross_entropy(logits, targets, reduction="sum")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from glmtune.arguments import DatasetArguments, LoraArguments, LossArguments, ModelArguments
+from glmtune.arguments import ComputeArguments, DatasetArguments, LoraArguments, ModelArguments
 from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, read_manifest, write_manifest
 from glmtune.config import to_plain_dict
 from glmtune.errors import UserError
@@ -23,6 +23,7 @@ from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerp
 from glmtune.models.lora import resolve_target_modules
 from glmtune.train.batching import make_collator, supports_packing
 from glmtune.train.plot import plot_loss
+from glmtune.train.precision import apply_to_training_args, choose_precision, detect_hardware
 
 CONFIG_FILE = "train_config.yaml"
 LOSS_PLOT = "loss.png"
@@ -37,8 +38,7 @@ class TrainResult:
 
 
 def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: LoraArguments,
-            training_args: Any, loss_args: LossArguments | None = None) -> TrainResult:
-    import torch
+            training_args: Any, compute_args: ComputeArguments | None = None) -> TrainResult:
     from datasets import load_from_disk
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
@@ -56,9 +56,10 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     resume = _resolve_resume(training_args.resume_from_checkpoint, output_dir)
     if resume is None or output_dir.resolve() not in resume.resolve().parents:
         check_writable_output(output_dir, data_args.overwrite_output_dir)
-    if training_args.fp16 and not torch.cuda.is_available():
-        raise UserError("--fp16 needs a CUDA GPU and none is available",
-                        hint="leave --fp16 out on CPU (or use --bf16 where the CPU supports it)")
+    compute_args = compute_args or ComputeArguments()
+    hardware = detect_hardware()
+    precision = choose_precision(compute_args.precision, training_args.bf16, training_args.fp16, hardware)
+    training_args = apply_to_training_args(precision, training_args, hardware)
 
     tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
     _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
@@ -74,7 +75,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs a validation split, and "
                         f"{dataset_dir} has none", hint="prepare the data with --val_size")
 
-    model = load_model(model_name, model_args.trust_remote_code)
+    print(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
+    model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype())
     # The adapter's random init draws from the global generator: seed it first, or two runs with the same --seed
     # start from different adapters (the Trainer seeds only after the adapter exists).
     set_seed(training_args.seed)
@@ -97,8 +99,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                 empty_directory(output_dir)
             shutil.rmtree(output_dir / STAGING, ignore_errors=True)
 
-    loss_args = loss_args or LossArguments()
-    chunked = loss_args.chunked_loss and _supports_chunked_loss(model)
+    chunked = compute_args.chunked_loss and _supports_chunked_loss(model)
     packing = data_args.packing and supports_packing(model)
     if data_args.packing and not packing:
         print("packing: off (this model derives its attention from the ids, packed samples would see each other); "
@@ -117,8 +118,9 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    config = to_plain_dict(model_args, data_args, lora_args, loss_args, training_args)
-    config["chunked_loss"], config["packing"] = chunked, packing  # what ran: the model may not support them
+    config = to_plain_dict(model_args, data_args, lora_args, compute_args, training_args)
+    # What ran: the model may not support them, auto resolved to one precision.
+    config["chunked_loss"], config["packing"], config["precision"] = chunked, packing, precision.name
     config["model"] = model_name
     _save_final(output_dir, trainer, config,
                 base_model=model_name, dataset=str(dataset_dir),

@@ -1,0 +1,74 @@
+"""Which precision a training run computes in, chosen from the hardware unless the user says.
+
+bf16 halves the weights' memory and, on hardware with bf16 units (recent GPUs; CPUs with AMX or AVX512-BF16), runs
+matmuls several times faster than fp32. On CPUs without them torch emulates bf16, which is slower than fp32
+(measured on a 2-core AMD EPYC without AVX512: a 2048^2 matmul takes longer in bf16), so there auto means fp32.
+GPUs without bf16 get fp16 with loss scaling, the seed's --fp16. The LoRA weights stay fp32 (peft keeps adapters
+in fp32 over a 16-bit base) and so does the optimizer; the Trainer's autocast runs the compute in 16 bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from glmtune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    bf16_units: str | None  # what has them ("the GPU", "the CPU (AMX)"...), or None
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # "fp32", "bf16" or "fp16"
+    reason: str
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
+
+
+def detect_hardware() -> Hardware:
+    import torch
+
+    if torch.cuda.is_available():
+        return Hardware(cuda=True, bf16_units="the GPU" if torch.cuda.is_bf16_supported() else None)
+    if torch.cpu._is_amx_tile_supported():
+        return Hardware(cuda=False, bf16_units="the CPU (AMX)")
+    if torch.cpu._is_avx512_bf16_supported():
+        return Hardware(cuda=False, bf16_units="the CPU (AVX512-BF16)")
+    return Hardware(cuda=False, bf16_units=None)
+
+
+def choose_precision(requested: str, bf16_flag: bool, fp16_flag: bool, hardware: Hardware) -> Precision:
+    """`requested`: --precision; the flags: TrainingArguments' --bf16/--fp16 (the seed's --fp16), same meaning."""
+    flagged = [name for name, on in (("bf16", bf16_flag), ("fp16", fp16_flag)) if on]
+    if len(flagged) > 1 or (flagged and requested not in ("auto", flagged[0])):
+        raise UserError(f"conflicting precisions: --precision {requested} with --{' --'.join(flagged)}",
+                        hint="give one of them")
+    name = flagged[0] if flagged else requested
+    if name == "fp16" and not hardware.cuda:
+        raise UserError("--fp16 needs a CUDA GPU and none is available",
+                        hint="leave --fp16 out on CPU (auto picks bf16 where the CPU has bf16 units, else fp32)")
+    if name != "auto":
+        if name == "bf16" and not hardware.bf16_units:
+            return Precision("bf16", "asked for; this hardware has no bf16 units, so it is emulated and slow")
+        return Precision(name, "asked for")
+    if hardware.bf16_units:
+        return Precision("bf16", f"auto: {hardware.bf16_units} has bf16 units")
+    if hardware.cuda:
+        return Precision("fp16", "auto: the GPU has no bf16, fp16 with loss scaling")
+    return Precision("fp32", "auto: this CPU has no bf16 units (bf16 would be emulated, slower than fp32)")
+
+
+def apply_to_training_args(precision: Precision, training_args: Any, hardware: Hardware) -> Any:
+    """TrainingArguments with the Trainer's mixed precision set to match (re-validated by its __post_init__, which
+    accepts bf16 without a GPU only with use_cpu)."""
+    bf16 = precision.name == "bf16"
+    return dataclasses.replace(training_args, bf16=bf16, fp16=precision.name == "fp16",
+                               use_cpu=training_args.use_cpu or (bf16 and not hardware.cuda))

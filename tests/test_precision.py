@@ -1,0 +1,60 @@
+"""The training precision: chosen from the hardware (simulated here), overridable, recorded; LoRA stays fp32."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glmtune.errors import UserError
+from glmtune.train.precision import Hardware, choose_precision
+
+CPU_WITHOUT_BF16 = Hardware(cuda=False, bf16_units=None)
+CPU_WITH_AMX = Hardware(cuda=False, bf16_units="the CPU (AMX)")
+OLD_GPU = Hardware(cuda=True, bf16_units=None)
+NEW_GPU = Hardware(cuda=True, bf16_units="the GPU")
+
+
+@pytest.mark.parametrize("hardware, expected", [
+    (CPU_WITHOUT_BF16, "fp32"), (CPU_WITH_AMX, "bf16"), (OLD_GPU, "fp16"), (NEW_GPU, "bf16")])
+def test_auto_precision_follows_the_hardware(hardware, expected):
+    assert choose_precision("auto", False, False, hardware).name == expected
+
+
+def test_auto_on_a_cpu_without_bf16_units_is_fp32_on_the_real_detection_path(monkeypatch):
+    import torch
+
+    from glmtune.train.precision import detect_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert choose_precision("auto", False, False, detect_hardware()).name == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert choose_precision("auto", False, False, detect_hardware()).name == "bf16"
+
+
+def test_explicit_choices_and_the_seed_flags_win_over_auto():
+    assert choose_precision("fp32", False, False, CPU_WITH_AMX).name == "fp32"
+    assert choose_precision("auto", True, False, CPU_WITHOUT_BF16).name == "bf16"  # --bf16, even if emulated
+    assert choose_precision("auto", False, True, NEW_GPU).name == "fp16"  # the seed's --fp16
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        choose_precision("auto", False, True, CPU_WITH_AMX)
+    with pytest.raises(UserError, match="conflicting"):
+        choose_precision("fp32", True, False, NEW_GPU)
+
+
+def test_bf16_run_keeps_lora_weights_in_fp32_and_records_its_precision(cli, tmp_path, tiny_model, demo_rows):
+    from conftest import write_json
+    from safetensors import safe_open
+
+    data = write_json(tmp_path / "rows.json", demo_rows[:4])
+    assert cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "data", "--model", tiny_model).code == 0
+    result = cli("train", "--dataset_path", tmp_path / "data", "--output_dir", tmp_path / "run", "--max_steps", "2",
+                 "--per_device_train_batch_size", "4", "--precision", "bf16")
+    assert result.code == 0, result.err
+    assert "precision: bf16" in result.out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["precision"] == "bf16" and manifest["config"]["bf16"] is True
+    with safe_open(str(tmp_path / "run" / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
