@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("glmtune.commands.prepare", "Tokenize a data file into a training dataset directory."),
     "train": ("glmtune.commands.train", "LoRA fine-tuning on a prepared dataset."),
     "infer": ("glmtune.commands.infer", "Answer prompts with a base model and an optional adapter."),
+    "chat": ("glmtune.commands.chat", "Talk to a model (with an optional adapter) in the terminal, streaming."),
+    "merge": ("glmtune.commands.merge", "Fold an adapter into its base model and prove the merged logits match."),
     "convert": ("glmtune.commands.convert", "Write a THUDM ChatGLM or GLM-4 checkpoint as a plain transformers model."),
 }
 

@@ -1,4 +1,4 @@
-"""Load a base model with an optional LoRA adapter and answer conversations in batches.
+"""Load a base model with an optional LoRA adapter and answer conversations: in batches, or one streamed.
 
 Prompts are built by the same template code as training (`encode_prompt`), so they match token for token.
 """
@@ -15,6 +15,7 @@ from glmtune.artifacts import MANIFEST, read_json_object
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
+from glmtune.inference.streaming import Completion, TextStream, count_completion
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 
@@ -33,13 +34,13 @@ class Engine:
     def __init__(self, model: str | None, peft_path: str | None = None, trust_remote_code: bool = False):
         from peft import PeftModel
 
-        adapter_base = _adapter_base_model(Path(peft_path)) if peft_path else None
+        adapter_base = adapter_base_model(Path(peft_path)) if peft_path else None
         if not (model or adapter_base):
             raise UserError("--model is required (or --peft_path, whose adapter names its base model)")
         self.model_name = canonical_model_name(model or adapter_base)
         self.tokenizer = load_tokenizer(self.model_name, trust_remote_code)
         if peft_path:
-            _check_adapter_tokenizer(Path(peft_path), self.tokenizer, self.model_name)
+            check_adapter_tokenizer(Path(peft_path), self.tokenizer, self.model_name)
         self.stop_ids = stop_token_ids(self.model_name, self.tokenizer)
         self.model = load_model(self.model_name, trust_remote_code)
         if peft_path:
@@ -57,14 +58,20 @@ class Engine:
 
     def generate(self, conversations: list[Conversation], settings: GenerationSettings,
                  batch_size: int = 8, progress: bool = True) -> list[str]:
-        """One answer per conversation, in order. Batches hold prompts of similar length (less padding)."""
+        """One answer per conversation, in order."""
+        return [c.text for c in self.complete(conversations, settings, batch_size, progress)]
+
+    def complete(self, conversations: list[Conversation], settings: GenerationSettings,
+                 batch_size: int = 8, progress: bool = True) -> list[Completion]:
+        """One answer per conversation, in order, with its token counts. Batches hold prompts of similar length
+        (less padding)."""
         import torch
         from tqdm.auto import tqdm
 
         prompts = [encode_prompt(self.tokenizer, c.prompt_part()) for c in conversations]
         budgets = [self._answer_budget(settings, prompt, c) for prompt, c in zip(prompts, conversations, strict=True)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        answers: list[str] = [""] * len(prompts)
+        answers: dict[int, Completion] = {}
         batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="Generating", unit="batch", disable=not progress):
             input_ids, attention_mask = self._left_pad([prompts[i] for i in batch])
@@ -75,8 +82,18 @@ class Engine:
             for row, index in enumerate(batch):
                 # Each answer keeps its own budget, whatever it was batched with.
                 new_tokens = output[row, input_ids.shape[1]:][: budgets[index]]
-                answers[index] = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        return answers
+                text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+                answers[index] = count_completion(text, len(prompts[index]), new_tokens.tolist(), self.stop_ids)
+        return [answers[i] for i in range(len(prompts))]
+
+    def stream(self, conversation: Conversation, settings: GenerationSettings) -> TextStream:
+        """One answer, as text pieces while it is generated (see TextStream). The prompt is checked now;
+        generation starts when iteration does."""
+        prompt = encode_prompt(self.tokenizer, conversation.prompt_part())
+        budget = self._answer_budget(settings, prompt, conversation)
+        input_ids, attention_mask = self._left_pad([prompt])  # (1, prompt)
+        return TextStream(self.model, self.tokenizer, input_ids, attention_mask,
+                          self._generation_config(settings, budget), self.stop_ids)
 
     def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
         """New tokens allowed for one prompt; checked for every prompt before anything is generated."""
@@ -110,7 +127,7 @@ class Engine:
                                 pad_token_id=self.tokenizer.pad_token_id, **sampling)
 
 
-def _adapter_base_model(peft_path: Path) -> str | None:
+def adapter_base_model(peft_path: Path) -> str | None:
     config_file = peft_path / "adapter_config.json"
     if not config_file.is_file():
         raise UserError(f"--peft_path {peft_path} is not a LoRA adapter directory: it has no adapter_config.json",
@@ -118,7 +135,7 @@ def _adapter_base_model(peft_path: Path) -> str | None:
     return read_json_object(config_file, "adapter config").get("base_model_name_or_path")
 
 
-def _check_adapter_tokenizer(peft_path: Path, tokenizer: Any, model_name: str) -> None:
+def check_adapter_tokenizer(peft_path: Path, tokenizer: Any, model_name: str) -> None:
     """Refuse an adapter trained with another tokenizer: its ids would mean other tokens."""
     manifest_file = peft_path / MANIFEST
     if not manifest_file.is_file():  # a checkpoint-* directory or a foreign adapter: nothing to compare

@@ -1,0 +1,128 @@
+"""glmtune chat: talk in the terminal to a base model with an optional LoRA adapter, or to a merged model.
+Answers stream as they are generated and the conversation is kept: /reset clears it, /exit or Ctrl-D leaves,
+Ctrl-C stops an answer. --prompt TEXT answers once and exits (for scripts)."""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+
+from glmtune.arguments import ChatArguments, ModelArguments
+from glmtune.config import parse_arguments
+from glmtune.data.conversation import Conversation, Message
+from glmtune.errors import UserError
+
+MARKER = ">>> "
+EXIT_COMMANDS = {"/exit", "/quit"}
+HELP = "/reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an answer"
+
+
+def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
+    model_args, args = parse_arguments("glmtune chat", [ModelArguments, ChatArguments], argv, defaults,
+                                       description=__doc__)
+    run(model_args, args)
+
+
+def run(model_args: ModelArguments, args: ChatArguments) -> None:
+    from transformers import set_seed
+
+    from glmtune.inference.engine import Engine, GenerationSettings
+
+    set_seed(args.seed)
+    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    session = ChatSession(engine, settings, args.system)
+    if args.prompt is not None:
+        session.ask(args.prompt, sys.stdout)
+        return
+    interact(session)
+
+
+class ChatSession:
+    """The conversation so far, and one answer at a time streamed to a text stream."""
+
+    def __init__(self, engine: Any, settings: Any, system: str | None):
+        self.engine, self.settings, self.system = engine, settings, system
+        self.history: list[Message] = []
+        if system:
+            self._check_system()
+
+    def conversation(self, text: str) -> Conversation:
+        """What the model is asked when the user says `text` next."""
+        return Conversation(messages=[*self.history, Message("user", text)], system=self.system)
+
+    def ask(self, text: str, out: IO[str]) -> None:
+        """Stream the answer to `out`; the exchange joins the history once the answer is complete (an answer
+        stopped by Ctrl-C is left out: the model never finished it)."""
+        stream = self.engine.stream(self.conversation(text), self.settings)
+        pieces = iter(stream)
+        try:
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+        finally:
+            pieces.close()  # a KeyboardInterrupt between two pieces stops the generation too
+        out.write("\n")
+        out.flush()
+        self.history += [Message("user", text), Message("assistant", stream.completion.text)]
+        self._warn_if_context_full(stream.completion)
+
+    def reset(self) -> None:
+        self.history = []
+
+    def _check_system(self) -> None:
+        """Fail at start, not at the first question, when the chat template takes no system prompt."""
+        from glmtune.data.templates import encode_prompt
+
+        try:
+            encode_prompt(self.engine.tokenizer, self.conversation("?"))
+        except UserError as e:
+            raise UserError(f"--system: {e.message}", hint="leave --system out for this model") from None
+
+    def _warn_if_context_full(self, completion: Any) -> None:
+        limit = getattr(self.engine.model.config, "max_position_embeddings", None)
+        used = completion.prompt_tokens + completion.completion_tokens
+        if limit and used >= 0.9 * limit:
+            print(f"[the conversation uses {used} of the model's {limit} positions: /reset to start afresh]",
+                  file=sys.stderr)
+
+
+def interact(session: ChatSession) -> None:
+    """Read lines from stdin until /exit or its end. On a terminal a marker prompts for each line; from a pipe
+    nothing but the answers is written to stdout."""
+    stdin, stdout = sys.stdin, sys.stdout
+    terminal = stdin.isatty()
+    if terminal:
+        import readline  # noqa: F401  # line editing and history for input()
+    print(f"[{HELP}]", file=sys.stderr)
+    while True:
+        try:
+            if terminal:
+                line = input(MARKER)
+            else:
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt leaves
+            if terminal:
+                stdout.write("\n")
+            return
+        text = line.strip()
+        if text in EXIT_COMMANDS:
+            return
+        if text == "/reset":
+            session.reset()
+            print("[history cleared]", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"[unknown command {text}: {HELP}]", file=sys.stderr)
+            continue
+        try:
+            session.ask(text, stdout)
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            print("[answer stopped; it is left out of the history]", file=sys.stderr)
+        except UserError as e:  # a problem with this one message: say so and keep the conversation going
+            print(e.render(), file=sys.stderr)
