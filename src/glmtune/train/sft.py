@@ -126,7 +126,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                 base_model=model_name, dataset=str(dataset_dir),
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                 global_step=trainer.state.global_step, train_loss=result.training_loss,
-                last_logged_loss=losses[-1] if losses else None, eval_loss=eval_loss)
+                last_logged_loss=losses[-1] if losses else None, eval_loss=eval_loss,
+                train_runtime=result.metrics.get("train_runtime"))
     return TrainResult(output_dir, trainer.state.global_step, losses[-1] if losses else None)
 
 
