@@ -18,11 +18,15 @@ from transformers import Trainer
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # at most CHUNK_TOKENS x vocabulary logits at once: GLM-4, 155 MB fp32 (bench/loss_memory.py)
+# Below this many bytes of fp32 logits for the whole batch's supervised tokens, one pass without recomputation:
+# small vocabularies gain nothing from chunks, and the recomputation would cost a second output-layer forward.
+LOGITS_BUDGET_BYTES = 256 * 2**20
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, labels: torch.Tensor,
                            num_items_in_batch: torch.Tensor | int | None = None,
-                           chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                           chunk_tokens: int = CHUNK_TOKENS,
+                           logits_budget_bytes: int = LOGITS_BUDGET_BYTES) -> torch.Tensor:
     """Mean next-token cross-entropy over supervised positions (or sum / num_items_in_batch when given, the
     Trainer's normalisation across accumulated batches), as transformers' ForCausalLMLoss computes it.
 
@@ -32,11 +36,15 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, 
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (tokens, hidden)
     keep = targets != IGNORE_INDEX
     states, targets = states[keep], targets[keep]  # only where a loss is taken
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
-        end = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss_sum, states[start:end], targets[start:end], output_layer,
-                                   use_reentrant=False)
+    vocabulary = output_layer.weight.shape[0]
+    if targets.numel() * vocabulary * 4 <= logits_budget_bytes:
+        total = _chunk_loss_sum(states, targets, output_layer)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), chunk_tokens):
+            end = start + chunk_tokens
+            total = total + checkpoint(_chunk_loss_sum, states[start:end], targets[start:end], output_layer,
+                                       use_reentrant=False)
     denominator = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)
