@@ -167,3 +167,17 @@ def test_same_seed_same_run(cli, small, tmp_path):
         assert train(cli, data, tmp_path / name, "--max_steps", "3", "--seed", "3").code == 0
         losses.append(json.loads((tmp_path / name / "manifest.json").read_text())["train_loss"])
     assert losses[0] == losses[1]
+
+
+def test_gradient_checkpointing_trains_exactly_like_without(cli, small, tmp_path):
+    """Recomputing activations in backward changes memory, not the result (and the adapter does get gradients:
+    otherwise the later steps' losses would differ)."""
+    _, data = small
+    runs = []
+    for checkpointing in ("false", "true"):
+        result = train(cli, data, tmp_path / checkpointing, "--max_steps", "3", "--seed", "1", "--lora_dropout", "0",
+                       "--learning_rate", "5e-2", "--gradient_checkpointing", checkpointing, "--precision", "fp32")
+        assert result.code == 0, result.err
+        runs.append(json.loads((tmp_path / checkpointing / "manifest.json").read_text()))
+    assert abs(runs[0]["train_loss"] - runs[1]["train_loss"]) < 1e-6
+    assert abs(runs[1]["last_logged_loss"] - runs[1]["train_loss"]) > 1e-3  # the loss moved: the adapter learned
