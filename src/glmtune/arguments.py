@@ -203,3 +203,29 @@ class MergeArguments:
             raise UserError(f"--dtype {self.dtype} is unknown", hint=f"choose one of {', '.join(MERGE_DTYPES)}")
         if self.tolerance is not None and self.tolerance < 0:
             raise UserError(f"--tolerance must be >= 0, got {self.tolerance}")
+
+
+API_KEY_ENV = "GLMTUNE_API_KEY"
+
+
+@dataclass
+class ServeArguments:
+    peft_path: str | None = field(**_help("LoRA adapter directory (a `glmtune train` output).", default=None))
+    host: str = field(**_help("Address to listen on; 0.0.0.0 opens the server to other machines.",
+                              default="127.0.0.1"))
+    port: int = field(**_help("Port to listen on (0: any free port, printed at start).", default=8000))
+    api_key: str | None = field(**_help(f"Require 'Authorization: Bearer KEY' on every request (default: the "
+                                        f"{API_KEY_ENV} environment variable, which keeps the key out of the "
+                                        f"process list; neither: no key).", default=None))
+    max_queue: int = field(**_help("Requests that may wait while one is answered; more are answered 429.",
+                                   default=64))
+    served_model_name: str | None = field(**_help("The model's name in the API (default: the adapter directory's "
+                                                  "name, else the model's).", default=None))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {self.port}")
+        if self.max_queue < 1:
+            raise UserError(f"--max_queue must be at least 1, got {self.max_queue}")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise UserError("--served_model_name must not be empty")

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("glmtune.commands.infer", "Answer prompts with a base model and an optional adapter."),
     "chat": ("glmtune.commands.chat", "Talk to a model (with an optional adapter) in the terminal, streaming."),
     "merge": ("glmtune.commands.merge", "Fold an adapter into its base model and prove the merged logits match."),
+    "serve": ("glmtune.commands.serve", "Serve a model (with an optional adapter) over an OpenAI-compatible API."),
+    "plan": ("glmtune.commands.plan", "Estimate a LoRA run's peak memory from the model's config; does it fit?"),
     "convert": ("glmtune.commands.convert", "Write a THUDM ChatGLM or GLM-4 checkpoint as a plain transformers model."),
 }
 

@@ -1,0 +1,163 @@
+"""glmtune plan: estimate the peak memory of a LoRA training run from the model's config.json alone (nothing is
+loaded), print where it goes, whether it fits the device, and what to change if it does not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from glmtune.config import parse_arguments
+from glmtune.errors import UserError
+from glmtune.plan.memory import DTYPE_BYTES, GIB, QUANT_BYTES, Estimate, Setup, estimate
+from glmtune.plan.shape import ModelShape, resolve_targets, shape_from_config
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class PlanArguments:
+    model: str | None = field(**_help("A local model directory or a cached hub name; only config.json is read.",
+                                      default=None))
+    max_seq_length: int = field(**_help("Tokens per sample (as `glmtune prepare`'s --max_seq_length).", default=512))
+    per_device_train_batch_size: int = field(**_help("Samples per step and device.", default=8))
+    gradient_accumulation_steps: int = field(**_help("Steps summed per update (no memory: kept in suggestions).",
+                                                     default=1))
+    lora_rank: int = field(**_help("LoRA rank r.", default=8))
+    lora_dropout: float = field(**_help("Dropout on the LoRA input (each adapted layer then keeps a copy).",
+                                        default=0.1))
+    target_modules: str | None = field(**_help("Comma-separated module names, or 'all-linear'. Default: glmtune "
+                                               "train's choice for the architecture.", default=None))
+    gradient_checkpointing: bool = field(**_help("Recompute activations in backward.", default=False))
+    chunked_loss: bool = field(**_help("glmtune's chunked loss (default) rather than transformers' whole logits.",
+                                       default=True))
+    dtype: str = field(**_help("Precision of the base weights and the computation: fp32 (glmtune train's), bf16 "
+                               "or fp16.", default="fp32"))
+    quantization: str | None = field(**_help("Load the decoder's linear weights in 8bit or 4bit (bitsandbytes).",
+                                             default=None))
+    attn_implementation: str = field(**_help("sdpa (transformers' default) or eager (keeps the score matrix).",
+                                             default="sdpa"))
+    device: str | None = field(**_help("cpu or cuda. Default: cuda when nvidia-smi finds a GPU, else cpu.",
+                                       default=None))
+    device_memory_gib: float | None = field(**_help("The memory to plan for, in GiB. Default: the GPU's total "
+                                                    "memory, or on CPU the memory available now.", default=None))
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        choices = {"dtype": DTYPE_BYTES, "quantization": QUANT_BYTES, "attn_implementation": ("sdpa", "eager"),
+                   "device": ("cpu", "cuda")}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                problems.append(f"--{name} {value}: expected one of {', '.join(allowed)}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.device_memory_gib is not None and self.device_memory_gib <= 0:
+            problems.append(f"--device_memory_gib must be positive, got {self.device_memory_gib}")
+        if problems:
+            raise UserError("invalid plan options", problems=problems, hint="see glmtune plan --help")
+
+
+def main(argv: list[str]) -> None:
+    (args,) = parse_arguments("glmtune plan", [PlanArguments], argv, description=__doc__)
+    run(args)
+
+
+def run(args: PlanArguments) -> Estimate:
+    from glmtune.artifacts import read_json_object
+    from glmtune.models.hub import resolve_model
+    from glmtune.plan.device import default_device, device_memory
+
+    if not args.model:
+        raise UserError("--model is required", hint="glmtune plan --model DIR_OR_HUB_NAME")
+    path = Path(resolve_model(args.model)) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{args.model} has no config.json (looked for {path})",
+                        hint="pass a model directory, or download the model's config.json into the hub cache")
+    shape = shape_from_config(read_json_object(path, "model config"), str(path))
+    device = args.device or default_device()
+    setup = Setup(args.max_seq_length, args.per_device_train_batch_size, args.lora_rank,
+                  tuple(resolve_targets(shape, args.target_modules)), args.gradient_checkpointing, args.dtype,
+                  args.quantization, args.chunked_loss, args.lora_dropout, args.attn_implementation, device)
+    result = estimate(shape, setup)
+    budget, where = device_memory(device, args.device_memory_gib)
+    print(render(args.model, shape, setup, result, budget, where))
+    if budget is not None and result.total > budget:
+        print(render_suggestions(shape, setup, args.gradient_accumulation_steps, budget))
+    return result
+
+
+def render(model: str, shape: ModelShape, setup: Setup, result: Estimate, budget: float | None, where: str) -> str:
+    targets = ",".join(t.name for t in setup.targets)
+    head = [f"model: {model} ({shape.model_type}, {result.parameters / 1e6:,.1f}M parameters; LoRA r{setup.lora_rank} "
+            f"on {targets}: {result.trainable_parameters / 1e6:,.2f}M trainable)",
+            f"run: {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}"
+            + (f", {setup.quantization} weights" if setup.quantization else "")
+            + f", gradient checkpointing {'on' if setup.gradient_checkpointing else 'off'}, "
+            f"{'chunked' if setup.chunked_loss else 'full-logits'} loss, {setup.attention}, {setup.device}", ""]
+    width = max(map(len, result.lines))
+    rows = [f"  {name:<{width}}  {value / GIB:9.2f} GiB" for name, value in result.lines.items()]
+    rows += [f"  {'-' * width}  {'-' * 13}", f"  {'total (peak)':<{width}}  {result.total / GIB:9.2f} GiB"]
+    if budget is None:
+        tail = [f"device memory: {where}"]
+    else:
+        verdict = "fits" if result.total <= budget else "does not fit"
+        tail = [f"  {'device memory':<{width}}  {budget / GIB:9.2f} GiB  ({where})", "",
+                f"{verdict}: {result.total / GIB:.2f} GiB of {budget / GIB:.2f} GiB"]
+    notes = [f"note: {n}" for n in shape.notes]
+    if setup.device == "cpu":
+        notes.append("note: MALLOC_MMAP_THRESHOLD_=1048576 in the environment removes the allocator slack (glibc "
+                     "then returns freed activations to the system), at some speed cost")
+    return "\n".join(head + ["peak memory estimate:"] + rows + tail + notes)
+
+
+def suggestions(shape: ModelShape, setup: Setup, accumulation: int, budget: float) -> list[tuple[str, Setup]]:
+    """Changes that lower the peak, in the order to try them, each on top of the ones before, until one fits.
+    Batch and length are halved only as far as needed (never below 1 sample and 256 tokens)."""
+    def fits(candidate: Setup) -> bool:
+        return estimate(shape, candidate).total <= budget
+
+    steps: list[tuple[str, Setup]] = []
+    current = setup
+    if not current.gradient_checkpointing:
+        current = replace(current, gradient_checkpointing=True)
+        steps.append(("--gradient_checkpointing true", current))
+    if not fits(current) and current.batch_size > 1:
+        batch = current.batch_size
+        while batch > 1 and not fits(replace(current, batch_size=batch)):
+            batch //= 2
+        current = replace(current, batch_size=batch)
+        keep = accumulation * setup.batch_size // batch  # the same samples per optimizer update
+        steps.append((f"--per_device_train_batch_size {batch} --gradient_accumulation_steps {keep}", current))
+    if not fits(current) and not current.chunked_loss:
+        current = replace(current, chunked_loss=True)
+        steps.append(("--chunked_loss true", current))
+    if not fits(current) and current.seq_len > 256:
+        seq = current.seq_len
+        while seq > 256 and not fits(replace(current, seq_len=seq)):
+            seq = max(256, seq // 2)
+        current = replace(current, seq_len=seq)
+        steps.append((f"--max_seq_length {seq} (prepare cuts or drops longer samples)", current))
+    if not fits(current) and current.dtype == "fp32":
+        current = replace(current, dtype="bf16")
+        steps.append(("bf16 base weights (--dtype bf16)", current))
+    for bits in ("8bit", "4bit"):
+        if not fits(current) and current.quantization != "4bit":
+            current = replace(current, quantization=bits, dtype="bf16" if current.dtype == "fp32" else current.dtype)
+            steps.append((f"{bits} quantized weights (--quantization {bits})", current))
+    return steps
+
+
+def render_suggestions(shape: ModelShape, setup: Setup, accumulation: int, budget: float) -> str:
+    lines = ["", "to fit, in this order (each on top of the ones above):"]
+    total = setup_total = estimate(shape, setup).total
+    for change, changed in suggestions(shape, setup, accumulation, budget):
+        total = estimate(shape, changed).total
+        lines.append(f"  {change}: {total / GIB:.2f} GiB" + ("  <- fits" if total <= budget else ""))
+    if total > budget or total == setup_total:
+        lines.append("  still too big: use a smaller model or a device with more memory")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""glmtune plan: a LoRA run's peak memory from the model's config.json alone (shape, memory, device)."""

@@ -1,0 +1,214 @@
+"""glmtune plan: parameter counts against real models, LoRA counts against peft, saved activations against torch's
+own saved-tensor hooks, the THUDM config formats, and the command's table, verdict and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmtune.plan.memory import (
+    CHUNK_TOKENS,
+    CPU_RUNTIME_BYTES,
+    LOGITS_BUDGET_BYTES,
+    Setup,
+    estimate,
+    layer_activation_bytes,
+)
+from glmtune.plan.shape import lora_parameter_count, parameter_count, resolve_targets, shape_from_config
+
+# hidden 64, 2 layers, 4 query heads and 2 key/value heads of 16, MLP 96, vocabulary 512
+DIMS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=512)
+IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
+def native(model_type: str, **extra) -> dict:
+    return {"model_type": model_type, **DIMS, **IDS, **extra}
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_glm_parameter_count_is_the_models_by_hand_and_built():
+    from transformers import GlmConfig, GlmForCausalLM
+
+    h, i, layers, q, kv, v = 64, 96, 2, 4 * 16, 2 * 16, 512
+    per_layer = (h * q + q) + 2 * (h * kv + kv) + q * h + h * 2 * i + i * h + 2 * h  # q/k/v with bias, o, MLP, norms
+    by_hand = v * h + layers * per_layer + h + h * v  # embeddings, layers, final norm, untied output layer
+    built = sum(p.numel() for p in GlmForCausalLM(GlmConfig(**DIMS, **IDS)).parameters())
+    assert parameter_count(shape_from_config(native("glm"))) == by_hand == built
+
+
+@pytest.mark.parametrize("model_type", ["glm4", "llama", "qwen2", "glm4_moe"])
+def test_parameter_count_matches_the_transformers_model(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                 first_k_dense_replace=1) if model_type == "glm4_moe" else {}
+    config = native(model_type, **extra)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    assert parameter_count(shape_from_config(config)) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear", "q_proj,v_proj"])
+def test_lora_parameter_count_matches_peft(targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from glmtune.models.lora import resolve_target_modules
+
+    shape = shape_from_config(native("glm"))
+    model = get_peft_model(GlmForCausalLM(GlmConfig(**DIMS, **IDS)),
+                           LoraConfig(r=4, target_modules=resolve_target_modules("glm", targets)))
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert lora_parameter_count(shape, resolve_targets(shape, targets), 4) == trainable
+
+
+def test_breakdown_of_a_small_config_by_hand():
+    shape = shape_from_config(native("glm"))
+    setup = Setup(seq_len=128, batch_size=2, lora_rank=8, targets=tuple(resolve_targets(shape, None)))
+    lines = estimate(shape, setup).lines
+    params = 512 * 64 * 2 + 2 * ((64 * 64 + 64) + 2 * (64 * 32 + 32) + 64 * 64 + 64 * 192 + 96 * 64 + 128) + 64
+    lora = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + (64 + 192) + (96 + 64))  # r x (in + out), per layer
+    assert lines["weights"] == params * 4
+    assert lines["LoRA weights"] == lines["gradients"] == lora * 4
+    assert lines["optimizer states"] == lora * 8  # AdamW: two fp32 states
+    # 256 tokens x 512 x 4 bytes of logits is under the loss's budget: one pass, log-softmax and two gradients
+    assert lines["loss / logits"] == 2 * 128 * 512 * 3 * 4
+    assert lines["runtime baseline"] == CPU_RUNTIME_BYTES
+    big = estimate(shape_from_config(native("glm", vocab_size=151552)), setup).lines
+    assert big["loss / logits"] == CHUNK_TOKENS * 151552 * 3 * 4  # over it: one chunk of 256 tokens at a time
+
+
+def test_loss_constants_are_the_losss_own():
+    from glmtune.train import loss
+
+    assert (CHUNK_TOKENS, LOGITS_BUDGET_BYTES) == (loss.CHUNK_TOKENS, getattr(loss, "LOGITS_BUDGET_BYTES", None))
+
+
+def _saved_bytes_per_token(dtype: torch.dtype, dropout: float, attention: str) -> float:
+    """What one GlmDecoderLayer with peft LoRA saves for backward, per token, as torch's hooks see it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(0)
+    model = GlmForCausalLM(GlmConfig(**DIMS, **IDS, attn_implementation=attention)).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, target_modules="all-linear"))
+    inner = model.base_model.model.model
+    batch, seq = 2, 32
+    hidden = inner.embed_tokens(torch.randint(0, 512, (batch, seq))).detach().requires_grad_()
+    positions = torch.arange(seq)[None].expand(batch, seq)
+    rotary = inner.rotary_emb(hidden, positions)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inner.layers[0](hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+    # Not activations: the weights, the layer's input (the caller's) and the rotary tables (shared by all layers).
+    known = {p.untyped_storage().data_ptr() for p in model.parameters()} | {hidden.untyped_storage().data_ptr()}
+    known |= {t.untyped_storage().data_ptr() for t in rotary}
+    return sum(n for ptr, n in storages.items() if ptr not in known) / (batch * seq)
+
+
+@pytest.mark.parametrize("dtype,dropout,attention", [("fp32", 0.1, "sdpa"), ("fp32", 0.0, "sdpa"),
+                                                     ("bf16", 0.1, "sdpa"), ("fp32", 0.0, "eager")])
+def test_layer_activations_are_what_backward_saves(dtype, dropout, attention):
+    shape = shape_from_config(native("glm"))
+    setup = Setup(seq_len=32, batch_size=2, lora_rank=8, targets=tuple(resolve_targets(shape, "all-linear")),
+                  dtype=dtype, lora_dropout=dropout, attention=attention)
+    measured = _saved_bytes_per_token({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], dropout, attention)
+    assert layer_activation_bytes(shape, setup) == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3", "glm4"])
+def test_thudm_configs_read_as_the_glm_they_convert_to(shared_dir, version):
+    from transformers import GlmForCausalLM
+
+    from glmtune.models.chatglm.convert import glm_config
+
+    official = json.loads((shared_dir / "fixtures/chatglm" / version / "config.json").read_text())
+    converted = glm_config(official)
+    equivalent = shape_from_config({"model_type": "glm", **converted.to_dict()})
+    shape = shape_from_config(official)
+    assert shape == equivalent
+    assert parameter_count(shape) == sum(p.numel() for p in GlmForCausalLM(converted).parameters())
+
+
+def test_first_chatglm_config_reads_as_glmtunes_chatglm6b(shared_dir):
+    from glmtune.models.chatglm6b.configuration import config_from_official
+    from glmtune.models.chatglm6b.modeling import ChatGlm6bForCausalLM
+
+    official = json.loads((shared_dir / "fixtures/chatglm/v1/config.json").read_text())
+    shape = shape_from_config(official)
+    model = ChatGlm6bForCausalLM(config_from_official(official))
+    assert shape.model_type == "chatglm6b"
+    assert parameter_count(shape) == sum(p.numel() for p in model.parameters())
+    assert [t.name for t in resolve_targets(shape, None)] == ["query_key_value"]
+
+
+def test_cli_prints_the_breakdown_and_fits(cli, tmp_path):
+    model = write_config(tmp_path / "m", native("glm"))
+    result = cli("plan", "--model", model, "--device", "cpu", "--device_memory_gib", "8",
+                 "--max_seq_length", "256", "--per_device_train_batch_size", "2")
+    assert result.code == 0, result.err
+    for line in ("weights", "LoRA weights", "gradients", "optimizer states", "activations", "loss / logits",
+                 "runtime baseline", "total (peak)", "device memory"):
+        assert line in result.out
+    assert "\nfits: " in result.out and "to fit" not in result.out
+
+
+def test_cli_says_what_to_change_when_it_does_not_fit(cli, tmp_path):
+    big = {"model_type": "glm", "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
+           "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 151552}
+    model = write_config(tmp_path / "glm-4-9b", big)
+    result = cli("plan", "--model", model, "--device", "cuda", "--device_memory_gib", "1",
+                 "--max_seq_length", "2048", "--per_device_train_batch_size", "4")
+    assert result.code == 0, result.err
+    assert "does not fit" in result.out
+    assert "--gradient_checkpointing true" in result.out
+    assert "--per_device_train_batch_size 1 --gradient_accumulation_steps 4" in result.out
+    assert "4bit quantized weights" in result.out and "still too big" in result.out
+
+
+def test_cli_errors_on_missing_or_unsupported_configs(cli, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("plan", "--model", empty)
+    assert result.code == 2 and "has no config.json" in result.err
+    result = cli("plan", "--model", write_config(tmp_path / "t5", {"model_type": "t5", "d_model": 512}))
+    assert result.code == 2 and "model_type 't5' is not one `glmtune plan` can estimate" in result.err
+    result = cli("plan", "--model", write_config(tmp_path / "bad", {"model_type": "glm", "hidden_size": 64}))
+    assert result.code == 2 and "expected positive integers for num_hidden_layers" in result.err
+    result = cli("plan", "--model", write_config(tmp_path / "ok", native("glm")), "--target_modules", "qkv")
+    assert result.code == 2 and "--target_modules qkv: no such linear layer" in result.err
+
+
+def test_plan_help_answers_without_torch_and_lists_exactly_the_parser_options(cli):
+    import re
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys; from glmtune.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['plan', '--help'])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+    from transformers import HfArgumentParser
+
+    from glmtune.commands.plan import PlanArguments
+
+    result = cli("plan", "--help")
+    options = {o for a in HfArgumentParser([PlanArguments])._actions for o in a.option_strings if o.startswith("--")}
+    accepted = {o for o in options if "-" not in o[2:] and not (o.startswith("--no_") and f"--{o[5:]}" in options)}
+    assert set(re.findall(r"^\s+(?:-\w, )?(--\w+)", result.out, flags=re.MULTILINE)) == accepted | {"--config"}
