@@ -86,14 +86,19 @@ class Engine:
                 answers[index] = count_completion(text, len(prompts[index]), new_tokens.tolist(), self.stop_ids)
         return [answers[i] for i in range(len(prompts))]
 
-    def stream(self, conversation: Conversation, settings: GenerationSettings) -> TextStream:
+    def stream(self, conversation: Conversation, settings: GenerationSettings,
+               stop_strings: list[str] | None = None) -> TextStream:
         """One answer, as text pieces while it is generated (see TextStream). The prompt is checked now;
-        generation starts when iteration does."""
+        generation starts when iteration does. `stop_strings` end generation at the token that completes one of
+        them (transformers' StopStringCriteria); the text still holds it, for the caller to cut, and the
+        completion's finish_reason stays "length" unless a stop token came first."""
         prompt = encode_prompt(self.tokenizer, conversation.prompt_part())
         budget = self._answer_budget(settings, prompt, conversation)
         input_ids, attention_mask = self._left_pad([prompt])  # (1, prompt)
-        return TextStream(self.model, self.tokenizer, input_ids, attention_mask,
-                          self._generation_config(settings, budget), self.stop_ids)
+        config = self._generation_config(settings, budget)
+        if stop_strings:
+            config.stop_strings = stop_strings
+        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids)
 
     def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
         """New tokens allowed for one prompt; checked for every prompt before anything is generated."""

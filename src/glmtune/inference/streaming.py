@@ -54,9 +54,11 @@ class TextStream:
 
         def work() -> None:
             try:
+                # The tokenizer lets transformers match the config's stop strings, if any.
                 result["output"] = self._model.generate(
                     input_ids=self._input_ids, attention_mask=self._attention_mask, generation_config=self._config,
-                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]))
+                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
+                    tokenizer=self._tokenizer)
             except BaseException as e:  # handed to the reader, which re-raises it
                 result["error"] = e
                 streamer.end()  # wakes the reader, which would otherwise wait forever

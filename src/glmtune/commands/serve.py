@@ -1,0 +1,81 @@
+"""glmtune serve: answer OpenAI-style chat completion requests (streamed or not) with a base model and an optional
+LoRA adapter, or a merged model, on http://HOST:PORT/v1. Requests are answered one at a time, in order; a bounded
+number wait, more are answered 429."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from glmtune.arguments import API_KEY_ENV, ModelArguments, ServeArguments
+from glmtune.config import parse_arguments
+from glmtune.errors import UserError
+
+
+def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
+    model_args, args = parse_arguments("glmtune serve", [ModelArguments, ServeArguments], argv, defaults,
+                                       description=__doc__)
+    run(model_args, args)
+
+
+def run(model_args: ModelArguments, args: ServeArguments) -> None:
+    server, listener = build_server(model_args, args)
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: the normal way to stop a server
+        pass
+    print("Server stopped.", file=sys.stderr)
+
+
+def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[Any, socket.socket]:
+    """The uvicorn server over the loaded model and the socket it is to serve on; says where, on stdout."""
+    import uvicorn
+
+    from glmtune.inference.engine import Engine
+    from glmtune.serve.app import create_app
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    listener = listen(args.host, args.port)  # before loading the model: a busy port fails in a second
+    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code)
+    name = args.served_model_name or served_name(args.peft_path, engine.model_name)
+    app = create_app(engine, name, api_key, args.max_queue)
+    host, port = listener.getsockname()[:2]
+    print(f"Serving '{name}' at {base_url(host, port)} (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    if api_key is None and host not in ("127.0.0.1", "::1"):
+        print(f"warning: listening on {host} without an API key: anyone who can reach it can use it "
+              f"(set {API_KEY_ENV} or --api_key)", file=sys.stderr)
+    # timeout_graceful_shutdown: Ctrl-C waits this long for answers being streamed, then drops them.
+    return uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)), listener
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for uvicorn to serve on (port 0: a free one, whose number is printed)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host} is not an address this machine can listen on ({e.strerror})",
+                        hint="use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as e:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}",
+                        hint="choose another --port (0 picks a free one), or stop the program using it") from None
+    listener.listen(128)
+    return listener
+
+
+def served_name(peft_path: str | None, model_name: str) -> str:
+    """The adapter directory's name, else a local model directory's name, else the hub name as it is."""
+    if peft_path:
+        return Path(peft_path).resolve().name
+    return Path(model_name).resolve().name if Path(model_name).is_dir() else model_name
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"

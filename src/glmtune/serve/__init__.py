@@ -1,0 +1,1 @@
+"""glmtune serve: an OpenAI-compatible HTTP API over the inference engine (see app.py)."""

@@ -1,0 +1,293 @@
+"""The OpenAI-compatible HTTP API: `GET /v1/models` and `POST /v1/chat/completions`, streamed or not.
+
+Every request is checked here (roles, the chat template, the token budget against the model's context) before it
+takes a place in the worker's line, so that a bad request answers 400 at once and the worker only generates.
+Errors of every kind answer in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, which its
+clients turn into their exception types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from glmtune.data.conversation import Conversation
+from glmtune.data.formats import RowProblem, read_messages
+from glmtune.data.templates import encode_prompt
+from glmtune.errors import UserError
+from glmtune.inference.engine import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from glmtune.serve.scheduler import ChoiceEnd, Job, JobEnd, JobError, QueueFull, TextDelta, Worker
+from glmtune.serve.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+log = logging.getLogger("glmtune.serve")
+DISCONNECT_POLL_S = 0.25  # how often a request waiting on the worker checks that its client is still there
+MAX_VALIDATION_ERRORS = 5
+
+
+class APIError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
+
+
+def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64) -> FastAPI:
+    """The API over `engine`: a glmtune Engine, or a stand-in with its `tokenizer`, `model.config` and `stream`
+    (the tests inject a slow one)."""
+    worker = Worker(engine, max_queue)
+    context = context_length(engine.model.config)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        worker.close()
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken must not tell how much of a guessed key was right
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' with "
+                           "the key the server was started with", code="invalid_api_key")
+
+    app = FastAPI(title="glmtune", lifespan=lifespan, dependencies=[Depends(check_key)])
+    app.state.worker = worker
+    add_error_handlers(app)
+
+    @app.get("/v1/models")
+    def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, created=created)])
+
+    @app.get("/v1/models/{name:path}")
+    def get_model(name: str) -> ModelCard:
+        check_model(name, model_name)
+        return ModelCard(id=model_name, created=created)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_model(body.model, model_name)
+        conversation, prompt_tokens, settings = prepare(engine, body, context)
+        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(event: Any) -> None:  # called from the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+
+        job = Job(conversation, settings, body.n or 1, body.stop_strings(), body.seed, deliver)
+        try:
+            worker.submit(job)
+        except QueueFull:
+            raise APIError(429, f"the server is busy: {max_queue} requests are already waiting; retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        events = job_events(job, inbox, request, worker)
+        answer = Answer(model_name, prompt_tokens, job.n)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(answer.sse(events, usage), media_type="text/event-stream")
+        return await answer.whole(events)
+
+    return app
+
+
+def prepare(engine: Any, body: ChatCompletionRequest, context: int | None) -> tuple[Conversation, int, Any]:
+    """The conversation, its prompt length and the generation settings, or a 400 that says what is wrong."""
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    if body.logprobs:
+        raise APIError(400, "'logprobs' is not supported by this server", param="logprobs")
+    turns = [{"role": "system" if m.role == "developer" else m.role,
+              "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
+             for m in body.messages]
+    for i, turn in enumerate(turns[1:], start=1):
+        if turn["role"] == "system":
+            raise APIError(400, f"messages.{i}: a system message may only come first", param=f"messages.{i}.role")
+    try:  # the same reader as `prepare` and `infer --input` use for OpenAI-style messages (tool -> observation)
+        conversation = read_messages({"messages": turns}, need_answer=False)
+    except RowProblem as e:
+        raise APIError(400, f"messages: {e.describe({'messages': turns})}", param="messages") from None
+    if not conversation.messages or conversation.messages[-1].role == "assistant":
+        raise APIError(400, "the last message must be a user or tool message: it is what the model answers",
+                       param="messages")
+    try:
+        prompt_tokens = len(encode_prompt(engine.tokenizer, conversation))
+    except UserError as e:  # e.g. a chat template that takes no system prompt
+        raise APIError(400, e.message, param="messages") from None
+
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    if context is not None and prompt_tokens >= context:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens",
+                       param="messages", code="context_length_exceeded")
+    if context is not None and max_tokens is not None and prompt_tokens + max_tokens > context:
+        raise APIError(400, f"{param} {max_tokens} plus the {prompt_tokens}-token prompt exceed the model's "
+                       f"context of {context} tokens: ask for at most {context - prompt_tokens}",
+                       param=param, code="context_length_exceeded")
+    if max_tokens is None:  # glmtune's default answer length (as `infer` and `chat`), within the context
+        max_tokens = min(DEFAULT_MAX_NEW_TOKENS, context - prompt_tokens) if context else DEFAULT_MAX_NEW_TOKENS
+    temperature = 1.0 if body.temperature is None else body.temperature
+    settings = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0)
+    return conversation, prompt_tokens, settings
+
+
+async def job_events(job: Job, inbox: asyncio.Queue, request: Request, worker: Worker) -> AsyncIterator[Any]:
+    """The job's events until its end. However this ends (the end, an error, the client leaving, the response's
+    task cancelled), the job is cancelled, so that a client that left frees the worker."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(inbox.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                event = None
+            # Checked here as well as by Starlette: with ASGI 2.4 servers it notices only when a send fails,
+            # and a request waiting in line sends nothing.
+            if await request.is_disconnected():
+                return
+            if event is None:
+                continue
+            yield event
+            if isinstance(event, JobEnd | JobError):
+                return
+    finally:
+        worker.cancel(job)
+
+
+class Answer:
+    """Turns a job's events into a chat.completion, or into chat.completion.chunk server-sent events."""
+
+    def __init__(self, model_name: str, prompt_tokens: int, n: int):
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.model_name, self.prompt_tokens, self.n = model_name, prompt_tokens, n
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self.prompt_tokens + completion_tokens)
+
+    async def whole(self, events: AsyncIterator[Any]) -> ChatCompletion | JSONResponse:
+        texts, ends = [""] * self.n, {}
+        async for event in events:
+            if isinstance(event, TextDelta):
+                texts[event.index] += event.text
+            elif isinstance(event, ChoiceEnd):
+                ends[event.index] = event
+            elif isinstance(event, JobError):
+                return internal_error(event.error)
+        if len(ends) < self.n:  # the client left; nobody reads this
+            return error_response(APIError(499, "the client closed the request", code="client_closed"))
+        choices = [Choice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=ends[i].finish_reason)
+                   for i in range(self.n)]
+        return ChatCompletion(id=self.id, created=self.created, model=self.model_name, choices=choices,
+                              usage=self.usage(sum(e.completion_tokens for e in ends.values())))
+
+    async def sse(self, events: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
+        completion_tokens = 0
+        started: set[int] = set()
+        async for event in events:
+            if isinstance(event, JobError):
+                yield _data(internal_error(event.error).body.decode())
+                break
+            if isinstance(event, JobEnd):
+                if include_usage:
+                    yield self._chunk([], usage=self.usage(completion_tokens))
+                yield _data("[DONE]")
+                break
+            if event.index not in started:  # OpenAI opens each choice with the role
+                started.add(event.index)
+                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(role="assistant", content=""))])
+            if isinstance(event, TextDelta):
+                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+            elif isinstance(event, ChoiceEnd):
+                completion_tokens += event.completion_tokens
+                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.finish_reason)])
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model_name, choices=choices,
+                                    usage=usage)
+        return _data(chunk.model_dump_json())
+
+
+def _data(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def check_model(name: str, model_name: str) -> None:
+    if name != model_name:
+        raise APIError(404, f"the model '{name}' does not exist: this server serves '{model_name}'", param="model",
+                       code="model_not_found")
+
+
+def context_length(config: Any) -> int | None:
+    """The longest prompt + answer the model takes, under the names the architectures give it."""
+    for name in ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body.model_dump(), status_code=error.status, headers=error.headers)
+
+
+def internal_error(error: BaseException) -> JSONResponse:
+    log.error("generation failed", exc_info=error)
+    return error_response(APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error"))
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape. Validation errors answer 400 (FastAPI's default is 422), as OpenAI does."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return error_response(APIError(400, "the request body is not valid JSON"))
+        params = [".".join(str(part) for part in p["loc"] if part != "body") for p in problems]
+        if not params[0]:  # the body itself: a JSON array, a form, ...
+            return error_response(APIError(400, "the request body must be a JSON object (Content-Type: "
+                                           "application/json)"))
+        message = "; ".join(f"{param or 'body'}: {p['msg']}" for param, p in
+                            zip(params, problems[:MAX_VALIDATION_ERRORS], strict=False))
+        return error_response(APIError(400, message, param=params[0] or None))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:  # 404 route, 405 method, ...
+        return error_response(APIError(error.status_code, str(error.detail), code=None, headers=error.headers))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        return internal_error(error)

@@ -1,0 +1,169 @@
+"""One worker thread that answers requests one at a time, from a bounded waiting line.
+
+The model cannot run two `generate` calls at once (on CPU they would also only share the same cores), so every
+request is a Job handed to a single worker thread. At most `max_queue` jobs wait while one runs; one more is
+refused (QueueFull), which the server answers with 429. A job's events (text deltas, each choice's end, the end
+of the job, an error) are handed to its request through `deliver`, a thread-safe callback. A cancelled job (its
+client left) is taken out of the line, or, while it runs, stopped within one streamed piece.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmtune.data.conversation import Conversation
+
+
+@dataclass
+class TextDelta:
+    index: int  # which choice
+    text: str
+
+
+@dataclass
+class ChoiceEnd:
+    index: int
+    finish_reason: str  # "stop" (a stop token or stop string) or "length"
+    completion_tokens: int
+
+
+@dataclass
+class JobEnd:
+    pass
+
+
+@dataclass
+class JobError:
+    error: BaseException
+
+
+Event = TextDelta | ChoiceEnd | JobEnd | JobError
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)  # identity, not field equality: two identical requests are two jobs
+class Job:
+    conversation: Conversation
+    settings: Any  # GenerationSettings
+    n: int
+    stop: list[str]
+    seed: int | None
+    deliver: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """Runs jobs one after another with `engine.stream` (an Engine, or a stand-in with the same method)."""
+
+    def __init__(self, engine: Any, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
+        self._waiting: deque[Job] = deque()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._running: Job | None = None
+        self._thread = threading.Thread(target=self._run, name="glmtune-serve-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs in line, not counting the one running."""
+        with self._changed:
+            return len(self._waiting)
+
+    def submit(self, job: Job) -> None:
+        with self._changed:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull
+            self._waiting.append(job)
+            self._changed.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job wherever it is; a finished one is left as it is."""
+        job.cancelled.set()
+        with self._changed:
+            if job in self._waiting:
+                self._waiting.remove(job)
+
+    def close(self) -> None:
+        """Stop: the waiting jobs are dropped and the running one stopped (the server is shutting down)."""
+        with self._changed:
+            self._closed = True
+            for job in [*self._waiting, *filter(None, [self._running])]:
+                job.cancelled.set()
+            self._waiting.clear()
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting or self._closed)
+                if self._closed:
+                    return
+                job = self._running = self._waiting.popleft()
+            try:
+                self._answer(job)
+            except BaseException as e:  # handed to the request (a 500), so that the worker lives on
+                job.deliver(JobError(e))
+            finally:
+                with self._changed:
+                    self._running = None
+
+    def _answer(self, job: Job) -> None:
+        if job.seed is not None:
+            from transformers import set_seed
+
+            set_seed(job.seed)  # before the first choice: the n choices are n draws, reproducible together
+        for index in range(job.n):
+            stream = self.engine.stream(job.conversation, job.settings, job.stop or None)
+            cutter = StopCutter(job.stop)
+            pieces = iter(stream)
+            try:
+                for piece in pieces:
+                    if job.cancelled.is_set():
+                        return  # the `finally` closes the stream, which stops generation within one token
+                    if text := cutter.feed(piece):
+                        job.deliver(TextDelta(index, text))
+            finally:
+                pieces.close()
+            if text := cutter.flush():
+                job.deliver(TextDelta(index, text))
+            completion = stream.completion
+            reason = "stop" if cutter.stopped else completion.finish_reason
+            job.deliver(ChoiceEnd(index, reason, completion.completion_tokens))
+        job.deliver(JobEnd())
+
+
+class StopCutter:
+    """Streamed text in, the same text out up to (not including) the first stop string. The last characters that
+    could begin a stop string are held back until the next piece shows whether they do."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.stopped = False
+        self._pending = ""
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""  # generation ends at the token completing the stop string; whatever follows is dropped
+        text = self._pending + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped, self._pending = True, ""
+            return text[: min(found)]
+        keep = max(len(text) - self.hold, 0)
+        self._pending = text[keep:]
+        return text[:keep]
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text

@@ -1,0 +1,365 @@
+"""glmtune serve: the official `openai` client against a real uvicorn server on a free local port, streaming
+included; the key; every malformed request's 4xx in OpenAI's error shape; concurrent requests; the bounded queue's
+429 and a client leaving mid-stream (with a slow stand-in engine); the command itself."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-key"
+MODEL = "tiny"
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread on a free port; yields its base URL."""
+    import uvicorn
+
+    from glmtune.commands.serve import listen
+
+    with serving(uvicorn.Server(uvicorn.Config(app, log_level="warning")), listen("127.0.0.1", 0)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(server, listener) -> Iterator[str]:
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def client(url: str, key: str = KEY):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
+    """A raw POST to /v1/chat/completions: status and JSON body (for what the openai client won't send)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    conn.request("POST", "/v1/chat/completions", body if isinstance(body, bytes) else json.dumps(body), headers)
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model) -> Iterator[str]:
+    """One server over the tiny model for the whole module (loading it once)."""
+    from glmtune.inference.engine import Engine
+    from glmtune.serve.app import create_app
+
+    with running(create_app(Engine(str(tiny_model)), MODEL, api_key=KEY)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def api(url):
+    return client(url)
+
+
+@pytest.fixture(scope="module")
+def question(demo_rows) -> str:
+    return demo_rows[0]["instruction"]
+
+
+def greedy(api, question: str, **kwargs):
+    return api.chat.completions.create(model=MODEL, messages=user(question), temperature=0, **kwargs)
+
+
+def test_models_lists_the_served_model(api):
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    assert api.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion_answers_like_infer_and_counts_its_tokens(api, cli, tiny_model, tokenizer, question):
+    answer = greedy(api, question, max_tokens=16)
+    infer = cli("infer", "--model", tiny_model, "--prompt", question, "--max_new_tokens", "16", "--temperature", "0")
+    assert infer.code == 0, infer.err
+    assert answer.choices[0].message.content == json.loads(infer.out)["response"]
+    assert answer.choices[0].message.role == "assistant" and answer.model == MODEL
+    # The reference prompt length: transformers' own chat-template tokenization.
+    prompt = tokenizer.apply_chat_template(user(question), add_generation_prompt=True, tokenize=True)["input_ids"]
+    usage = answer.usage
+    assert usage.prompt_tokens == len(prompt)
+    # The random tiny model never reaches a stop token in 16 tokens: the budget ends the answer.
+    assert (answer.choices[0].finish_reason, usage.completion_tokens) == ("length", 16)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_stream_joins_to_the_same_answer_and_ends_with_usage_and_done(api, url, question):
+    whole = greedy(api, question, max_tokens=16)
+    chunks = list(greedy(api, question, max_tokens=16, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    # On the wire: server-sent events, the last one `data: [DONE]`.
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": user(question),
+                                                             "max_tokens": 4, "stream": True}),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.getheader("content-type").startswith("text/event-stream")
+    events = response.read().decode().split("\n\n")
+    conn.close()
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_n_greedy_choices_are_identical_and_seeded_samples_repeat(api, question):
+    answer = greedy(api, question, max_tokens=8, n=2)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.choices[0].message.content == answer.choices[1].message.content
+    assert answer.usage.completion_tokens == 16
+    sampled = [api.chat.completions.create(model=MODEL, messages=user(question), max_tokens=8, n=2, temperature=1,
+                                           seed=7) for _ in range(2)]
+    texts = [[c.message.content for c in s.choices] for s in sampled]
+    assert texts[0] == texts[1]
+
+
+def test_stop_string_cuts_the_answer_and_ends_generation(api, question):
+    answer = greedy(api, question, max_tokens=24).choices[0].message.content
+    start = len(answer) // 3
+    while "\ufffd" in answer[start:start + 2] or not answer[start:start + 2].strip():  # a whole, visible pair
+        start += 1
+    stop = answer[start:start + 2]
+    expected = answer[:answer.index(stop)]
+    cut = greedy(api, question, max_tokens=24, stop=[stop, "never said"])
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == (expected, "stop")
+    assert cut.usage.completion_tokens < 24  # generation stopped at the stop string, not at the budget
+    chunks = list(greedy(api, question, max_tokens=24, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_ends_the_answer_with_length(api, question):
+    for limit in ({"max_tokens": 3}, {"max_completion_tokens": 3}):
+        answer = greedy(api, question, **limit)
+        assert (answer.choices[0].finish_reason, answer.usage.completion_tokens) == ("length", 3)
+
+
+def test_a_missing_or_wrong_key_is_401(url, question):
+    with pytest.raises(openai.AuthenticationError) as error:
+        client(url, key="sk-wrong").chat.completions.create(model=MODEL, messages=user(question))
+    assert error.value.status_code == 401 and error.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="sk-wrong").models.list()
+    status, body = post(url, {"model": MODEL, "messages": user(question)}, key=None)
+    assert status == 401 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+BAD_REQUESTS = {
+    "empty messages": ({"messages": []}, 400, "messages"),
+    "unknown role": ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages.0.role"),
+    "max_tokens beyond the context": ({"max_tokens": 2048}, 400, "max_tokens"),
+    "max_tokens 0": ({"max_tokens": 0}, 400, "max_tokens"),
+    "n 0": ({"n": 0}, 400, "n"),
+    "a string for a number": ({"temperature": "hot"}, 400, "temperature"),
+    "messages not a list": ({"messages": "hi"}, 400, "messages"),
+    "a late system message": ({"messages": [*user("hi"), {"role": "system", "content": "s"}]}, 400,
+                              "messages.1.role"),
+    "an assistant message last": ({"messages": [*user("hi"), {"role": "assistant", "content": "a"}]}, 400,
+                                  "messages"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    "an unknown model": ({"model": "gpt-4"}, 404, "model"),
+    "bad JSON": (b'{"model": "tiny", "messages": [', 400, None),
+    "not an object": (b"[1, 2]", 400, None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_malformed_request_answers_4xx_in_openai_error_shape(url, case):
+    body, status, param = BAD_REQUESTS[case]
+    if isinstance(body, dict):
+        body = {"model": MODEL, "messages": user("hi"), **body}
+    got, answer = post(url, body)
+    assert got == status, answer
+    assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["param"] == param and answer["error"]["message"]
+
+
+def test_the_openai_client_raises_bad_request_for_a_malformed_request(api):
+    with pytest.raises(openai.BadRequestError) as error:
+        api.chat.completions.create(model=MODEL, messages=[])
+    assert error.value.status_code == 400
+
+
+def test_concurrent_requests_are_all_answered_as_if_alone(api, demo_rows):
+    questions = [row["instruction"] for row in demo_rows[:4]]
+    alone = {q: greedy(api, q, max_tokens=6).choices[0].message.content for q in questions}
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda i: greedy(api, questions[i % 4], max_tokens=6), range(32)))
+    assert [a.choices[0].message.content for a in answers] == [alone[questions[i % 4]] for i in range(32)]
+
+
+class SlowEngine:
+    """Stands in for the Engine: answers "word word ...", one word every 10 ms once `release` is set; records
+    when an answer starts and when one is stopped before its end."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=2048))
+        self.started, self.release, self.stopped = threading.Event(), threading.Event(), threading.Event()
+
+    def stream(self, conversation, settings, stop_strings=None):
+        return SlowStream(self, settings.max_new_tokens)
+
+
+class SlowStream:
+    def __init__(self, engine: SlowEngine, budget: int):
+        self.engine, self.budget, self.completion = engine, budget, None
+
+    def __iter__(self):
+        from glmtune.inference.streaming import Completion
+
+        self.engine.started.set()
+        try:
+            assert self.engine.release.wait(30)
+            for i in range(self.budget):
+                time.sleep(0.01)
+                yield " word" if i else "word"
+        except GeneratorExit:
+            self.engine.stopped.set()
+            raise
+        self.completion = Completion(" ".join(["word"] * self.budget), 3, self.budget, "length")
+
+
+@pytest.fixture(scope="module")
+def slow(tokenizer):
+    """A server over SlowEngine in which one request may wait while one runs."""
+    from glmtune.serve.app import create_app
+
+    engine = SlowEngine(tokenizer)
+    app = create_app(engine, MODEL, max_queue=1)
+    with running(app) as base:
+        yield SimpleNamespace(engine=engine, url=base, worker=app.state.worker)
+    engine.release.set()
+
+
+def test_a_full_queue_answers_429(slow):
+    slow.engine.release.clear()
+    slow.engine.started.clear()
+    api = client(slow.url)
+    ask = lambda: api.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3)  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        running_one = pool.submit(ask)
+        assert slow.engine.started.wait(10)
+        waiting_one = pool.submit(ask)
+        deadline = time.monotonic() + 10
+        while slow.worker.waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as error:
+            ask()
+        assert error.value.status_code == 429 and error.value.code == "queue_full"
+        slow.engine.release.set()
+        assert running_one.result().choices[0].message.content == "word word word"
+        assert waiting_one.result().choices[0].finish_reason == "length"
+
+
+def test_a_client_leaving_mid_stream_frees_the_worker(slow):
+    slow.engine.release.set()
+    slow.engine.stopped.clear()
+    parts = urlsplit(slow.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    # 2000 words at 10 ms each: 20 s, unless the server stops the answer when the client leaves.
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": user("hi"),
+                                                             "max_tokens": 2000, "stream": True}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    while "word" not in response.fp.readline().decode():  # the answer is under way
+        pass
+    response.close()
+    conn.close()
+    assert slow.engine.stopped.wait(5), "the answer went on after its client left"
+    start = time.monotonic()
+    answer = client(slow.url).chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2)
+    assert answer.choices[0].message.content == "word word" and time.monotonic() - start < 5
+
+
+def test_serve_help_imports_neither_torch_nor_the_web_stack():
+    code = ("import contextlib, io, sys; from glmtune.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+            "    main(['serve', '--help'])\n"
+            "assert '--api_key' in out.getvalue() and '--max_queue' in out.getvalue()\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_busy_port_is_a_user_error(cli, tiny_model):
+    from glmtune.commands.serve import listen
+
+    with listen("127.0.0.1", 0) as busy:
+        result = cli("serve", "--model", tiny_model, "--port", busy.getsockname()[1])
+    assert result.code == 2 and "cannot listen on 127.0.0.1" in result.err and "--port" in result.err
+
+
+def test_serve_command_prints_its_url_and_takes_the_key_from_the_environment(tiny_model, monkeypatch, capsys):
+    from glmtune.arguments import ModelArguments, ServeArguments
+    from glmtune.commands.serve import build_server
+
+    monkeypatch.setenv("GLMTUNE_API_KEY", KEY)
+    server, listener = build_server(ModelArguments(model=str(tiny_model)), ServeArguments(port=0))
+    port = listener.getsockname()[1]
+    assert capsys.readouterr().out == f"Serving '{tiny_model.name}' at http://127.0.0.1:{port}/v1 " \
+                                      f"(OpenAI-compatible; Ctrl-C stops)\n"
+    with serving(server, listener) as base:
+        assert [m.id for m in client(base).models.list().data] == [tiny_model.name]
+        with pytest.raises(openai.AuthenticationError):
+            client(base, key="sk-wrong").models.list()
+
+
+def test_a_client_leaving_while_in_line_gives_up_its_place(slow):
+    slow.engine.release.clear()
+    slow.engine.started.clear()
+    api = client(slow.url)
+    with ThreadPoolExecutor(1) as pool:
+        running_one = pool.submit(lambda: api.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2))
+        assert slow.engine.started.wait(10)
+        parts = urlsplit(slow.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": MODEL, "messages": user("hi")}),
+                     {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 10
+        while slow.worker.waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        conn.close()  # leaves without reading the answer
+        while slow.worker.waiting:
+            assert time.monotonic() < deadline, "the request that left still holds its place in line"
+            time.sleep(0.01)
+        slow.engine.release.set()
+        assert running_one.result().choices[0].message.content == "word word"
