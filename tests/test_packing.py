@@ -60,7 +60,9 @@ def test_packed_batch_gives_the_loss_and_gradients_of_its_samples_one_by_one(bui
     model.zero_grad()
 
     packed = make_collator(None, packing=True)(batch)
-    assert packed["input_ids"].shape == (1, 9 + 23 + 4 + 16)  # one row, no padding
+    # Rows no longer than the longest sample (23), first-fit longest first: [23], [16 + 4], [9].
+    assert packed["input_ids"].shape == (3, 23)
+    assert "attention_mask" not in packed  # the restarting positions keep the samples apart
     loss = model(**packed).loss
     loss.backward()
     assert abs(loss.item() - reference.item()) < 1e-5
