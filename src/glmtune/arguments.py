@@ -205,6 +205,59 @@ class MergeArguments:
             raise UserError(f"--tolerance must be >= 0, got {self.tolerance}")
 
 
+# Metrics `glmtune eval` reports (see glmtune.evaluation.metrics); perplexity is the one where lower is better.
+EVAL_METRICS = ("bleu-4", "bleu-4-jieba", "rouge-1", "rouge-2", "rouge-l", "exact_match", "perplexity")
+
+
+@dataclass
+class EvalArguments:
+    peft_path: str | None = field(**_help("LoRA adapter directory (a `glmtune train` output or one of its "
+                                          "checkpoint-* directories).", default=None))
+    dataset: str | None = field(**_help("Data file to evaluate on (any format prepare reads): each row's last "
+                                        "answer is the reference, what comes before it the prompt (required).",
+                                        default=None))
+    format: str | None = field(**_help("Format of --dataset; detected when not given.", default=None))
+    output_dir: str | None = field(**_help("Directory to write predictions.jsonl and metrics.json to (required).",
+                                           default=None))
+    overwrite_output_dir: bool = field(**_help("Replace --output_dir if it exists and is not empty.", default=False))
+    batch_size: int = field(**_help("Rows generated (and scored for perplexity) together.", default=8))
+    max_new_tokens: int = field(**_help("Longest generated answer in tokens.", default=256))
+    max_samples: int | None = field(**_help("Evaluate only the first N rows.", default=None))
+
+    def __post_init__(self) -> None:
+        _check_format(self.format)
+        for name in ("batch_size", "max_new_tokens", "max_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+
+
+@dataclass
+class GenerationEvalArguments:
+    """`glmtune train`'s hook: evaluate each saved checkpoint as `glmtune eval` does, keep the best. The flags share
+    the `eval_generate` prefix: TrainingArguments owns `metric_for_best_model` and the other `eval_*` names (its
+    loss-based best-model selection), and these must not be mistaken for them."""
+
+    eval_generate: bool = field(**_help("On each checkpoint save, generate answers for the validation split and "
+                                        "score them (BLEU, ROUGE, exact match, perplexity); at the end the best "
+                                        "checkpoint's adapter becomes the final one.", default=False))
+    eval_generate_metric: str = field(**_help(f"Metric that picks the best checkpoint: {', '.join(EVAL_METRICS)} "
+                                              "(perplexity: lowest; the others: highest).", default="rouge-l"))
+    eval_generate_max_new_tokens: int = field(**_help("Longest generated answer in tokens.", default=128))
+    eval_generate_max_samples: int | None = field(**_help("Evaluate only the first N validation rows.",
+                                                          default=None))
+    eval_generate_batch_size: int = field(**_help("Validation rows generated together.", default=8))
+
+    def __post_init__(self) -> None:
+        if self.eval_generate_metric not in EVAL_METRICS:
+            raise UserError(f"--eval_generate_metric {self.eval_generate_metric} is unknown",
+                            hint=f"choose one of {', '.join(EVAL_METRICS)}")
+        for name in ("eval_generate_max_new_tokens", "eval_generate_max_samples", "eval_generate_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+
+
 API_KEY_ENV = "GLMTUNE_API_KEY"
 
 

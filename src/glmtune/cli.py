@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("glmtune.commands.chat", "Talk to a model (with an optional adapter) in the terminal, streaming."),
     "merge": ("glmtune.commands.merge", "Fold an adapter into its base model and prove the merged logits match."),
     "serve": ("glmtune.commands.serve", "Serve a model (with an optional adapter) over an OpenAI-compatible API."),
+    "eval": ("glmtune.commands.eval", "Score greedy answers on a data file: BLEU, ROUGE, exact match, perplexity."),
     "plan": ("glmtune.commands.plan", "Estimate a LoRA run's peak memory from the model's config; does it fit?"),
     "convert": ("glmtune.commands.convert", "Write a THUDM ChatGLM or GLM-4 checkpoint as a plain transformers model."),
 }

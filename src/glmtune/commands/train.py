@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from glmtune.arguments import ComputeArguments, DatasetArguments, LoraArguments, ModelArguments
+from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
 from glmtune.config import parse_arguments
 from glmtune.help import asks_for_help, command_help
 
@@ -22,7 +22,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-OWN_ARGUMENTS = [ModelArguments, DatasetArguments, LoraArguments, ComputeArguments]
+OWN_ARGUMENTS = [ModelArguments, DatasetArguments, LoraArguments, ComputeArguments, GenerationEvalArguments]
 
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
@@ -39,9 +39,9 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
 
     # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
     machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
-    model_args, data_args, lora_args, compute_args, training_args = parse_arguments(
+    model_args, data_args, lora_args, compute_args, eval_args, training_args = parse_arguments(
         "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
         {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
-    result = run_sft(model_args, data_args, lora_args, training_args, compute_args)
+    result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
     print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
           + (f" (last logged loss {result.final_loss:.4f})" if result.final_loss is not None else ""))

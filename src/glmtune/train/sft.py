@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
-from glmtune.arguments import ComputeArguments, DatasetArguments, LoraArguments, ModelArguments
+from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
 from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, read_manifest, write_manifest
 from glmtune.config import to_plain_dict
 from glmtune.errors import UserError
 from glmtune.models.hub import canonical_model_name
-from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 from glmtune.models.lora import resolve_target_modules
 from glmtune.train.batching import make_collator, supports_packing
 from glmtune.train.plot import plot_loss
@@ -38,7 +38,8 @@ class TrainResult:
 
 
 def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: LoraArguments,
-            training_args: Any, compute_args: ComputeArguments | None = None) -> TrainResult:
+            training_args: Any, compute_args: ComputeArguments | None = None,
+            eval_args: GenerationEvalArguments | None = None) -> TrainResult:
     from datasets import load_from_disk
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
@@ -74,6 +75,14 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     if eval_dataset is None and training_args.eval_strategy != "no":
         raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs a validation split, and "
                         f"{dataset_dir} has none", hint="prepare the data with --val_size")
+    eval_args = eval_args or GenerationEvalArguments()
+    generation_eval = None
+    if eval_args.eval_generate:
+        _check_generation_eval(training_args, eval_dataset, dataset_dir)
+        from glmtune.evaluation.callback import GenerationEvalCallback
+
+        generation_eval = GenerationEvalCallback(tokenizer, stop_token_ids(model_name, tokenizer), eval_dataset,
+                                                 eval_args)
 
     print(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
     model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype())
@@ -111,14 +120,22 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         eval_dataset=eval_dataset,
         data_collator=make_collator(tokenizer, packing),
         processing_class=tokenizer,
+        callbacks=[generation_eval] if generation_eval else None,
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    best = None
+    if generation_eval is not None:  # the best checkpoint's adapter becomes the final one (its eval_loss measured too)
+        with training_args.main_process_first(desc="loading the best checkpoint"):
+            best = generation_eval.restore_best(trainer.model, output_dir)
+        if best is not None:
+            print(f"best checkpoint by {best['metric']}: step {best['best_step']} ({best['best_value']:.4f}); "
+                  "its adapter is the final one")
     # With a validation split, the run always ends with an evaluation (and evaluates periodically too when
     # --eval_strategy asks for it).
     eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    config = to_plain_dict(model_args, data_args, lora_args, compute_args, training_args)
+    config = to_plain_dict(model_args, data_args, lora_args, compute_args, eval_args, training_args)
     # What ran: the model may not support them, auto resolved to one precision.
     config["chunked_loss"], config["packing"], config["precision"] = chunked, packing, precision.name
     config["model"] = model_name
@@ -127,8 +144,20 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                 global_step=trainer.state.global_step, train_loss=result.training_loss,
                 last_logged_loss=losses[-1] if losses else None, eval_loss=eval_loss,
-                train_runtime=result.metrics.get("train_runtime"))
+                train_runtime=result.metrics.get("train_runtime"), generation_eval=best)
     return TrainResult(output_dir, trainer.state.global_step, losses[-1] if losses else None)
+
+
+def _check_generation_eval(training_args: Any, eval_dataset: Any, dataset_dir: Path) -> None:
+    if eval_dataset is None:
+        raise UserError(f"--eval_generate needs a validation split, and {dataset_dir} has none",
+                        hint="prepare the data with --val_size")
+    if training_args.save_strategy == "no":
+        raise UserError("--eval_generate evaluates each saved checkpoint, and --save_strategy is no",
+                        hint="pass --save_strategy steps with --save_steps N (or epoch)")
+    if training_args.load_best_model_at_end or training_args.metric_for_best_model:
+        raise UserError("--eval_generate keeps the best checkpoint by its own metric; --load_best_model_at_end and "
+                        "--metric_for_best_model choose by the Trainer's", hint="use one or the other")
 
 
 def _check_same_adapter_shape(checkpoint: Path, peft_config: Any) -> None:

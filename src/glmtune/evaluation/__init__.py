@@ -1,0 +1,1 @@
+"""Generation-based evaluation: metrics, the evaluation run over a dataset, and train's per-checkpoint hook."""
