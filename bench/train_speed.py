@@ -1,0 +1,219 @@
+"""glmtune train against the plain baseline, in the same run, on the same model, data and hyper-parameters.
+
+The baseline is what a user writes without glmtune: transformers' Trainer + PEFT LoRA, batches padded to the
+longest sample, the model's own loss, fp32. glmtune runs `glmtune train` with its defaults (packing, the chunked
+loss, the automatic precision). Each run is a fresh process, so its peak RSS is its own.
+
+Two scenarios (the targets of issue 6):
+- speed: a GLM of ~15M parameters (hidden 384, 6 layers, a BPE vocabulary of 8,000 trained on the data) on the
+  first ROWS rows of ../shared/data/alpaca/alpaca_zh_demo.json at --max_seq_length 512, one epoch, batch 8.
+- memory: 10 steps at batch 4 x 1,024 tokens of a tiny GLM with GLM-4's real tokenizer (151,552 ids).
+
+    .venv/bin/python bench/train_speed.py [--scenario speed|memory|both] [--rows 256]
+
+Prints a table: real (non-pad) and supervised tokens per second, seconds per step, peak RSS, final loss (mean of
+the last five logged), and the achieved fraction of this machine's fp32 matmul peak, measured here first
+(LoRA training costs about 4 x parameters x tokens FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+LORA = {"r": 8, "alpha": 32, "dropout": 0.0}
+
+BASELINE = """
+import json, resource, sys
+from datasets import load_from_disk
+from peft import LoraConfig, get_peft_model
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments,
+                          set_seed)
+model_dir, data_dir, out, batch, epochs, max_steps, lr, r, alpha, targets = sys.argv[1:11]
+set_seed(0)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir)  # fp32
+model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=int(r), lora_alpha=float(alpha), lora_dropout=0.0,
+                                         target_modules=targets.split(",")))
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), num_train_epochs=float(epochs),
+                         max_steps=int(max_steps), learning_rate=float(lr), logging_steps=1, save_strategy="no",
+                         report_to="none", remove_unused_columns=False, seed=0, dataloader_pin_memory=False)
+trainer = Trainer(model=model, args=args, train_dataset=load_from_disk(data_dir)["train"],
+                  data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+result = trainer.train()
+losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+print(json.dumps({"runtime": result.metrics["train_runtime"], "steps": trainer.state.global_step,
+                  "losses": losses, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+GLMTUNE = """
+import json, resource, sys
+from glmtune.cli import main
+out = sys.argv[1]
+code = main(["train", *sys.argv[2:]])
+manifest = json.load(open(out + "/manifest.json"))
+print(json.dumps({"code": code, "runtime": manifest["train_runtime"], "steps": manifest["global_step"],
+                  "config": {k: manifest["config"][k] for k in ("packing", "chunked_loss", "precision")},
+                  "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def run_child(code: str, *args: object) -> tuple[dict, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"a child run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+def matmul_peak_gflops() -> float:
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
+
+
+def dataset_tokens(data_dir: Path, rows: int | None = None) -> tuple[int, int]:
+    """(real tokens, supervised tokens) of one pass over the prepared training split."""
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(data_dir))["train"]
+    if rows is not None:
+        train = train.select(range(min(rows, len(train))))
+    ids, labels = train["input_ids"], train["labels"]
+    return sum(map(len, ids)), sum(sum(label != -100 for label in row[1:]) for row in labels)
+
+
+def glmtune_losses(stdout: str) -> list[float]:
+    return [float(json.loads(line.replace("'", '"'))["loss"]) for line in stdout.splitlines()
+            if line.startswith("{'loss'")]
+
+
+def scenario_speed(tmp: Path, rows: int) -> list[dict]:
+    from glmtune.cli import main
+    from glmtune.models.tiny import build_tiny_glm
+
+    source = json.loads((SHARED / "data/alpaca/alpaca_zh_demo.json").read_text(encoding="utf-8"))[:rows]
+    texts = [r[k] for r in source for k in ("instruction", "input", "output") if r[k]]
+    model = build_tiny_glm(tmp / "model", texts, hidden_size=384, num_layers=6, vocab_size=8000)
+    (tmp / "rows.json").write_text(json.dumps(source, ensure_ascii=False), encoding="utf-8")
+    assert main(["prepare", "--jsonl_path", str(tmp / "rows.json"), "--save_path", str(tmp / "data"), "--model",
+                 str(model), "--max_seq_length", "512"]) == 0
+    return _compare(tmp, model, tmp / "data", _count(model), batch=8, epochs=1, max_steps=-1, lr=1e-3, label="speed")
+
+
+def scenario_memory(tmp: Path) -> list[dict]:
+    from glmtune.cli import main
+    from glmtune.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(SHARED / "tokenizers" / "glm-4-9b-chat"))
+    model = _tiny_model_for(tokenizer, tmp / "model-151k")
+    # Samples of exactly 1,024 tokens: alpaca texts joined, as plain text rows.
+    text = "\n".join(r["output"] for r in json.loads((SHARED / "data/alpaca/alpaca_zh_demo.json").read_text()))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    rows = [{"text": tokenizer.decode(ids[i * 1000:(i + 1) * 1000])} for i in range(40)]
+    (tmp / "long.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    assert main(["prepare", "--jsonl_path", str(tmp / "long.json"), "--save_path", str(tmp / "long"), "--model",
+                 str(model), "--max_seq_length", "1024", "--truncation", "right"]) == 0
+    return _compare(tmp, model, tmp / "long", _count(model), batch=4, epochs=1, max_steps=10, lr=1e-3, label="memory")
+
+
+def _tiny_model_for(tokenizer, directory: Path) -> Path:
+    import torch
+    from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
+
+    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = GlmForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _count(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs: int, max_steps: int, lr: float,
+             label: str) -> list[dict]:
+    targets = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
+    steps_rows = None if max_steps < 0 else max_steps * batch
+    real, supervised = dataset_tokens(data, steps_rows)
+    base, _ = run_child(BASELINE, model, data, tmp / f"{label}-baseline", batch, epochs, max_steps, lr,
+                        LORA["r"], LORA["alpha"], targets)
+    ours, stdout = run_child(GLMTUNE, tmp / f"{label}-glmtune", "--dataset_path", data, "--output_dir",
+                             tmp / f"{label}-glmtune", "--per_device_train_batch_size", batch, "--num_train_epochs",
+                             epochs, "--max_steps", max_steps, "--learning_rate", lr, "--lora_rank", LORA["r"],
+                             "--lora_alpha", LORA["alpha"], "--lora_dropout", "0", "--logging_steps", "1",
+                             "--save_strategy", "no", "--seed", "0", "--target_modules", targets)
+    ours["losses"] = glmtune_losses(stdout)
+    out = []
+    for name, run in (("baseline (Trainer + PEFT, padded, plain loss, fp32)", base),
+                      (f"glmtune ({', '.join(f'{k} {v}' for k, v in ours['config'].items())})", ours)):
+        last = run["losses"][-5:]
+        out.append({"scenario": label, "run": name, "params": params, "steps": run["steps"],
+                    "seconds": run["runtime"], "real_tokens": real, "supervised_tokens": supervised,
+                    "peak_gib": run["peak_gib"], "final_loss": sum(last) / len(last) if last else float("nan")})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["speed", "memory", "both"], default="both")
+    parser.add_argument("--rows", type=int, default=256, help="alpaca rows for the speed scenario")
+    args = parser.parse_args()
+    peak = matmul_peak_gflops()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as tmp:
+        if args.scenario in ("speed", "both"):
+            results += scenario_speed(Path(tmp), args.rows)
+        if args.scenario in ("memory", "both"):
+            results += scenario_memory(Path(tmp))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; fp32 matmul peak measured here: {peak:.0f} GFLOP/s")
+    print("| scenario | run | s/step | real tok/s | supervised tok/s | peak RSS GiB | final loss | of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        tps = r["real_tokens"] / r["seconds"]
+        flops = 4 * r["params"] * r["real_tokens"] / r["seconds"] / 1e9
+        print(f"| {r['scenario']} | {r['run']} | {r['seconds'] / r['steps']:.2f} | {tps:.0f} | "
+              f"{r['supervised_tokens'] / r['seconds']:.0f} | {r['peak_gib']:.2f} | {r['final_loss']:.3f} | "
+              f"{flops / peak:.1%} |")
+    for scenario in sorted({r["scenario"] for r in results}):
+        base, ours = [r for r in results if r["scenario"] == scenario]
+        print(f"{scenario}: glmtune {base['seconds'] / ours['seconds']:.2f}x the baseline's throughput, "
+              f"{ours['peak_gib'] / base['peak_gib']:.2f}x its peak memory, final loss "
+              f"{100 * (ours['final_loss'] - base['final_loss']) / base['final_loss']:+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
