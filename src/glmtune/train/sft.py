@@ -40,9 +40,7 @@ class TrainResult:
 def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: LoraArguments,
             training_args: Any, compute_args: ComputeArguments | None = None,
             eval_args: GenerationEvalArguments | None = None) -> TrainResult:
-    from datasets import load_from_disk
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, set_seed
+    from transformers import Trainer
 
     from glmtune.train.loss import ChunkedLossTrainer
 
@@ -65,16 +63,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
     _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
     tokenizer.padding_side = "right"  # training pads on the right; generation sets left itself
-    try:
-        splits = load_from_disk(str(dataset_dir))
-        dataset = splits["train"]
-    except (FileNotFoundError, KeyError) as e:
-        raise UserError(f"{dataset_dir} has a manifest but no readable `train` split ({e})",
-                        hint="prepare it again with `glmtune prepare`") from None
-    eval_dataset = splits["validation"] if "validation" in splits else None
-    if eval_dataset is None and training_args.eval_strategy != "no":
-        raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs a validation split, and "
-                        f"{dataset_dir} has none", hint="prepare the data with --val_size")
+    dataset, eval_dataset = _load_splits(dataset_dir, training_args)
     eval_args = eval_args or GenerationEvalArguments()
     generation_eval = None
     if eval_args.eval_generate:
@@ -86,21 +75,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
 
     print(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
     model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype())
-    # The adapter's random init draws from the global generator: seed it first, or two runs with the same --seed
-    # start from different adapters (the Trainer seeds only after the adapter exists).
-    set_seed(training_args.seed)
-    peft_config = LoraConfig(
-        task_type="CAUSAL_LM", r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=resolve_target_modules(model.config.model_type, lora_args.target_modules),
-    )
-    if resume is not None:
-        _check_same_adapter_shape(resume, peft_config)
-    try:
-        model = get_peft_model(model, peft_config)
-    except ValueError as e:  # e.g. a --target_modules name the model doesn't have
-        raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
-    model.print_trainable_parameters()
+    model = _add_lora(model, model_name, lora_args, resume, training_args.seed)
     # Every check passed: only now may an old run be cleared away (by the main process, the others wait).
     with training_args.main_process_first(desc="preparing the output directory"):
         if training_args.process_index == 0:
@@ -158,6 +133,45 @@ def _check_generation_eval(training_args: Any, eval_dataset: Any, dataset_dir: P
     if training_args.load_best_model_at_end or training_args.metric_for_best_model:
         raise UserError("--eval_generate keeps the best checkpoint by its own metric; --load_best_model_at_end and "
                         "--metric_for_best_model choose by the Trainer's", hint="use one or the other")
+
+
+def _load_splits(dataset_dir: Path, training_args: Any) -> tuple[Any, Any]:
+    """The prepared `train` split and the `validation` split, if any."""
+    from datasets import load_from_disk
+
+    try:
+        splits = load_from_disk(str(dataset_dir))
+        dataset = splits["train"]
+    except (FileNotFoundError, KeyError) as e:
+        raise UserError(f"{dataset_dir} has a manifest but no readable `train` split ({e})",
+                        hint="prepare it again with `glmtune prepare`") from None
+    eval_dataset = splits["validation"] if "validation" in splits else None
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs a validation split, and "
+                        f"{dataset_dir} has none", hint="prepare the data with --val_size")
+    return dataset, eval_dataset
+
+
+def _add_lora(model: Any, model_name: str, lora_args: LoraArguments, resume: Path | None, seed: int) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    # The adapter's random init draws from the global generator: seed it first, or two runs with the same --seed
+    # start from different adapters (the Trainer seeds only after the adapter exists).
+    set_seed(seed)
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM", r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=resolve_target_modules(model.config.model_type, lora_args.target_modules),
+    )
+    if resume is not None:
+        _check_same_adapter_shape(resume, peft_config)
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as e:  # e.g. a --target_modules name the model doesn't have
+        raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
+    model.print_trainable_parameters()
+    return model
 
 
 def _check_same_adapter_shape(checkpoint: Path, peft_config: Any) -> None:
