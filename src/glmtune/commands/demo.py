@@ -99,4 +99,5 @@ def _print_artifacts(out: Path, base: Path, loss_plot: str, answers: Path) -> No
     print("\nArtifacts:")
     for name, path in rows:
         print(f"  {name:<11} {path}")
-    print(f"\nAsk the tuned model yourself:\n  glmtune infer --peft_path {out / 'run'} --prompt '什么是股票？'")
+    print(f"\nAsk the tuned model yourself:\n  glmtune infer --peft_path {out / 'run'} --prompt '什么是股票？'"
+          f"\n  glmtune chat --peft_path {out / 'run'}      (interactive, streaming; /exit to leave)")
