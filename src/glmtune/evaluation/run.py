@@ -88,28 +88,14 @@ def samples_from_tokenized(tokenizer: Any, stop_ids: list[int], rows: Iterable[d
 
 def generate_answers(model: Any, tokenizer: Any, stop_ids: list[int], samples: list[EvalSample],
                      max_new_tokens: int, batch_size: int, progress: bool = True) -> list[str]:
-    """Greedy answers from prompt ids, decoded as the inference engine decodes them. The engine starts from
-    conversations; a prepared split has only ids, so train's hook generates here (a test checks both agree)."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    """Greedy answers from prompt ids, through the inference engine's batched generation (a prepared split has
+    only ids, so train's hook starts here rather than from conversations)."""
+    from glmtune.inference.engine import GenerationSettings, generate_batched
 
-    pad = tokenizer.pad_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad, do_sample=False)
-    answers: dict[int, str] = {}
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids))  # similar lengths: less padding
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="Generating", unit="batch", disable=not progress):
-        prompts = [samples[i].prompt_ids for i in batch]
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # (batch, width), left-padded
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids.to(model.device),
-                                    attention_mask=attention_mask.to(model.device), generation_config=config)
-        for row, index in enumerate(batch):
-            answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
-    return [answers[i] for i in range(len(samples))]
+    prompts = [sample.prompt_ids for sample in samples]
+    completions = generate_batched(model, tokenizer, stop_ids, prompts, [max_new_tokens] * len(prompts),
+                                   GenerationSettings(max_new_tokens=max_new_tokens), batch_size, progress)
+    return [completion.text for completion in completions]
 
 
 def reference_nll(model: Any, pad_id: int, samples: list[EvalSample], batch_size: int,

@@ -65,26 +65,10 @@ class Engine:
                  batch_size: int = 8, progress: bool = True) -> list[Completion]:
         """One answer per conversation, in order, with its token counts. Batches hold prompts of similar length
         (less padding)."""
-        import torch
-        from tqdm.auto import tqdm
-
         prompts = [encode_prompt(self.tokenizer, c.prompt_part()) for c in conversations]
         budgets = [self._answer_budget(settings, prompt, c) for prompt, c in zip(prompts, conversations, strict=True)]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        answers: dict[int, Completion] = {}
-        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc="Generating", unit="batch", disable=not progress):
-            input_ids, attention_mask = self._left_pad([prompts[i] for i in batch])
-            config = self._generation_config(settings, max(budgets[i] for i in batch))
-            with torch.no_grad():
-                output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                             generation_config=config)
-            for row, index in enumerate(batch):
-                # Each answer keeps its own budget, whatever it was batched with.
-                new_tokens = output[row, input_ids.shape[1]:][: budgets[index]]
-                text = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-                answers[index] = count_completion(text, len(prompts[index]), new_tokens.tolist(), self.stop_ids)
-        return [answers[i] for i in range(len(prompts))]
+        return generate_batched(self.model, self.tokenizer, self.stop_ids, prompts, budgets, settings, batch_size,
+                                progress)
 
     def stream(self, conversation: Conversation, settings: GenerationSettings,
                stop_strings: list[str] | None = None) -> TextStream:
@@ -94,8 +78,8 @@ class Engine:
         completion's finish_reason stays "length" unless a stop token came first."""
         prompt = encode_prompt(self.tokenizer, conversation.prompt_part())
         budget = self._answer_budget(settings, prompt, conversation)
-        input_ids, attention_mask = self._left_pad([prompt])  # (1, prompt)
-        config = self._generation_config(settings, budget)
+        input_ids, attention_mask = left_pad([prompt], self.tokenizer.pad_token_id)  # (1, prompt)
+        config = generation_config(settings, budget, self.stop_ids, self.tokenizer.pad_token_id)
         if stop_strings:
             config.stop_strings = stop_strings
         return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids)
@@ -114,22 +98,47 @@ class Engine:
                             f"{len(prompt)}-token prompt", hint="raise --max_length or use --max_new_tokens")
         return settings.max_length - len(prompt)
 
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[Any, Any]:
-        import torch
 
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)  # (batch, width)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
-        return input_ids, attention_mask
 
-    def _generation_config(self, settings: GenerationSettings, max_new: int) -> Any:
-        from transformers import GenerationConfig
+def generate_batched(model: Any, tokenizer: Any, stop_ids: list[int], prompts: list[list[int]], budgets: list[int],
+                     settings: GenerationSettings, batch_size: int = 8, progress: bool = True) -> list[Completion]:
+    """Answers to prompt ids, in order, each within its own budget of new tokens. Batches hold prompts of similar
+    length (less padding), left-padded. The engine's path, and train's evaluation hook's (which has only ids)."""
+    import torch
+    from tqdm.auto import tqdm
 
-        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
-            if settings.temperature > 0 else {"do_sample": False}
-        return GenerationConfig(max_new_tokens=max_new, eos_token_id=self.stop_ids,
-                                pad_token_id=self.tokenizer.pad_token_id, **sampling)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, Completion] = {}
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="Generating", unit="batch", disable=not progress):
+        input_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
+        config = generation_config(settings, max(budgets[i] for i in batch), stop_ids, tokenizer.pad_token_id)
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids.to(model.device),
+                                    attention_mask=attention_mask.to(model.device), generation_config=config)
+        for row, index in enumerate(batch):
+            # Each answer keeps its own budget, whatever it was batched with.
+            new_tokens = output[row, input_ids.shape[1]:][: budgets[index]]
+            text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            answers[index] = count_completion(text, len(prompts[index]), new_tokens.tolist(), stop_ids)
+    return [answers[i] for i in range(len(prompts))]
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)  # (batch, width)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return input_ids, attention_mask
+
+
+def generation_config(settings: GenerationSettings, max_new: int, stop_ids: list[int], pad: int) -> Any:
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} \
+        if settings.temperature > 0 else {"do_sample": False}
+    return GenerationConfig(max_new_tokens=max_new, eos_token_id=stop_ids, pad_token_id=pad, **sampling)
 
 
 def adapter_base_model(peft_path: Path) -> str | None:
