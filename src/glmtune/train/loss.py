@@ -69,6 +69,12 @@ class ChunkedLossTrainer(Trainer):
         outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
         loss = chunked_causal_lm_loss(outputs.hidden_states[-1], output_layer, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
+            # gradients over processes, so each process's share is scaled back up (else the loss and gradients of
+            # a 2-process run are half a single process's).
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         # Normalised over the whole accumulated batch when the Trainer counted it: no further division.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         return (loss, outputs) if return_outputs else loss

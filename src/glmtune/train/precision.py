@@ -67,8 +67,8 @@ def choose_precision(requested: str, bf16_flag: bool, fp16_flag: bool, hardware:
 
 
 def apply_to_training_args(precision: Precision, training_args: Any, hardware: Hardware) -> Any:
-    """TrainingArguments with the Trainer's mixed precision set to match (re-validated by its __post_init__, which
-    accepts bf16 without a GPU only with use_cpu)."""
-    bf16 = precision.name == "bf16"
-    return dataclasses.replace(training_args, bf16=bf16, fp16=precision.name == "fp16",
-                               use_cpu=training_args.use_cpu or (bf16 and not hardware.cuda))
+    """TrainingArguments with the Trainer's mixed precision set to match (re-validated by its __post_init__).
+    use_cpu without a GPU: transformers 5 accepts bf16 on CPU only with it, and only with it does a CPU run under
+    torchrun join the process group (measured: world_size 1 in each of two torchrun processes without it)."""
+    return dataclasses.replace(training_args, bf16=precision.name == "bf16", fp16=precision.name == "fp16",
+                               use_cpu=training_args.use_cpu or not hardware.cuda)

@@ -119,7 +119,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                 global_step=trainer.state.global_step, train_loss=result.training_loss,
                 last_logged_loss=losses[-1] if losses else None, eval_loss=eval_loss,
-                train_runtime=result.metrics.get("train_runtime"), generation_eval=best)
+                train_runtime=result.metrics.get("train_runtime"), generation_eval=best,
+                world_size=training_args.world_size)
     return TrainResult(output_dir, trainer.state.global_step, losses[-1] if losses else None)
 
 
