@@ -1,5 +1,5 @@
-"""A two-process DDP run through torchrun (gloo, CPU) trains the adapter a single process trains with the same
-global batch."""
+"""A two-process DDP run through torchrun or accelerate launch (gloo, CPU) trains the adapter a single process
+trains with the same global batch."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import write_json
 
 COMMON = ["--max_steps", "3", "--logging_steps", "1", "--seed", "3", "--lora_dropout", "0", "--precision", "fp32",
           "--save_strategy", "no", "--learning_rate", "1e-2"]
 
 
-def test_torchrun_two_processes_train_what_one_process_trains(tmp_path):
+# accelerate: --multi_gpu, because `--cpu --num_processes 2` silently runs one process (ENVIRONMENT.md).
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+             "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_train_what_one_process_trains(tmp_path, launcher):
     from safetensors.torch import load_file
 
     from glmtune.cli import main
@@ -31,10 +38,11 @@ def test_torchrun_two_processes_train_what_one_process_trains(tmp_path):
     single = subprocess.run([sys.executable, *train, "--output_dir", str(tmp_path / "single"),
                              "--per_device_train_batch_size", "4"], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *train,
+    ddp = subprocess.run([sys.executable, *LAUNCHERS[launcher], *train,
                           "--output_dir", str(tmp_path / "ddp"), "--per_device_train_batch_size", "2"],
                          env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.stdout.count("Adapter saved") == 1  # the main process reports; the other stays quiet
 
     runs = {name: json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("single", "ddp")}
     assert runs["single"]["world_size"] == 1 and runs["ddp"]["world_size"] == 2  # two ranks really ran

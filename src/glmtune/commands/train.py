@@ -43,5 +43,9 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
         "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
         {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
     result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under torchrun / accelerate launch: said once
+        return
     print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
           + (f" (last logged loss {result.final_loss:.4f})" if result.final_loss is not None else ""))
