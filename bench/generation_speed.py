@@ -10,13 +10,10 @@ bounded queue: see glmtune/serve), so concurrency there buys no throughput; the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,26 +37,6 @@ def infer_tokens_per_second(engine, prompts: list[str], max_new_tokens: int, bat
     completions = engine.complete(conversations, settings, batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - start
     return sum(c.completion_tokens for c in completions) / seconds
-
-
-@contextlib.contextmanager
-def server(engine) -> Iterator[str]:
-    import uvicorn
-
-    from glmtune.commands.serve import listen
-    from glmtune.serve.app import create_app
-
-    listener = listen("127.0.0.1", 0)
-    instance = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), log_level="warning"))
-    thread = threading.Thread(target=instance.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    while not instance.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    finally:
-        instance.should_exit = True
-        thread.join(10)
 
 
 def serve_tokens_per_second(url: str, prompts: list[str], max_new_tokens: int, clients: int) -> float:
@@ -86,6 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from glmtune.inference.engine import Engine
+    from glmtune.serve.app import create_app
+    from glmtune.serve.background import running
 
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as tmp:
         model, questions = build_model(Path(tmp) / "model")
@@ -94,7 +73,8 @@ def main() -> None:
         rows = [(f"infer, batches of {args.batch_size}",
                  infer_tokens_per_second(engine, prompts, args.max_new_tokens, args.batch_size)),
                 ("infer, one prompt at a time", infer_tokens_per_second(engine, prompts, args.max_new_tokens, 1))]
-        with server(engine) as url:
+        with running(create_app(engine, "bench")) as base:
+            url = base + "/v1"
             rows += [("serve, 8 concurrent clients", serve_tokens_per_second(url, prompts, args.max_new_tokens, 8)),
                      ("serve, 1 client", serve_tokens_per_second(url, prompts, args.max_new_tokens, 1))]
     print(f"\n{args.prompts} prompts, up to {args.max_new_tokens} new tokens each, tiny demo GLM, "

@@ -4,7 +4,6 @@ included; the key; every malformed request's 4xx in OpenAI's error shape; concur
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import subprocess
@@ -18,36 +17,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from glmtune.serve.background import running, serving
+
 openai = pytest.importorskip("openai")
 
 KEY = "sk-test-key"
 MODEL = "tiny"
-
-
-@contextlib.contextmanager
-def running(app) -> Iterator[str]:
-    """Serve `app` with uvicorn in a background thread on a free port; yields its base URL."""
-    import uvicorn
-
-    from glmtune.commands.serve import listen
-
-    with serving(uvicorn.Server(uvicorn.Config(app, log_level="warning")), listen("127.0.0.1", 0)) as url:
-        yield url
-
-
-@contextlib.contextmanager
-def serving(server, listener) -> Iterator[str]:
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def client(url: str, key: str = KEY):
