@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = ROOT.parent / "shared"  # --shared overrides (a GPU machine gets the data beside the checkout)
 LORA = {"r": 8, "alpha": 32, "dropout": 0.0}
 
 BASELINE = """
@@ -51,19 +51,24 @@ trainer = Trainer(model=model, args=args, train_dataset=load_from_disk(data_dir)
                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
 result = trainer.train()
 losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+import torch
+gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 print(json.dumps({"runtime": result.metrics["train_runtime"], "steps": trainer.state.global_step,
-                  "losses": losses, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "losses": losses, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "gpu_peak_gib": gpu}))
 """
 
 GLMTUNE = """
 import json, resource, sys
+import torch
 from glmtune.cli import main
 out = sys.argv[1]
 code = main(["train", *sys.argv[2:]])
 manifest = json.load(open(out + "/manifest.json"))
+gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 print(json.dumps({"code": code, "runtime": manifest["train_runtime"], "steps": manifest["global_step"],
                   "config": {k: manifest["config"][k] for k in ("packing", "chunked_loss", "precision")},
-                  "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "gpu_peak_gib": gpu}))
 """
 
 
@@ -75,17 +80,26 @@ def run_child(code: str, *args: object) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
 
 
-def matmul_peak_gflops() -> float:
+def matmul_peak_gflops() -> tuple[float, str]:
+    """The machine's measured matmul peak: fp32 on the CPU; on a GPU, bf16 (what glmtune trains in there)."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    if torch.cuda.is_available():
+        n, device, dtype, label = 8192, "cuda", torch.bfloat16, f"{torch.cuda.get_device_name()} bf16"
+    else:
+        n, device, dtype, label = 2048, "cpu", torch.float32, "fp32"
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
+    return 2 * n**3 / best / 1e9, label
 
 
 def dataset_tokens(data_dir: Path, rows: int | None = None) -> tuple[int, int]:
@@ -104,13 +118,13 @@ def glmtune_losses(stdout: str) -> list[float]:
             if line.startswith("{'loss'")]
 
 
-def scenario_speed(tmp: Path, rows: int) -> list[dict]:
+def scenario_speed(tmp: Path, rows: int, hidden_size: int = 384, num_layers: int = 6) -> list[dict]:
     from glmtune.cli import main
     from glmtune.models.tiny import build_tiny_glm
 
     source = json.loads((SHARED / "data/alpaca/alpaca_zh_demo.json").read_text(encoding="utf-8"))[:rows]
     texts = [r[k] for r in source for k in ("instruction", "input", "output") if r[k]]
-    model = build_tiny_glm(tmp / "model", texts, hidden_size=384, num_layers=6, vocab_size=8000)
+    model = build_tiny_glm(tmp / "model", texts, hidden_size=hidden_size, num_layers=num_layers, vocab_size=8000)
     (tmp / "rows.json").write_text(json.dumps(source, ensure_ascii=False), encoding="utf-8")
     assert main(["prepare", "--jsonl_path", str(tmp / "rows.json"), "--save_path", str(tmp / "data"), "--model",
                  str(model), "--max_seq_length", "512"]) == 0
@@ -181,7 +195,8 @@ def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs
         last = run["losses"][-5:]
         out.append({"scenario": label, "run": name, "params": params, "steps": run["steps"],
                     "seconds": run["runtime"], "real_tokens": real, "supervised_tokens": supervised,
-                    "peak_gib": run["peak_gib"], "final_loss": sum(last) / len(last) if last else float("nan")})
+                    "peak_gib": run["peak_gib"], "gpu_peak_gib": run.get("gpu_peak_gib"),
+                    "final_loss": sum(last) / len(last) if last else float("nan")})
     return out
 
 
@@ -189,24 +204,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=["speed", "memory", "both"], default="both")
     parser.add_argument("--rows", type=int, default=256, help="alpaca rows for the speed scenario")
+    parser.add_argument("--hidden_size", type=int, default=384, help="the speed scenario's GLM width")
+    parser.add_argument("--num_layers", type=int, default=6, help="the speed scenario's GLM depth")
+    parser.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared)")
     args = parser.parse_args()
-    peak = matmul_peak_gflops()
+    global SHARED
+    SHARED = args.shared or SHARED
+    peak, peak_label = matmul_peak_gflops()
     results = []
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as tmp:
         if args.scenario in ("speed", "both"):
-            results += scenario_speed(Path(tmp), args.rows)
+            results += scenario_speed(Path(tmp), args.rows, args.hidden_size, args.num_layers)
         if args.scenario in ("memory", "both"):
             results += scenario_memory(Path(tmp))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; fp32 matmul peak measured here: {peak:.0f} GFLOP/s")
-    print("| scenario | run | s/step | real tok/s | supervised tok/s | peak RSS GiB | final loss | of matmul peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; {peak_label} matmul peak measured here: {peak:.0f} GFLOP/s")
+    print("| scenario | run | s/step | real tok/s | supervised tok/s | peak RSS GiB | peak GPU GiB | final loss | "
+          "of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         tps = r["real_tokens"] / r["seconds"]
         flops = 4 * r["params"] * r["real_tokens"] / r["seconds"] / 1e9
         print(f"| {r['scenario']} | {r['run']} | {r['seconds'] / r['steps']:.2f} | {tps:.0f} | "
-              f"{r['supervised_tokens'] / r['seconds']:.0f} | {r['peak_gib']:.2f} | {r['final_loss']:.3f} | "
+              f"{r['supervised_tokens'] / r['seconds']:.0f} | {r['peak_gib']:.2f} | "
+              f"{'-' if r['gpu_peak_gib'] is None else format(r['gpu_peak_gib'], '.2f')} | {r['final_loss']:.3f} | "
               f"{flops / peak:.1%} |")
     for scenario in sorted({r["scenario"] for r in results}):
         base, ours = [r for r in results if r["scenario"] == scenario]

@@ -85,3 +85,14 @@ def test_packing_trains_like_padding(cli, tiny_model, tmp_path, demo_rows):
         runs[packing] = json.loads((tmp_path / packing / "manifest.json").read_text())
     assert runs["true"]["config"]["packing"] is True and runs["false"]["config"]["packing"] is False
     assert abs(runs["true"]["train_loss"] - runs["false"]["train_loss"]) < 1e-4
+
+
+def test_rows_of_one_sample_keep_plain_positions_so_no_mask_is_built():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    model = tiny_glm().float()
+    batch = samples(model.config.vocab_size, [7, 5, 3])  # no two fit together in rows of 7: one sample per row
+    packed = make_collator(None, packing=True)(batch)
+    assert packed["position_ids"].tolist() == [list(range(7))] * 3  # the padding tails continue their sample
+    assert find_packed_sequence_indices(packed["position_ids"]) is None  # plain causal attention, no mask
+    assert abs(model(**packed).loss.item() - one_by_one(model, batch).item()) < 1e-5
