@@ -28,13 +28,22 @@ class ModelArguments:
     model: str | None = field(**_help("Name or path of the base model (a hub name or a local directory). "
                                       "Defaults to the model the dataset or adapter was made with.", default=None))
     trust_remote_code: bool = field(**_help("Run the model repository's own Python code.", default=False))
+    quantization_bit: int | None = field(**_help(
+        "Load the base model's linear layers quantized with bitsandbytes: 8 (LLM.int8) or 4 (QLoRA: NF4, double "
+        "quantization); LoRA and the optimizer stay fp32. On a CUDA GPU, or on CPU (slower than fp32 there).",
+        default=None))
+
+    def __post_init__(self) -> None:
+        if self.quantization_bit is not None and self.quantization_bit not in (4, 8):
+            raise UserError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}",
+                            hint="--quantization_bit 8 (LLM.int8) or 4 (QLoRA NF4); leave it out for no quantization")
 
 
 @dataclass
-class PrepareArguments:
-    jsonl_path: list[str] | None = field(**_help(
-        "Data file(s): JSON array, JSON lines, CSV or Parquet; several may follow the flag.", default=None))
-    save_path: str | None = field(**_help("Directory to write the tokenized dataset to.", default=None))
+class TokenizeArguments:
+    """How data files' rows become training samples: `glmtune prepare`'s options, and `glmtune train`'s when
+    --dataset_path is a data file (prepared on the fly, see glmtune.data.prepared)."""
+
     max_seq_length: int = field(**_help("Longest sample in tokens (see --truncation).", default=512))
     truncation: str = field(**_help("Rows longer than --max_seq_length: 'right' cuts the end, 'left' drops the "
                                     "oldest turns (then cuts the start) to keep the last answer, 'drop' leaves "
@@ -48,16 +57,11 @@ class PrepareArguments:
                                          default=False))
     train_on_prompt: bool = field(**_help("Take the loss on the prompts too, not only on the answers.",
                                           default=False))
-    skip_bad_rows: bool = field(**_help("Leave bad rows out (counted, and written to SAVE_PATH.rejects.jsonl) "
-                                        "instead of stopping.", default=False))
-    dry_run: bool = field(**_help("Print the report and write nothing.", default=False))
+    skip_bad_rows: bool = field(**_help("Leave bad rows out (counted, and written to a .rejects.jsonl file beside "
+                                        "the tokenized dataset) instead of stopping.", default=False))
     val_size: float = field(**_help("Rows held out in a `validation` split: a fraction (below 1) or a count.",
                                     default=0.0))
-    seed: int = field(**_help("Seed of the validation split's shuffle.", default=42))
     num_proc: int | None = field(**_help("Processes that tokenize in parallel.", default=None))
-    use_cache: bool = field(**_help("Reuse the result of an identical earlier run (same data, tokenizer, "
-                                    "template and options), kept under HF_HOME/glmtune/prepare.", default=True))
-    overwrite_output_dir: bool = field(**_help("Replace --save_path if it exists.", default=False))
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 2:
@@ -87,8 +91,23 @@ class PrepareArguments:
 
 
 @dataclass
-class DatasetArguments:
-    dataset_path: str | None = field(**_help("Dataset directory written by `glmtune prepare`.", default=None))
+class PrepareArguments(TokenizeArguments):
+    jsonl_path: list[str] | None = field(**_help(
+        "Data file(s): JSON array, JSON lines, CSV or Parquet; several may follow the flag.", default=None))
+    save_path: str | None = field(**_help("Directory to write the tokenized dataset to.", default=None))
+    dry_run: bool = field(**_help("Print the report and write nothing.", default=False))
+    seed: int = field(**_help("Seed of the validation split's shuffle.", default=42))
+    use_cache: bool = field(**_help("Reuse the result of an identical earlier run (same data, tokenizer, "
+                                    "template and options), kept under HF_HOME/glmtune/prepare.", default=True))
+    overwrite_output_dir: bool = field(**_help("Replace --save_path if it exists.", default=False))
+
+
+@dataclass
+class DatasetArguments(TokenizeArguments):
+    dataset_path: str | None = field(**_help(
+        "Dataset directory written by `glmtune prepare`, or a data file (any format prepare reads), tokenized "
+        "here with the options above by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare).",
+        default=None))
     overwrite_output_dir: bool = field(**_help("Start afresh in a non-empty --output_dir.", default=False))
     packing: bool = field(**_help("Put a batch's samples end to end in one row, positions restarting at each, with "
                                   "no padding (on for models whose attention keeps packed samples apart; others "
@@ -282,3 +301,27 @@ class ServeArguments:
             raise UserError(f"--max_queue must be at least 1, got {self.max_queue}")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise UserError("--served_model_name must not be empty")
+
+
+DPO_REFERENCES = ("start", "base")
+
+
+@dataclass
+class DpoArguments:
+    """`glmtune dpo`'s own options. beta, loss_type and the other preference options are TRL's DPOConfig fields,
+    taken from it as they are (declaring them here too would give the parser two --beta)."""
+
+    dataset_path: str | None = field(**_help("Dataset directory of preference pairs written by `glmtune prepare`.",
+                                             default=None))
+    peft_path: str | None = field(**_help("LoRA adapter to start from and go on training (a `glmtune train` output, "
+                                          "e.g. the SFT run); default: a new adapter from the LoRA options.",
+                                          default=None))
+    reference: str = field(**_help("The reference model the rewards are measured against: 'start' (the model as DPO "
+                                   "starts: the base, plus a frozen copy of --peft_path's adapter if given; standard "
+                                   "DPO) or 'base' (the base model without any adapter). Neither loads a second copy "
+                                   "of the base weights.", default="start"))
+    overwrite_output_dir: bool = field(**_help("Start afresh in a non-empty --output_dir.", default=False))
+
+    def __post_init__(self) -> None:
+        if self.reference not in DPO_REFERENCES:
+            raise UserError(f"--reference {self.reference} is unknown", hint=f"choose {' or '.join(DPO_REFERENCES)}")

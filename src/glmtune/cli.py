@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("glmtune.commands.demo", "Build a tiny GLM, tune it on the bundled finance Q&A, show before/after."),
     "prepare": ("glmtune.commands.prepare", "Tokenize a data file into a training dataset directory."),
     "train": ("glmtune.commands.train", "LoRA fine-tuning on a prepared dataset."),
+    "dpo": ("glmtune.commands.dpo", "Preference tuning (DPO) of a LoRA adapter on prepared chosen/rejected pairs."),
     "infer": ("glmtune.commands.infer", "Answer prompts with a base model and an optional adapter."),
     "chat": ("glmtune.commands.chat", "Talk to a model (with an optional adapter) in the terminal, streaming."),
     "merge": ("glmtune.commands.merge", "Fold an adapter into its base model and prove the merged logits match."),

@@ -29,7 +29,7 @@ def run(model_args: ModelArguments, args: ChatArguments) -> None:
     from glmtune.inference.engine import Engine, GenerationSettings
 
     set_seed(args.seed)
-    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code)
+    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     session = ChatSession(engine, settings, args.system)
     if args.prompt is not None:

@@ -33,7 +33,7 @@ def run(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
     check_writable_output(output_dir, args.overwrite_output_dir, "directory", inputs)  # before minutes of work
     data = load_data([args.dataset], args.format)
     conversations = data.conversations[: args.max_samples]
-    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code)
+    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
     samples = samples_from_conversations(engine.tokenizer, engine.stop_ids, conversations)
 
     completions = engine.complete([c.prompt_part() for c in conversations],

@@ -31,7 +31,7 @@ def run(model_args: ModelArguments, args: InferenceArguments) -> list[dict[str, 
     if args.output:
         check_writable_output(Path(args.output), args.overwrite_output_dir, "file", _inputs(args))
     set_seed(args.seed)
-    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code)
+    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
     settings = GenerationSettings(args.max_new_tokens, args.max_length, args.temperature, args.top_p)
     responses = engine.generate(conversations, settings, args.batch_size)
     results = [{**row, "response": response} for row, response in zip(rows, responses, strict=True)]

@@ -24,6 +24,13 @@ def run(model_args: ModelArguments, args: MergeArguments) -> Path:
     if not args.peft_path or not args.output_dir:
         raise UserError("--peft_path and --output_dir are required",
                         hint="glmtune merge --peft_path ADAPTER_DIR --output_dir MERGED_DIR")
+    if model_args.quantization_bit:
+        # Folding W + s*B*A into 8-bit or 4-bit weights would round the adapter's update away (and bitsandbytes'
+        # merge dequantizes and requantizes every layer): the merged model would not be base + adapter.
+        raise UserError(f"--quantization_bit {model_args.quantization_bit}: merge folds the adapter into the base "
+                        "model's full-precision weights; merging into a quantized base would round the update away",
+                        hint="leave --quantization_bit out: an adapter trained on a quantized base merges into the "
+                             "unquantized base (quantize the merged model when you load it, with --quantization_bit)")
     report = merge_adapter(Path(args.peft_path), Path(args.output_dir), model_args.model, args.dtype, args.tolerance,
                            args.overwrite_output_dir, model_args.trust_remote_code,
                            to_plain_dict(model_args, args))

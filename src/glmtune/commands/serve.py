@@ -39,7 +39,7 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[Any,
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     listener = listen(args.host, args.port)  # before loading the model: a busy port fails in a second
-    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code)
+    engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
     name = args.served_model_name or served_name(args.peft_path, engine.model_name)
     app = create_app(engine, name, api_key, args.max_queue)
     host, port = listener.getsockname()[:2]

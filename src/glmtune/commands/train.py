@@ -1,4 +1,4 @@
-"""glmtune train: LoRA fine-tuning on a prepared dataset (the seed's finetune.py). Every transformers
+"""glmtune train: LoRA fine-tuning on a prepared dataset or a data file (the seed's finetune.py). Every transformers
 TrainingArguments flag is accepted too."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from typing import Any
 
 from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
 from glmtune.config import parse_arguments
+from glmtune.errors import UserError
 from glmtune.help import asks_for_help, command_help
 
 # glmtune's defaults where transformers' suit full fine-tuning rather than LoRA; YAML and flags override them.
@@ -39,9 +40,16 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
 
     # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
     machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
-    model_args, data_args, lora_args, compute_args, eval_args, training_args = parse_arguments(
-        "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
-        {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
+    try:
+        model_args, data_args, lora_args, compute_args, eval_args, training_args = parse_arguments(
+            "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
+            {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
+    except ImportError as e:  # TrainingArguments wants the package for --deepspeed or an accelerate DeepSpeed config
+        if "deepspeed" not in str(e):
+            raise
+        raise UserError("DeepSpeed (--deepspeed, or an accelerate config with DeepSpeed) needs the deepspeed package, "
+                        "which is not installed",
+                        hint="pip install deepspeed (on the machine with the GPUs)") from None
     result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
     from accelerate import PartialState
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
 from glmtune.data.files import MalformedLine, Row
+from glmtune.data.preference import PreferenceConversation
 from glmtune.errors import MAX_PROBLEMS, UserError
 
 
@@ -173,6 +174,50 @@ def _conversation(messages: list[Message], row: dict[str, Any], system: str | No
     return Conversation(messages=messages, system=system or None, tools=tools)
 
 
+def read_preference(row: dict[str, Any], need_answer: bool) -> Conversation:
+    """A prompt (ShareGPT conversations, messages, instruction/input, or a prompt string) and two answers to its last
+    turn, `chosen` and `rejected`: strings or assistant messages. Only the answers are compared, so the prompt's own
+    answers stay context."""
+    if "conversations" in row:
+        prompt = read_sharegpt(row, need_answer=False)
+    elif "messages" in row:
+        prompt = read_messages(row, need_answer=False)
+    elif "instruction" in row:
+        prompt = read_alpaca(row, need_answer=False)
+    elif isinstance(row.get("prompt"), str):
+        prompt = Conversation(messages=[Message("user", row["prompt"])], system=_text(row, "system", optional=True))
+    else:
+        raise RowProblem("prompt", "a string (or the prompt as conversations, messages or instruction/input)",
+                         row.get("prompt"), missing="prompt" not in row)
+    if not prompt.messages or prompt.messages[-1].role == "assistant":
+        raise RowProblem("conversations" if "conversations" in row else "messages" if "messages" in row else "prompt",
+                         "a prompt that ends with the turn the answers reply to", "an assistant turn last")
+    chosen = _answer(row, "chosen", optional=not need_answer)
+    rejected = _answer(row, "rejected", optional=not need_answer)
+    history = [Message(m.role, m.content, False, m.tool_call) for m in prompt.messages]
+    answer = [Message("assistant", chosen, train=True)] if chosen is not None else []
+    return PreferenceConversation(messages=history + answer, system=prompt.system or None, tools=prompt.tools,
+                                  rejected=rejected)
+
+
+def _answer(row: dict[str, Any], key: str, optional: bool) -> str | None:
+    """A preference answer: a string, a ShareGPT message {from: gpt, value} or an OpenAI one {role: assistant,
+    content}."""
+    value = row.get(key)
+    expected = "a string or an assistant message ({from: gpt, value} or {role: assistant, content})"
+    if value is None:
+        if optional:
+            return None
+        raise RowProblem(key, expected, value, missing=key not in row)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and value.get("from") in ("gpt", "assistant"):
+        return _text(value, "value", where=f"{key}.value")
+    if isinstance(value, dict) and value.get("role") == "assistant":
+        return _content(value.get("content"), f"{key}.content")
+    raise RowProblem(key, expected, value)
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -201,6 +246,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("content_summary", ("content", "summary"), pair_reader("content", "summary"),
            "content/summary (AdvertiseGen, ChatGLM P-Tuning)", answer="summary"),
     Format("text", ("text",), read_text, "text (loss on every token)"),
+    # Last: detected by its chosen/rejected fields before any other format is tried (see detect_format).
+    Format("preference", ("chosen", "rejected"), read_preference,
+           "a prompt (conversations, messages, instruction/input or prompt) with a chosen and a rejected answer, "
+           "for `glmtune dpo`"),
 )}
 
 
@@ -210,9 +259,8 @@ def detect_format(rows: list[Row], need_answer: bool = True) -> Format:
         raise UserError(f"{first.location}: {first.data.problem}", hint="no line of the file is valid JSON")
     if not isinstance(first.data, dict):
         raise UserError(f"{first.location}: expected a JSON object, found {describe_value(first.data)}")
-    if "chosen" in first.data and "rejected" in first.data:
-        raise UserError(f"{first.location}: this is preference data (chosen/rejected), not supervised data",
-                        hint="preference tuning (DPO) is not available yet; prepare rows with one answer each")
+    if "chosen" in first.data or "rejected" in first.data:  # a row missing one is then named by its reader
+        return FORMATS["preference"]
     for fmt in FORMATS.values():
         if fmt.matches(first.data, need_answer):
             return fmt

@@ -14,6 +14,7 @@ from glmtune.artifacts import atomic_directory, atomic_file, sha256_text, write_
 from glmtune.data.conversation import Conversation
 from glmtune.data.files import Row, read_source
 from glmtune.data.formats import FORMATS, BadRow, detect_format, to_conversations
+from glmtune.data.preference import PREFERENCE_COLUMNS, is_preference_data, pair_samples, tokenize_preferences
 from glmtune.data.report import PrepareReport, build_report
 from glmtune.data.tokenize import TokenizeOptions, tokenize_dataset
 from glmtune.errors import UserError
@@ -72,13 +73,17 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
                         problems=[f"{b.location}: {b.problem}" for b in data.bad_rows[:20]])
     report = PrepareReport(format=data.format, max_seq_length=options.max_seq_length, rows_read=data.rows_read,
                            bad_rows_skipped=len(data.bad_rows))
-    tokenized = tokenize_dataset(data.conversations, tokenizer, stop_ids, options, num_proc, key)
+    preference = is_preference_data(data.conversations)
+    tokenize = tokenize_preferences if preference else tokenize_dataset
+    tokenized = tokenize(data.conversations, tokenizer, stop_ids, options, num_proc, key)
     report = build_report(report, tokenized, tokenizer, options.truncation)
+    if preference:  # both answers shown, not only the chosen one
+        report.samples = pair_samples(tokenizer, tokenized, len(report.samples))
     if report.kept == 0:
         raise UserError(f"no row of {', '.join(data.inputs)} is left to train on",
                         problems=report.lines(), hint="raise --max_seq_length, or check that the rows have answers")
     kept = tokenized.filter(lambda reason: not reason, input_columns="dropped").select_columns(
-        ["input_ids", "labels"])
+        PREFERENCE_COLUMNS if preference else ["input_ids", "labels"])
     if entry is not None:
         try:
             with atomic_directory(entry, overwrite=True) as tmp:
@@ -125,7 +130,7 @@ def save_dataset(splits: Any, report: PrepareReport, data: LoadedData, save_path
     with atomic_directory(save_path, overwrite, tuple(map(Path, data.inputs))) as tmp:
         splits.save_to_disk(str(tmp))
         write_manifest(tmp, "prepare", config, inputs=data.inputs,
-                       **manifest_fields, report=asdict(report))
+                       preference=is_preference_data(data.conversations), **manifest_fields, report=asdict(report))
         if rejects is not None:
             with atomic_file(rejects, overwrite=True) as tmp_rejects:
                 tmp_rejects.write_text("".join(json.dumps({"location": b.location, "problem": b.problem,

@@ -4,6 +4,7 @@ whole dataset (datasets.map with num_proc), with per-row statistics for the repo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +61,18 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
 
 
 def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
-                     options: TokenizeOptions, num_proc: int | None, fingerprint: str) -> Any:
-    """All rows tokenized (kept and dropped, with their statistics), as a datasets.Dataset."""
+                     options: TokenizeOptions, num_proc: int | None, fingerprint: str,
+                     process: Callable[..., dict[str, Any]] = process_conversation,
+                     read: Callable[[dict[str, Any]], Conversation] = Conversation.from_record) -> Any:
+    """All rows tokenized (kept and dropped, with their statistics), as a datasets.Dataset. `process` turns one row
+    into its columns, `read` rebuilds a row from its Arrow record (preference pairs have their own)."""
     from datasets import Dataset
 
     records = Dataset.from_list([c.to_record() for c in conversations])
 
     def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        results = [process_conversation(Conversation.from_record(r), tokenizer, stop_ids, options) for r in rows]
+        results = [process(read(r), tokenizer, stop_ids, options) for r in rows]
         return {key: [r[key] for r in results] for key in results[0]}
 
     # new_fingerprint: datasets would otherwise try to hash the tokenizer in the closure.

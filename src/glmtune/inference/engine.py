@@ -31,7 +31,8 @@ class GenerationSettings:
 
 
 class Engine:
-    def __init__(self, model: str | None, peft_path: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, model: str | None, peft_path: str | None = None, trust_remote_code: bool = False,
+                 quantization_bit: int | None = None):
         from peft import PeftModel
 
         adapter_base = adapter_base_model(Path(peft_path)) if peft_path else None
@@ -42,7 +43,7 @@ class Engine:
         if peft_path:
             check_adapter_tokenizer(Path(peft_path), self.tokenizer, self.model_name)
         self.stop_ids = stop_token_ids(self.model_name, self.tokenizer)
-        self.model = load_model(self.model_name, trust_remote_code)
+        self.model = load_model(self.model_name, trust_remote_code, quantization_bit=quantization_bit)
         if peft_path:
             self.model = PeftModel.from_pretrained(self.model, peft_path)
         self.model.eval()

@@ -152,7 +152,10 @@ def _dataset_rows(peft_path: Path) -> list[list[int]]:
     from datasets import load_from_disk
 
     rows = load_from_disk(str(Path(dataset) / "train"))
-    return [list(ids[:PROBE_MAX_TOKENS]) for ids in rows.select(range(min(DATASET_PROBES, len(rows))))["input_ids"]]
+    rows = rows.select(range(min(DATASET_PROBES, len(rows))))
+    if "input_ids" not in rows.column_names:  # preference pairs (a `glmtune dpo` adapter): the chosen sequences
+        return [(row["prompt_ids"] + row["chosen_ids"])[:PROBE_MAX_TOKENS] for row in rows]
+    return [list(ids[:PROBE_MAX_TOKENS]) for ids in rows["input_ids"]]
 
 
 def _set_generation_config(model: Any, base: str, tokenizer: Any, vocab: int) -> list[int]:

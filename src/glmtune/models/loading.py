@@ -38,19 +38,35 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None) -> Any:
+def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
+               quantization_bit: int | None = None) -> Any:
+    """`dtype`: of the weights (and, with `quantization_bit` 4, of the 4-bit layers' compute); `quantization_bit`:
+    8 or 4 to quantize the linear layers with bitsandbytes (see glmtune.models.quantization)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from glmtune.models import quantization
+
+    if quantization_bit:  # before anything is read: no backend, one clear error
+        quantization.check_backend(quantization_bit)
     source = resolve_model(name)
     config = local_config(source)
     if not trust_remote_code and config is not None and is_chatglm2_config(config):
+        if quantization_bit:
+            raise quantization.refuse_converted_layout(quantization_bit, source, "ChatGLM2/3 or GLM-4")
         return load_chatglm2(Path(source), config, dtype or torch.float32)  # THUDM's layout, converted natively
     if not trust_remote_code and config is not None and is_chatglm6b_config(config):
+        if quantization_bit:
+            raise quantization.refuse_converted_layout(quantization_bit, source, "ChatGLM-6B")
         return load_chatglm6b(Path(source), config, dtype or torch.float32)  # glmtune's own ChatGLM-6B class
+    quantized = {}
+    if quantization_bit:
+        quantized = {"quantization_config": quantization.bnb_config(quantization_bit, source, dtype,
+                                                                    trust_remote_code),
+                     "device_map": quantization.device_map()}
     try:
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                    dtype=dtype or torch.float32)
+                                                    dtype=dtype or torch.float32, **quantized)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model '{name}': {_first_line(e)}", hint=HINT) from None
 

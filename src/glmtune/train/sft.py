@@ -15,17 +15,19 @@ from typing import Any
 import yaml
 
 from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
-from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, read_manifest, write_manifest
+from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, write_manifest
 from glmtune.config import to_plain_dict
+from glmtune.data.preference import read_prepared_manifest
+from glmtune.data.prepared import prepared_dataset_dir
 from glmtune.errors import UserError
+from glmtune.models import quantization
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 from glmtune.models.lora import resolve_target_modules
 from glmtune.train.batching import make_collator, supports_packing
 from glmtune.train.plot import plot_loss
-from glmtune.train.precision import apply_to_training_args, choose_precision, detect_hardware
+from glmtune.train.precision import Precision, apply_to_training_args, choose_precision, detect_hardware
 
-CONFIG_FILE = "train_config.yaml"
 LOSS_PLOT = "loss.png"
 STAGING = ".final.tmp"  # inside the output directory: the final artifacts before they are moved into place
 
@@ -44,21 +46,18 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
 
     from glmtune.train.loss import ChunkedLossTrainer
 
-    if not data_args.dataset_path:
-        raise UserError("--dataset_path is required", hint="make one with `glmtune prepare`")
-    dataset_dir = Path(data_args.dataset_path)
-    dataset_manifest = read_manifest(dataset_dir, "prepare", "dataset directory")
+    output_dir = Path(training_args.output_dir)
+    resume = _check_output(training_args, data_args.overwrite_output_dir)
+    compute_args = compute_args or ComputeArguments()
+    precision, training_args = _choose_precision(model_args, compute_args, training_args)
+    _check_sharding_plugins(training_args)
+    # After _choose_precision: on CPU only the replaced training_args have joined the process group.
+    dataset_path = prepared_dataset_dir(data_args.dataset_path, model_args.model, training_args, data_args,
+                                        model_args.trust_remote_code)
+    dataset_dir, dataset_manifest = read_prepared_manifest(str(dataset_path), preference=False)
     if not (model_args.model or dataset_manifest.get("model")):
         raise UserError(f"{dataset_dir}/manifest.json names no model", hint="pass --model")
     model_name = canonical_model_name(model_args.model or dataset_manifest["model"])
-    output_dir = Path(training_args.output_dir)
-    resume = _resolve_resume(training_args.resume_from_checkpoint, output_dir)
-    if resume is None or output_dir.resolve() not in resume.resolve().parents:
-        check_writable_output(output_dir, data_args.overwrite_output_dir)
-    compute_args = compute_args or ComputeArguments()
-    hardware = detect_hardware()
-    precision = choose_precision(compute_args.precision, training_args.bf16, training_args.fp16, hardware)
-    training_args = apply_to_training_args(precision, training_args, hardware)
 
     tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
     _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
@@ -73,15 +72,9 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         generation_eval = GenerationEvalCallback(tokenizer, stop_token_ids(model_name, tokenizer), eval_dataset,
                                                  eval_args)
 
-    print(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
-    model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype())
+    model = _load_for_training(model_args, model_name, precision, training_args)
     model = _add_lora(model, model_name, lora_args, resume, training_args.seed)
-    # Every check passed: only now may an old run be cleared away (by the main process, the others wait).
-    with training_args.main_process_first(desc="preparing the output directory"):
-        if training_args.process_index == 0:
-            if resume is None:
-                empty_directory(output_dir)
-            shutil.rmtree(output_dir / STAGING, ignore_errors=True)
+    _clear_output(training_args, output_dir, resume)
 
     chunked = compute_args.chunked_loss and _supports_chunked_loss(model)
     packing = data_args.packing and supports_packing(model)
@@ -114,6 +107,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     # What ran: the model may not support them, auto resolved to one precision.
     config["chunked_loss"], config["packing"], config["precision"] = chunked, packing, precision.name
     config["model"] = model_name
+    config["quantization"] = quantization.describe(model.get_base_model())
     _save_final(output_dir, trainer, config,
                 base_model=model_name, dataset=str(dataset_dir),
                 tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
@@ -122,6 +116,63 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                 train_runtime=result.metrics.get("train_runtime"), generation_eval=best,
                 world_size=training_args.world_size)
     return TrainResult(output_dir, trainer.state.global_step, losses[-1] if losses else None)
+
+
+def _check_output(training_args: Any, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path | None:
+    """The checkpoint to resume from, if any; else --output_dir must be writable (see check_writable_output)."""
+    output_dir = Path(training_args.output_dir)
+    resume = _resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    if resume is None or output_dir.resolve() not in resume.resolve().parents:
+        check_writable_output(output_dir, overwrite, inputs=inputs)
+    return resume
+
+
+def _choose_precision(model_args: ModelArguments, compute_args: ComputeArguments,
+                      training_args: Any) -> tuple[Precision, Any]:
+    """The run's precision, and the training arguments set to match it."""
+    hardware = detect_hardware()
+    precision = choose_precision(compute_args.precision, training_args.bf16, training_args.fp16, hardware)
+    training_args = apply_to_training_args(precision, training_args, hardware)
+    if model_args.quantization_bit:  # no bitsandbytes backend: stop before loading anything
+        quantization.check_backend(model_args.quantization_bit)
+    return precision, training_args
+
+
+def _check_sharding_plugins(training_args: Any) -> None:
+    """FSDP and DeepSpeed need GPUs. accelerate 1.15 enables either only for GPU processes: on CPU (use_cpu, see
+    apply_to_training_args) it drops an FSDP or DeepSpeed `accelerate launch --config_file` without a word and
+    trains plain DDP (seen with examples/accelerate/fsdp.yaml on two CPU processes)."""
+    import os
+
+    def launched_with(name: str) -> bool:
+        return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
+
+    asked = [name for name, on in (("FSDP", training_args.fsdp or launched_with("FSDP")),
+                                   ("DeepSpeed", training_args.deepspeed or launched_with("DEEPSPEED"))) if on]
+    if asked and training_args.use_cpu:
+        raise UserError(f"{' and '.join(asked)} {'need' if len(asked) > 1 else 'needs'} CUDA GPUs, and this run is on "
+                        "CPU (accelerate would train plain DDP instead)",
+                        hint="on CPU: torchrun --nproc_per_node N -m glmtune train ..., or "
+                             "accelerate launch --multi_gpu --num_processes N -m glmtune train ...")
+
+
+def _load_for_training(model_args: ModelArguments, model_name: str, precision: Precision, training_args: Any) -> Any:
+    print(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
+    model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype(),
+                       quantization_bit=model_args.quantization_bit)
+    if model_args.quantization_bit:
+        model = quantization.prepare_for_training(model, training_args.gradient_checkpointing,
+                                                  training_args.gradient_checkpointing_kwargs)
+    return model
+
+
+def _clear_output(training_args: Any, output_dir: Path, resume: Path | None) -> None:
+    """Every check passed: only now may an old run be cleared away (by the main process, the others wait)."""
+    with training_args.main_process_first(desc="preparing the output directory"):
+        if training_args.process_index == 0:
+            if resume is None:
+                empty_directory(output_dir)
+            shutil.rmtree(output_dir / STAGING, ignore_errors=True)
 
 
 def _check_generation_eval(training_args: Any, eval_dataset: Any, dataset_dir: Path) -> None:
@@ -225,7 +276,8 @@ def _check_same_tokenizer(tokenizer: Any, model_name: str, manifest: dict[str, A
                              f"--model {manifest.get('model')}")
 
 
-def _save_final(output_dir: Path, trainer: Any, config: dict[str, Any], **fields: Any) -> None:
+def _save_final(output_dir: Path, trainer: Any, config: dict[str, Any], command: str = "train",
+                **fields: Any) -> None:
     """Write the final artifacts into a staging directory, then move them into output_dir, manifest last."""
     staging = output_dir / STAGING
     # Every process takes part (a sharded model gathers its weights); only the main one writes. This saves the
@@ -233,9 +285,10 @@ def _save_final(output_dir: Path, trainer: Any, config: dict[str, Any], **fields
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
-    (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
+    (staging / f"{command}_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True),
+                                                   encoding="utf-8")
     plot_loss(trainer.state.log_history, staging / LOSS_PLOT)
-    write_manifest(staging, "train", config, **fields)
+    write_manifest(staging, command, config, **fields)
     moved = sorted(staging.iterdir(), key=lambda p: p.name == "manifest.json")  # manifest last
     for item in moved:
         target = output_dir / item.name
