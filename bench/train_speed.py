@@ -176,6 +176,13 @@ def _prod(shape: list[int]) -> int:
     return out
 
 
+def _describe(run: dict) -> str:
+    return f"glmtune ({', '.join(f'{k} {v}' for k, v in run['config'].items())})"
+
+
+EXTRA_GLMTUNE_RUNS: list[str] = []
+
+
 def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs: int, max_steps: int, lr: float,
              label: str) -> list[dict]:
     targets = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
@@ -183,15 +190,21 @@ def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs
     real, supervised = dataset_tokens(data, steps_rows)
     base, _ = run_child(BASELINE, model, data, tmp / f"{label}-baseline", batch, epochs, max_steps, lr,
                         LORA["r"], LORA["alpha"], targets)
-    ours, stdout = run_child(GLMTUNE, tmp / f"{label}-glmtune", "--dataset_path", data, "--output_dir",
-                             tmp / f"{label}-glmtune", "--per_device_train_batch_size", batch, "--num_train_epochs",
-                             epochs, "--max_steps", max_steps, "--learning_rate", lr, "--lora_rank", LORA["r"],
-                             "--lora_alpha", LORA["alpha"], "--lora_dropout", "0", "--logging_steps", "1",
-                             "--save_strategy", "no", "--seed", "0", "--target_modules", targets)
+    ours_args = ["--dataset_path", data, "--per_device_train_batch_size", batch, "--num_train_epochs", epochs,
+                 "--max_steps", max_steps, "--learning_rate", lr, "--lora_rank", LORA["r"], "--lora_alpha",
+                 LORA["alpha"], "--lora_dropout", "0", "--logging_steps", "1", "--save_strategy", "no", "--seed", "0",
+                 "--target_modules", targets]
+    ours, stdout = run_child(GLMTUNE, tmp / f"{label}-glmtune", *ours_args, "--output_dir", tmp / f"{label}-glmtune")
     ours["losses"] = glmtune_losses(stdout)
+    runs = [("baseline (Trainer + PEFT, padded, plain loss, fp32)", base), (_describe(ours), ours)]
+    for extra in EXTRA_GLMTUNE_RUNS:  # --also: glmtune again with other flags (e.g. --precision fp32 on a GPU)
+        run, stdout = run_child(GLMTUNE, tmp / f"{label}-glmtune-extra", "--dataset_path", data, "--output_dir",
+                                tmp / f"{label}-glmtune-extra", "--overwrite_output_dir", "true", *ours_args[2:],
+                                *extra.split())
+        run["losses"] = glmtune_losses(stdout)
+        runs.append((_describe(run), run))
     out = []
-    for name, run in (("baseline (Trainer + PEFT, padded, plain loss, fp32)", base),
-                      (f"glmtune ({', '.join(f'{k} {v}' for k, v in ours['config'].items())})", ours)):
+    for name, run in runs:
         last = run["losses"][-5:]
         out.append({"scenario": label, "run": name, "params": params, "steps": run["steps"],
                     "seconds": run["runtime"], "real_tokens": real, "supervised_tokens": supervised,
@@ -207,9 +220,12 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=384, help="the speed scenario's GLM width")
     parser.add_argument("--num_layers", type=int, default=6, help="the speed scenario's GLM depth")
     parser.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared)")
+    parser.add_argument("--also", action="append", default=[],
+                        help="glmtune again with these extra flags, e.g. --also '--precision fp32' (repeatable)")
     args = parser.parse_args()
     global SHARED
     SHARED = args.shared or SHARED
+    EXTRA_GLMTUNE_RUNS.extend(args.also)
     peak, peak_label = matmul_peak_gflops()
     results = []
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as tmp:
@@ -231,7 +247,7 @@ def main() -> None:
               f"{'-' if r['gpu_peak_gib'] is None else format(r['gpu_peak_gib'], '.2f')} | {r['final_loss']:.3f} | "
               f"{flops / peak:.1%} |")
     for scenario in sorted({r["scenario"] for r in results}):
-        base, ours = [r for r in results if r["scenario"] == scenario]
+        base, ours = [r for r in results if r["scenario"] == scenario][:2]
         print(f"{scenario}: glmtune {base['seconds'] / ours['seconds']:.2f}x the baseline's throughput, "
               f"{ours['peak_gib'] / base['peak_gib']:.2f}x its peak memory, final loss "
               f"{100 * (ours['final_loss'] - base['final_loss']) / base['final_loss']:+.1f}%")
