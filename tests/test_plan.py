@@ -16,6 +16,7 @@ from glmtune.plan.memory import (
     Setup,
     estimate,
     layer_activation_bytes,
+    weight_bytes,
 )
 from glmtune.plan.shape import lora_parameter_count, parameter_count, resolve_targets, shape_from_config
 
@@ -176,7 +177,34 @@ def test_cli_says_what_to_change_when_it_does_not_fit(cli, tmp_path):
     assert "does not fit" in result.out
     assert "--gradient_checkpointing true" in result.out
     assert "--per_device_train_batch_size 1 --gradient_accumulation_steps 4" in result.out
-    assert "4bit quantized weights" in result.out and "still too big" in result.out
+    # The changes are given as glmtune train's flags, to paste into the training command.
+    assert "(--precision bf16)" in result.out and "(--quantization_bit 8)" in result.out
+    assert "4-bit quantized weights (--quantization_bit 4)" in result.out and "still too big" in result.out
+
+
+def test_quantized_weights_are_the_decoder_linears_in_4_bits_and_the_rest_in_fp32(cli, tmp_path):
+    """train's k-bit preparation casts the embeddings, norms and output layer to fp32: 4-bit linear weights cost
+    0.5 + 4/64 bytes a parameter (NF4 plus a scale per block of 64), the rest 4 bytes. Reference: the parameters of
+    the real transformers model, split by module type."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    config = native("glm", tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = GlmForCausalLM(GlmConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    linear = sum(p.numel() for name, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
+                 for p in m.parameters())
+    rest = sum(p.numel() for p in model.parameters()) - linear
+    shape = shape_from_config(config, "config.json")
+    setup = Setup(seq_len=128, batch_size=2, lora_rank=8, targets=tuple(resolve_targets(shape, None)), dtype="bf16",
+                  quantization="4bit")
+    assert weight_bytes(shape, setup, linear + rest) == pytest.approx(linear * (0.5 + 4 / 64) + rest * 4)
+
+    directory = write_config(tmp_path / "glm", config)
+    result = cli("plan", "--model", directory, "--device", "cpu", "--quantization_bit", "4", "--precision", "bf16")
+    assert result.code == 0, result.err
+    assert "bf16, 4bit weights" in result.out
+    refused = cli("plan", "--model", directory, "--quantization_bit", "3")
+    assert refused.code == 2 and "--quantization_bit 3" in refused.err
 
 
 def test_cli_errors_on_missing_or_unsupported_configs(cli, tmp_path):

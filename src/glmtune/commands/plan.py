@@ -8,8 +8,10 @@ from pathlib import Path
 
 from glmtune.config import parse_arguments
 from glmtune.errors import UserError
-from glmtune.plan.memory import DTYPE_BYTES, GIB, QUANT_BYTES, Estimate, Setup, estimate
+from glmtune.plan.memory import DTYPE_BYTES, GIB, Estimate, Setup, estimate
 from glmtune.plan.shape import ModelShape, resolve_targets, shape_from_config
+
+QUANTIZATION_BITS = {8: "8bit", 4: "4bit"}  # --quantization_bit -> the estimate's name for it
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -32,10 +34,11 @@ class PlanArguments:
     gradient_checkpointing: bool = field(**_help("Recompute activations in backward.", default=False))
     chunked_loss: bool = field(**_help("glmtune's chunked loss (default) rather than transformers' whole logits.",
                                        default=True))
-    dtype: str = field(**_help("Precision of the base weights and the computation: fp32 (glmtune train's), bf16 "
-                               "or fp16.", default="fp32"))
-    quantization: str | None = field(**_help("Load the decoder's linear weights in 8bit or 4bit (bitsandbytes).",
-                                             default=None))
+    precision: str = field(**_help("Precision of the base weights and the computation, as glmtune train's "
+                                   "--precision: fp32 (what auto means on a CPU without bf16 units), bf16 or fp16.",
+                                   default="fp32"))
+    quantization_bit: int | None = field(**_help("As glmtune train's: load the decoder's linear weights in 8 or 4 "
+                                                 "bits (bitsandbytes).", default=None))
     attn_implementation: str = field(**_help("sdpa (transformers' default) or eager (keeps the score matrix).",
                                              default="sdpa"))
     device: str | None = field(**_help("cpu or cuda. Default: cuda when nvidia-smi finds a GPU, else cpu.",
@@ -48,12 +51,12 @@ class PlanArguments:
         for name in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
-        choices = {"dtype": DTYPE_BYTES, "quantization": QUANT_BYTES, "attn_implementation": ("sdpa", "eager"),
-                   "device": ("cpu", "cuda")}
+        choices = {"precision": DTYPE_BYTES, "quantization_bit": QUANTIZATION_BITS,
+                   "attn_implementation": ("sdpa", "eager"), "device": ("cpu", "cuda")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value is not None and value not in allowed:
-                problems.append(f"--{name} {value}: expected one of {', '.join(allowed)}")
+                problems.append(f"--{name} {value}: expected one of {', '.join(map(str, allowed))}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.device_memory_gib is not None and self.device_memory_gib <= 0:
@@ -81,8 +84,9 @@ def run(args: PlanArguments) -> Estimate:
     shape = shape_from_config(read_json_object(path, "model config"), str(path))
     device = args.device or default_device()
     setup = Setup(args.max_seq_length, args.per_device_train_batch_size, args.lora_rank,
-                  tuple(resolve_targets(shape, args.target_modules)), args.gradient_checkpointing, args.dtype,
-                  args.quantization, args.chunked_loss, args.lora_dropout, args.attn_implementation, device)
+                  tuple(resolve_targets(shape, args.target_modules)), args.gradient_checkpointing, args.precision,
+                  QUANTIZATION_BITS.get(args.quantization_bit), args.chunked_loss, args.lora_dropout,
+                  args.attn_implementation, device)
     result = estimate(shape, setup)
     budget, where = device_memory(device, args.device_memory_gib)
     print(render(args.model, shape, setup, result, budget, where))
@@ -144,11 +148,11 @@ def suggestions(shape: ModelShape, setup: Setup, accumulation: int, budget: floa
         steps.append((f"--max_seq_length {seq} (prepare cuts or drops longer samples)", current))
     if not fits(current) and current.dtype == "fp32":
         current = replace(current, dtype="bf16")
-        steps.append(("bf16 base weights (--dtype bf16)", current))
-    for bits in ("8bit", "4bit"):
+        steps.append(("bf16 base weights and compute (--precision bf16)", current))
+    for bits, name in QUANTIZATION_BITS.items():
         if not fits(current) and current.quantization != "4bit":
-            current = replace(current, quantization=bits, dtype="bf16" if current.dtype == "fp32" else current.dtype)
-            steps.append((f"{bits} quantized weights (--quantization {bits})", current))
+            current = replace(current, quantization=name, dtype="bf16" if current.dtype == "fp32" else current.dtype)
+            steps.append((f"{bits}-bit quantized weights (--quantization_bit {bits})", current))
     return steps
 
 

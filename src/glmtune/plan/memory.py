@@ -84,9 +84,10 @@ def weight_bytes(shape: ModelShape, setup: Setup, params: int) -> float:
     if setup.quantization is None:
         return float(params * width)
     # bitsandbytes quantizes the decoder's linear layers (and MoE experts); embeddings, norms and the output
-    # layer stay in the compute precision.
+    # layer are loaded in the compute precision, then peft's prepare_model_for_kbit_training (glmtune train does
+    # it) casts them to fp32.
     linear = parameter_count(replace(shape, vocab_size=0, norms_per_layer=0)) - _final_norm(shape)
-    return linear * QUANT_BYTES[setup.quantization] + (params - linear) * width
+    return linear * QUANT_BYTES[setup.quantization] + (params - linear) * DTYPE_BYTES["fp32"]
 
 
 def _final_norm(shape: ModelShape) -> int:
