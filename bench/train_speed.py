@@ -22,10 +22,12 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +183,7 @@ def _describe(run: dict) -> str:
 
 
 EXTRA_GLMTUNE_RUNS: list[str] = []
+REPEAT = 1
 
 
 def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs: int, max_steps: int, lr: float,
@@ -188,29 +191,60 @@ def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs
     targets = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
     steps_rows = None if max_steps < 0 else max_steps * batch
     real, supervised = dataset_tokens(data, steps_rows)
-    base, _ = run_child(BASELINE, model, data, tmp / f"{label}-baseline", batch, epochs, max_steps, lr,
-                        LORA["r"], LORA["alpha"], targets)
     ours_args = ["--dataset_path", data, "--per_device_train_batch_size", batch, "--num_train_epochs", epochs,
                  "--max_steps", max_steps, "--learning_rate", lr, "--lora_rank", LORA["r"], "--lora_alpha",
                  LORA["alpha"], "--lora_dropout", "0", "--logging_steps", "1", "--save_strategy", "no", "--seed", "0",
                  "--target_modules", targets]
-    ours, stdout = run_child(GLMTUNE, tmp / f"{label}-glmtune", *ours_args, "--output_dir", tmp / f"{label}-glmtune")
-    ours["losses"] = glmtune_losses(stdout)
-    runs = [("baseline (Trainer + PEFT, padded, plain loss, fp32)", base), (_describe(ours), ours)]
-    for extra in EXTRA_GLMTUNE_RUNS:  # --also: glmtune again with other flags (e.g. --precision fp32 on a GPU)
-        run, stdout = run_child(GLMTUNE, tmp / f"{label}-glmtune-extra", "--dataset_path", data, "--output_dir",
-                                tmp / f"{label}-glmtune-extra", "--overwrite_output_dir", "true", *ours_args[2:],
-                                *extra.split())
-        run["losses"] = glmtune_losses(stdout)
-        runs.append((_describe(run), run))
+
+    def baseline() -> dict:
+        run, _ = run_child(BASELINE, model, data, tmp / f"{label}-baseline", batch, epochs, max_steps, lr,
+                           LORA["r"], LORA["alpha"], targets)
+        return run
+
+    def glmtune(*extra: str) -> Callable[[], dict]:
+        def one() -> dict:
+            out = tmp / f"{label}-glmtune-{len(extra)}"
+            run, stdout = run_child(GLMTUNE, out, *ours_args, "--output_dir", out, "--overwrite_output_dir", "true",
+                                    *extra)
+            run["losses"] = glmtune_losses(stdout)
+            return run
+        return one
+
+    runners = [baseline, glmtune()] + [glmtune(*extra.split()) for extra in EXTRA_GLMTUNE_RUNS]
+    # Interleaved rounds: a shared machine's slow spells (other tenants; CPU steal) hit every run alike, and the
+    # median of each run's times is compared.
+    rounds = [[_with_steal(runner) for runner in runners] for _ in range(REPEAT)]
     out = []
-    for name, run in runs:
-        last = run["losses"][-5:]
-        out.append({"scenario": label, "run": name, "params": params, "steps": run["steps"],
-                    "seconds": run["runtime"], "real_tokens": real, "supervised_tokens": supervised,
-                    "peak_gib": run["peak_gib"], "gpu_peak_gib": run.get("gpu_peak_gib"),
+    for i, runner in enumerate(runners):
+        runs = [r[i] for r in rounds]
+        first = runs[0]
+        name = "baseline (Trainer + PEFT, padded, plain loss, fp32)" if runner is baseline else _describe(first)
+        last = first["losses"][-5:]
+        out.append({"scenario": label, "run": name, "params": params, "steps": first["steps"],
+                    "seconds": statistics.median(r["runtime"] for r in runs),
+                    "all_seconds": [round(r["runtime"], 1) for r in runs],
+                    "steal": max(r["steal"] for r in runs), "real_tokens": real, "supervised_tokens": supervised,
+                    "peak_gib": max(r["peak_gib"] for r in runs),
+                    "gpu_peak_gib": first.get("gpu_peak_gib"),
                     "final_loss": sum(last) / len(last) if last else float("nan")})
     return out
+
+
+def _with_steal(runner: Callable[[], dict]) -> dict:
+    """The run, with the share of the machine's CPU time the hypervisor gave to others meanwhile (/proc/stat)."""
+    before = _cpu_jiffies()
+    run = runner()
+    after = _cpu_jiffies()
+    total = sum(after) - sum(before)
+    run["steal"] = (after[7] - before[7]) / total if len(after) > 7 and total else 0.0
+    return run
+
+
+def _cpu_jiffies() -> list[int]:
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return []
+    return [int(v) for v in stat.read_text().splitlines()[0].split()[1:]]
 
 
 def main() -> None:
@@ -220,12 +254,16 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=384, help="the speed scenario's GLM width")
     parser.add_argument("--num_layers", type=int, default=6, help="the speed scenario's GLM depth")
     parser.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of runs, interleaved; the median of each run's times is compared")
     parser.add_argument("--also", action="append", default=[],
                         help="glmtune again with these extra flags, e.g. --also '--precision fp32' (repeatable)")
     args = parser.parse_args()
     global SHARED
     SHARED = args.shared or SHARED
     EXTRA_GLMTUNE_RUNS.extend(args.also)
+    global REPEAT
+    REPEAT = args.repeat
     peak, peak_label = matmul_peak_gflops()
     results = []
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as tmp:
@@ -237,15 +275,15 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores; {peak_label} matmul peak measured here: {peak:.0f} GFLOP/s")
     print("| scenario | run | s/step | real tok/s | supervised tok/s | peak RSS GiB | peak GPU GiB | final loss | "
-          "of matmul peak |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "of matmul peak | train s, each round | CPU steal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         tps = r["real_tokens"] / r["seconds"]
         flops = 4 * r["params"] * r["real_tokens"] / r["seconds"] / 1e9
         print(f"| {r['scenario']} | {r['run']} | {r['seconds'] / r['steps']:.2f} | {tps:.0f} | "
               f"{r['supervised_tokens'] / r['seconds']:.0f} | {r['peak_gib']:.2f} | "
               f"{'-' if r['gpu_peak_gib'] is None else format(r['gpu_peak_gib'], '.2f')} | {r['final_loss']:.3f} | "
-              f"{flops / peak:.1%} |")
+              f"{flops / peak:.1%} | {', '.join(map(str, r['all_seconds']))} | {r['steal']:.0%} |")
     for scenario in sorted({r["scenario"] for r in results}):
         base, ours = [r for r in results if r["scenario"] == scenario][:2]
         print(f"{scenario}: glmtune {base['seconds'] / ours['seconds']:.2f}x the baseline's throughput, "
