@@ -249,3 +249,27 @@ def test_help_answers_without_torch_and_its_dpo_defaults_are_trl_s():
         field = fields[name]
         trl_default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         assert DPO_DEFAULTS.get(name, trl_default) == default, name
+
+
+def test_dpo_under_torchrun_tokenizes_a_data_file_once_and_trains_as_two_ranks(pairs, tmp_path):
+    """torchrun with two processes (gloo, CPU): the preference file is prepared by the main process alone, both
+    ranks train, one writes the adapter."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir, _, rows = pairs
+    data = write_json(tmp_path / "pairs.json", rows)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}  # an empty prepare cache
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "glmtune",
+                           "dpo", "--dataset_path", str(data), "--model", str(model_dir), "--max_seq_length", "96",
+                           "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", str(ROWS // 2),
+                           "--max_steps", "2", "--logging_steps", "1", "--precision", "fp32",
+                           "--save_strategy", "no"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert out.count("Dataset report") == 1 and out.count("tokenized once, by this process") == 1
+    assert done.stdout.count("Adapter saved") == 1  # the main process reports
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["global_step"] == 2
+    assert "rewards/margins" in manifest["last_logged_rewards"]

@@ -118,10 +118,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
-class ComputeArguments:
-    chunked_loss: bool = field(**_help("Compute the loss in chunks of tokens from the final hidden states, never "
-                                       "holding the whole [tokens x vocabulary] logits (same value and gradients).",
-                                       default=True))
+class PrecisionArguments:
     precision: str = field(**_help("Weights and compute in auto (bf16 where the GPU or CPU has bf16 units, fp16 on "
                                    "older GPUs, else fp32), fp32, bf16 or fp16 (CUDA only). The LoRA weights and "
                                    "the optimizer stay in fp32. --bf16/--fp16 mean the same as bf16/fp16 here.",
@@ -130,6 +127,15 @@ class ComputeArguments:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision} is unknown", hint=f"choose one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class ComputeArguments(PrecisionArguments):
+    """train's: the precision, and its own loss (dpo's loss is TRL's)."""
+
+    chunked_loss: bool = field(**_help("Compute the loss in chunks of tokens from the final hidden states, never "
+                                       "holding the whole [tokens x vocabulary] logits (same value and gradients).",
+                                       default=True))
 
 
 @dataclass
@@ -307,12 +313,14 @@ DPO_REFERENCES = ("start", "base")
 
 
 @dataclass
-class DpoArguments:
+class DpoArguments(TokenizeArguments):
     """`glmtune dpo`'s own options. beta, loss_type and the other preference options are TRL's DPOConfig fields,
     taken from it as they are (declaring them here too would give the parser two --beta)."""
 
-    dataset_path: str | None = field(**_help("Dataset directory of preference pairs written by `glmtune prepare`.",
-                                             default=None))
+    dataset_path: str | None = field(**_help(
+        "Dataset directory of preference pairs written by `glmtune prepare`, or a data file of pairs, tokenized here "
+        "with the options above by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare).",
+        default=None))
     peft_path: str | None = field(**_help("LoRA adapter to start from and go on training (a `glmtune train` output, "
                                           "e.g. the SFT run); default: a new adapter from the LoRA options.",
                                           default=None))
@@ -323,5 +331,6 @@ class DpoArguments:
     overwrite_output_dir: bool = field(**_help("Start afresh in a non-empty --output_dir.", default=False))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.reference not in DPO_REFERENCES:
             raise UserError(f"--reference {self.reference} is unknown", hint=f"choose {' or '.join(DPO_REFERENCES)}")

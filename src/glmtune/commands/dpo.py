@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from glmtune.arguments import ComputeArguments, DpoArguments, LoraArguments, ModelArguments
+from glmtune.arguments import DpoArguments, LoraArguments, ModelArguments, PrecisionArguments
 from glmtune.config import parse_arguments
 from glmtune.help import _add, asks_for_help, command_help
 
@@ -27,7 +27,7 @@ DPO_DEFAULTS: dict[str, Any] = {
     "max_length": None,
 }
 
-OWN_ARGUMENTS = [ModelArguments, DpoArguments, LoraArguments, ComputeArguments]
+OWN_ARGUMENTS = [ModelArguments, DpoArguments, LoraArguments, PrecisionArguments]
 
 # The DPOConfig options most runs set, for the help page (which answers without importing TRL): (name, default,
 # help). A test checks them against the installed DPOConfig.
@@ -61,10 +61,10 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
 
     # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
     machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
-    model_args, dpo_args, lora_args, compute_args, training_args = parse_arguments(
+    model_args, dpo_args, lora_args, precision_args, training_args = parse_arguments(
         "glmtune dpo", [*OWN_ARGUMENTS, GlmtuneDPOConfig], argv,
         {**DPO_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
-    result = run_dpo(model_args, dpo_args, lora_args, training_args, compute_args)
+    result = run_dpo(model_args, dpo_args, lora_args, training_args, precision_args)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under torchrun / accelerate launch: said once

@@ -15,9 +15,10 @@ from typing import Any
 
 from trl import DPOConfig, DPOTrainer
 
-from glmtune.arguments import ComputeArguments, DpoArguments, LoraArguments, ModelArguments
+from glmtune.arguments import DpoArguments, LoraArguments, ModelArguments, PrecisionArguments
 from glmtune.config import to_plain_dict
 from glmtune.data.preference import PREFERENCE_COLUMNS, read_prepared_manifest
+from glmtune.data.prepared import prepared_dataset_dir
 from glmtune.errors import UserError
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
 from glmtune.models.hub import canonical_model_name
@@ -66,19 +67,22 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
 
 def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraArguments, training_args: Any,
-            compute_args: ComputeArguments | None = None) -> DpoResult:
-    dataset_dir, dataset_manifest = read_prepared_manifest(dpo_args.dataset_path, preference=True)
+            precision_args: PrecisionArguments | None = None) -> DpoResult:
     start_adapter = Path(dpo_args.peft_path) if dpo_args.peft_path else None
     adapter_base = adapter_base_model(start_adapter) if start_adapter else None
+    output_dir = Path(training_args.output_dir)
+    inputs = [Path(p) for p in (dpo_args.dataset_path, start_adapter) if p]  # never written over
+    resume = _check_output(training_args, dpo_args.overwrite_output_dir, tuple(inputs))
+    precision_args = precision_args or PrecisionArguments()
+    precision, training_args = _choose_precision(model_args, precision_args, training_args)
+    # After _choose_precision: on CPU only the replaced training_args have joined the process group.
+    dataset_path = prepared_dataset_dir(dpo_args.dataset_path, model_args.model or adapter_base, training_args,
+                                        dpo_args, model_args.trust_remote_code)
+    dataset_dir, dataset_manifest = read_prepared_manifest(str(dataset_path), preference=True)
     model_name = model_args.model or dataset_manifest.get("model") or adapter_base
     if not model_name:
         raise UserError(f"{dataset_dir}/manifest.json names no model", hint="pass --model")
     model_name = canonical_model_name(model_name)
-    output_dir = Path(training_args.output_dir)
-    inputs = (dataset_dir, start_adapter) if start_adapter else (dataset_dir,)  # never written over
-    resume = _check_output(training_args, dpo_args.overwrite_output_dir, inputs)
-    compute_args = compute_args or ComputeArguments()
-    precision, training_args = _choose_precision(model_args, compute_args, training_args)
 
     tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
     _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
@@ -104,7 +108,7 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/margins" in entry]
     rewards = {key: logged[-1][key] for key in REWARD_METRICS if key in logged[-1]} if logged else {}
-    config = to_plain_dict(model_args, dpo_args, lora_args, compute_args, training_args)
+    config = to_plain_dict(model_args, dpo_args, lora_args, precision_args, training_args)
     config["model"], config["precision"] = model_name, precision.name
     _save_final(output_dir, trainer, config, command="dpo",
                 base_model=model_name, dataset=str(dataset_dir), start_adapter=dpo_args.peft_path,

@@ -14,7 +14,14 @@ from typing import Any
 
 import yaml
 
-from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
+from glmtune.arguments import (
+    ComputeArguments,
+    DatasetArguments,
+    GenerationEvalArguments,
+    LoraArguments,
+    ModelArguments,
+    PrecisionArguments,
+)
 from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, write_manifest
 from glmtune.config import to_plain_dict
 from glmtune.data.preference import read_prepared_manifest
@@ -127,7 +134,7 @@ def _check_output(training_args: Any, overwrite: bool, inputs: tuple[Path, ...] 
     return resume
 
 
-def _choose_precision(model_args: ModelArguments, compute_args: ComputeArguments,
+def _choose_precision(model_args: ModelArguments, compute_args: PrecisionArguments,
                       training_args: Any) -> tuple[Precision, Any]:
     """The run's precision, and the training arguments set to match it."""
     hardware = detect_hardware()
