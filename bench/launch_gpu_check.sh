@@ -5,13 +5,14 @@
 #
 #   bash bench/launch_gpu_check.sh DATA_FILE      # any format `glmtune prepare` reads, a few rows are enough
 #
-# Steps (each one's failure is reported, the others still run; about 1-2 minutes on one GPU):
+# Steps (each one's failure is reported, the others still run; about 1-2 minutes on one GPU, 4-5 with DeepSpeed):
 #   model       a tiny random GLM (hidden 64, 2 layers) with a tokenizer trained on DATA_FILE's text
 #   ddp         accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 1, from the raw file
 #   fsdp        the same with examples/accelerate/fsdp.yaml (FSDP2), saving checkpoint-3
 #   fsdp_resume FSDP resumed from that checkpoint-3 to step 6
 #   fsdp_torch  torchrun --nproc_per_node 1 ... --fsdp full_shard (the torchrun form in fsdp.yaml's header)
-#   zero2/zero3 with deepspeed installed: accelerate launch with deepspeed_zero2.yaml / deepspeed_zero3.yaml;
+#   zero2/zero3 with deepspeed installed: accelerate launch with deepspeed_zero2.yaml / deepspeed_zero3.yaml, and
+#               their _offload variants;
 #   deepspeed   without it: torchrun ... --deepspeed examples/deepspeed/ds_z2_config.json, and glmtune must say so
 #               (accelerate launch with a DeepSpeed config stops before glmtune, with its own message)
 # Then a table: step, result, seconds, global step, final loss; and the DDP vs FSDP adapter difference.
@@ -82,6 +83,11 @@ if $PY -c "import deepspeed" >/dev/null 2>&1; then  # installed: the ZeRO config
         --output_dir "$WORK/zero2"
     step zero3 0 "${LAUNCH[@]}" --config_file examples/accelerate/deepspeed_zero3.yaml "${TRAIN[@]}" --max_steps 6 \
         --output_dir "$WORK/zero3"
+    # Offload: accelerate swaps the Trainer's AdamW for DeepSpeedCPUAdam, compiled on first use (about a minute).
+    for variant in zero2_offload zero3_offload; do
+        step $variant 0 "${LAUNCH[@]}" --config_file examples/accelerate/deepspeed_$variant.yaml "${TRAIN[@]}" \
+            --max_steps 6 --output_dir "$WORK/$variant"
+    done
 else
     step deepspeed "fails:needs the deepspeed package" $PY -m torch.distributed.run --nproc_per_node 1 "${TRAIN[@]}" \
         --max_steps 2 --deepspeed examples/deepspeed/ds_z2_config.json --output_dir "$WORK/deepspeed"
@@ -95,7 +101,7 @@ import json, sys
 from pathlib import Path
 work, rows = Path(sys.argv[1]), [line.split("\t") for line in Path(sys.argv[2]).read_text().splitlines()]
 runs = {"ddp": "ddp", "fsdp": "fsdp", "fsdp_resume": "fsdp", "fsdp_torch": "fsdp_torchrun", "zero2": "zero2",
-        "zero3": "zero3"}
+        "zero3": "zero3", "zero2_offload": "zero2_offload", "zero3_offload": "zero3_offload"}
 print(f"\n{'step':<12} {'result':<34} {'seconds':>8} {'steps':>6} {'world':>6} {'precision':>9} {'train loss':>10}")
 for name, result, seconds in rows:
     manifest = work / runs.get(name, "-") / "manifest.json"
@@ -107,7 +113,7 @@ for name, result, seconds in rows:
 try:
     from safetensors.torch import load_file
     a = load_file(str(work / "ddp" / "adapter_model.safetensors"))
-    for other in ("fsdp", "zero2", "zero3"):
+    for other in ("fsdp", "zero2", "zero3", "zero2_offload", "zero3_offload"):
         if not (work / other / "adapter_model.safetensors").is_file():
             continue
         b = load_file(str(work / other / "adapter_model.safetensors"))
