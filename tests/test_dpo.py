@@ -273,3 +273,14 @@ def test_dpo_under_torchrun_tokenizes_a_data_file_once_and_trains_as_two_ranks(p
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_step"] == 2
     assert "rewards/margins" in manifest["last_logged_rewards"]
+
+
+def test_dpo_trains_on_a_4bit_base(cli, pairs, tmp_path):
+    """QLoRA DPO: the reference pass (adapters disabled, no grad) runs between training steps on the same 4-bit
+    layers, which must keep their training layout (see glmtune.models.quantization.keep_training_layout)."""
+    _, data, _ = pairs
+    result = dpo(cli, data, tmp_path / "run", "--max_steps", "3", "--learning_rate", "2e-3", "--quantization_bit", "4")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["quantization"]["bits"] == 4 and manifest["global_step"] == 3
+    assert manifest["last_logged_rewards"]["rewards/margins"] > manifest["first_logged_rewards"]["rewards/margins"]

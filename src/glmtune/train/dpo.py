@@ -21,6 +21,7 @@ from glmtune.data.preference import PREFERENCE_COLUMNS, read_prepared_manifest
 from glmtune.data.prepared import prepared_dataset_dir
 from glmtune.errors import UserError
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
+from glmtune.models import quantization
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_tokenizer, tokenizer_fingerprint
 from glmtune.train.sft import (
@@ -110,6 +111,7 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
     rewards = {key: logged[-1][key] for key in REWARD_METRICS if key in logged[-1]} if logged else {}
     config = to_plain_dict(model_args, dpo_args, lora_args, precision_args, training_args)
     config["model"], config["precision"] = model_name, precision.name
+    config["quantization"] = quantization.describe(trainer.model.get_base_model())
     _save_final(output_dir, trainer, config, command="dpo",
                 base_model=model_name, dataset=str(dataset_dir), start_adapter=dpo_args.peft_path,
                 reference=reference, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
