@@ -96,3 +96,19 @@ def test_rows_of_one_sample_keep_plain_positions_so_no_mask_is_built():
     assert packed["position_ids"].tolist() == [list(range(7))] * 3  # the padding tails continue their sample
     assert find_packed_sequence_indices(packed["position_ids"]) is None  # plain causal attention, no mask
     assert abs(model(**packed).loss.item() - one_by_one(model, batch).item()) < 1e-5
+
+
+def test_rows_grow_past_the_longest_sample_when_that_computes_less():
+    from glmtune.train.batching import PackedRowsCollator
+
+    model = tiny_glm().float()
+    model.config.use_cache = False  # as the Trainer sets it: with a cache, transformers builds no packed mask
+    batch = samples(model.config.vocab_size, [20, 19, 20, 19])
+    # Without the model's width: rows of at most the longest sample, here one sample each (4 x 20, 1 padded token).
+    assert PackedRowsCollator(0)(batch)["input_ids"].shape == (4, 20)
+    # A wide model, whose attention is cheap next to its linear layers: two samples a row (2 x 39, no padding).
+    packed = PackedRowsCollator(0, hidden_size=4096)(batch)
+    assert packed["input_ids"].shape == (2, 39)
+    assert abs(model(**packed).loss.item() - one_by_one(model, batch).item()) < 1e-5
+    # A narrow one: the wider rows' attention would cost more than the padding saved.
+    assert PackedRowsCollator(0, hidden_size=8)(batch)["input_ids"].shape == (4, 20)

@@ -93,7 +93,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, packing),
+        data_collator=make_collator(tokenizer, packing, getattr(model.config, "hidden_size", None)),
         processing_class=tokenizer,
         callbacks=[generation_eval] if generation_eval else None,
     )
