@@ -32,6 +32,7 @@ from glmtune.train.sft import (
     _clear_output,
     _load_for_training,
     _load_splits,
+    _long_lived_objects_frozen,
     _save_final,
 )
 
@@ -102,7 +103,8 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
                                      eval_dataset=eval_dataset, processing_class=tokenizer)
     reference = _settle_reference(trainer.model, start_adapter, dpo_args.reference)
     print(f"reference model: {reference}")
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with _long_lived_objects_frozen():
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
     if REF_ADAPTER in trainer.model.peft_config:  # the output holds the trained adapter only
         trainer.model.delete_adapter(REF_ADAPTER)
