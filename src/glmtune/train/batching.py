@@ -1,11 +1,12 @@
 """How a batch of prepared samples reaches the model: packed end to end without padding, or padded.
 
-Packing: the batch's samples are laid end to end in rows no longer than its longest sample (first-fit,
-longest first), position ids restarting at each sample, the first label of each sample ignored (so no loss crosses
-a boundary), no attention mask; a row's padding tail continues its last sample's positions. Models built on
-transformers' attention interface turn restarting positions into a block-diagonal causal mask (masking_utils'
-packed-sequence detection: sdpa, eager, flex) or variable-length kernels (flash attention), so the result is
-exactly that of the samples run one by one.
+Packing: the batch's samples are laid end to end in rows (first-fit, longest first) no longer than its longest
+sample, or up to twice that when the model's width says the padding saved outweighs the wider attention
+(PackedRowsCollator.choose_rows), position ids restarting at each sample, the first label of each sample ignored
+(so no loss crosses a boundary), no attention mask; a row's padding tail continues its last sample's positions.
+Models built on transformers' attention interface turn restarting positions into a block-diagonal causal mask
+(masking_utils' packed-sequence detection: sdpa, eager, flex) or variable-length kernels (flash attention), so the
+result is exactly that of the samples run one by one.
 
 Rows rather than one row: transformers' DataCollatorWithFlattening puts the whole batch in a single row, and
 without a variable-length kernel (CPU) attention then costs (total tokens)^2 instead of the sum of (row tokens)^2;
