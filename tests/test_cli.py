@@ -34,14 +34,20 @@ def test_no_arguments_prints_usage_and_exits_2(cli):
     assert result.code == 2 and "usage: glmtune" in result.out
 
 
-def test_every_command_help_answers_without_importing_torch_or_transformers():
-    code = ("import contextlib, io, sys; from glmtune.cli import main\n"
-            "for verb in ('demo', 'prepare', 'train', 'infer', 'convert'):\n"
-            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+def test_every_command_help_answers_without_importing_torch_or_the_heavy_libraries():
+    from glmtune.cli import COMMANDS
+
+    heavy = ("torch", "transformers", "trl", "bitsandbytes", "fastapi", "uvicorn")
+    code = ("import contextlib, io, sys; from glmtune.cli import COMMANDS, main\n"
+            "for verb in COMMANDS:\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
             "        main([verb, '--help'])\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+            "    assert f'glmtune {verb}' in out.getvalue(), verb\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    assert {"train", "dpo", "serve", "plan"} <= set(COMMANDS)  # the loop ran over the heavy ones too
 
 
 def _flags(text: str) -> set[str]:
@@ -54,12 +60,23 @@ def test_command_help_lists_exactly_the_options_the_parser_accepts(cli):
     """The quick help is rendered from the dataclasses without transformers; HfArgumentParser is the reference."""
     from transformers import HfArgumentParser
 
-    from glmtune.arguments import InferenceArguments, ModelArguments, PrepareArguments
+    from glmtune.arguments import (
+        ChatArguments,
+        EvalArguments,
+        InferenceArguments,
+        MergeArguments,
+        ModelArguments,
+        PrepareArguments,
+        ServeArguments,
+    )
     from glmtune.commands.convert import ConvertArguments
     from glmtune.commands.demo import DemoArguments
+    from glmtune.commands.plan import PlanArguments
 
     for verb, types in {"prepare": [ModelArguments, PrepareArguments], "infer": [ModelArguments, InferenceArguments],
-                        "convert": [ConvertArguments], "demo": [DemoArguments]}.items():
+                        "convert": [ConvertArguments], "demo": [DemoArguments], "plan": [PlanArguments],
+                        "chat": [ModelArguments, ChatArguments], "merge": [ModelArguments, MergeArguments],
+                        "eval": [ModelArguments, EvalArguments], "serve": [ModelArguments, ServeArguments]}.items():
         result = cli(verb, "--help")
         assert result.code == 0
         options = {o for a in HfArgumentParser(types)._actions for o in a.option_strings if o.startswith("--")}
