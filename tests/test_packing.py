@@ -63,7 +63,11 @@ def test_packed_batch_gives_the_loss_and_gradients_of_its_samples_one_by_one(bui
     # Rows no longer than the longest sample (23), first-fit longest first: [23], [16 + 4], [9].
     assert packed["input_ids"].shape == (3, 23)
     assert "attention_mask" not in packed  # the restarting positions keep the samples apart
-    loss = model(**packed).loss
+    assert_same_loss_and_gradients(model, packed, reference, grads)
+
+
+def assert_same_loss_and_gradients(model, inputs, reference: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
+    loss = model(**inputs).loss
     loss.backward()
     assert abs(loss.item() - reference.item()) < 1e-5
     for name, parameter in model.named_parameters():
@@ -84,6 +88,8 @@ def test_packing_trains_like_padding(cli, tiny_model, tmp_path, demo_rows):
         assert result.code == 0, result.err
         runs[packing] = json.loads((tmp_path / packing / "manifest.json").read_text())
     assert runs["true"]["config"]["packing"] is True and runs["false"]["config"]["packing"] is False
+    # GLM's attention is plain causal attention: one-row batches, attention sample by sample (test_packed_attention)
+    assert [runs[p]["config"]["attention"] for p in ("true", "false")] == ["glmtune_packed_sdpa", "sdpa"]
     assert abs(runs["true"]["train_loss"] - runs["false"]["train_loss"]) < 1e-4
 
 

@@ -35,6 +35,7 @@ from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 from glmtune.models.lora import resolve_target_modules
 from glmtune.train.batching import make_collator, supports_packing
+from glmtune.train.packed_attention import can_use_packed_sdpa, use_packed_sdpa
 from glmtune.train.plot import plot_loss
 from glmtune.train.precision import Precision, apply_to_training_args, choose_precision, detect_hardware
 
@@ -91,12 +92,15 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     if data_args.packing and not packing:
         print("packing: off (this model derives its attention from the ids, packed samples would see each other); "
               "batches are padded")
+    one_row = packing and can_use_packed_sdpa(model)
+    if one_row:  # each batch in one row without padding, attention sample by sample
+        use_packed_sdpa(model)
     trainer = (ChunkedLossTrainer if chunked else Trainer)(
         model=model,
         args=training_args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, packing, getattr(model.config, "hidden_size", None)),
+        data_collator=make_collator(tokenizer, packing, getattr(model.config, "hidden_size", None), one_row),
         processing_class=tokenizer,
         callbacks=[generation_eval] if generation_eval else None,
     )
@@ -117,6 +121,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     config = to_plain_dict(model_args, data_args, lora_args, compute_args, eval_args, training_args)
     # What ran: the model may not support them, auto resolved to one precision.
     config["chunked_loss"], config["packing"], config["precision"] = chunked, packing, precision.name
+    config["attention"] = model.get_base_model().config._attn_implementation
     config["model"] = model_name
     config["quantization"] = quantization.describe(model.get_base_model())
     _save_final(output_dir, trainer, config,

@@ -1,0 +1,103 @@
+"""Packed samples' attention computed sample by sample: padding-free packing with no mask and no wasted blocks.
+
+With packing through restarting position ids alone, transformers turns the positions into a block-diagonal causal
+mask and sdpa computes every block of each row, the masked ones included; rows are kept short to bound that waste,
+and the batch pads to its widest row. Flash attention's variable-length kernel (CUDA, flash-attn) avoids both; this
+is the same idea for any device through plain sdpa: the whole batch lies in ONE row without padding, the collator
+gives each sample's start (`cu_seq_lens_q`, the keyword transformers' flash-attention path already carries to the
+attention function), and attention runs once per sample with the causal kernel, which skips the blocks above the
+diagonal. Linear layers then compute real tokens only, and attention costs the sum of squared sample lengths / 2.
+
+Registered as the attention implementation PACKED_SDPA. Every call that is not a packed training forward (padding
+masks, generation with a cache, a query shorter than its keys) goes to transformers' own sdpa path unchanged, with
+transformers' own sdpa mask. Only for models whose attention is plain full causal attention (CAUSAL_MODEL_TYPES):
+no sliding window, no soft-capping, no attention sinks, no bias terms, which per-sample sdpa would ignore.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PACKED_SDPA = "glmtune_packed_sdpa"
+
+# Decoders whose attention is exactly softmax(QK^T * scaling + causal mask) V under transformers' attention interface.
+CAUSAL_MODEL_TYPES = {"glm", "glm4", "glm4_moe", "llama", "qwen2", "qwen3", "qwen3_moe", "mistral"}
+
+
+def can_use_packed_sdpa(model: Any) -> bool:
+    """Whether per-sample sdpa computes exactly what the model's own sdpa attention computes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in CAUSAL_MODEL_TYPES or config._attn_implementation not in ("sdpa", PACKED_SDPA):
+        return False
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    layer_types = getattr(config, "layer_types", None)
+    return not windowed and (not layer_types or set(layer_types) == {"full_attention"})
+
+
+def use_packed_sdpa(model: Any) -> None:
+    """Switch the model's attention to PACKED_SDPA (same results for unpacked inputs; see the module docstring)."""
+    register()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(PACKED_SDPA)
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, _mask_unless_plain_causal)
+
+
+def _mask_unless_plain_causal(*, q_length: int, kv_length: int, q_offset: Any = 0, attention_mask: Any = None,
+                              **kwargs: Any) -> Any:
+    """No mask for a forward without padding or cache (a training forward: the attention function keeps packed samples
+    apart); transformers' sdpa mask otherwise. Without this, transformers would build the block-diagonal mask of
+    packed positions (tokens^2 booleans for the one-row batch) only for it to be ignored."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0:
+        return None
+    return sdpa_mask(q_length=q_length, kv_length=kv_length, q_offset=q_offset, attention_mask=attention_mask,
+                     **kwargs)
+
+
+def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                          scaling: float | None = None, is_causal: bool | None = None,
+                          **kwargs: Any) -> tuple[Any, None]:
+    """transformers' attention-function signature. query (batch, heads, tokens, dim); key/value (batch, kv heads,
+    tokens, dim). Returns (batch, tokens, heads, dim) as transformers' sdpa_attention_forward does."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = None
+    if attention_mask is None and query.shape[2] == key.shape[2] > 1:
+        starts = _sample_starts(kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids"), query.shape[0])
+    if starts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    batch, heads, tokens, dim = query.shape
+    # Rows laid end to end (the one-row batch: a view), as the flash-attention convention counts cu_seq_lens.
+    query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], batch * tokens, dim) for t in (query, key, value))
+    gqa = heads != key.shape[1]
+    outputs = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling,
+        is_causal=True, enable_gqa=gqa) for start, end in zip(starts[:-1], starts[1:], strict=True)]
+    output = torch.cat(outputs, dim=2).reshape(heads, batch, tokens, dim)
+    return output.permute(1, 2, 0, 3).contiguous(), None
+
+
+def _sample_starts(cu_seq_lens: Any, position_ids: Any, batch: int) -> list[int] | None:
+    """Token offsets where each sample starts, and the total at the end, over the rows laid end to end: from the
+    collator's cu_seq_lens, else from where position ids restart; None when there is nothing to split."""
+    if cu_seq_lens is not None:
+        return [int(i) for i in cu_seq_lens.tolist()]
+    if position_ids is None:
+        return None
+    position_ids = position_ids.expand(batch, -1)
+    flat = position_ids.reshape(-1)
+    restarts = (flat[1:] != flat[:-1] + 1).nonzero().flatten() + 1
+    if restarts.numel() == 0:
+        return None
+    return [0, *restarts.tolist(), flat.numel()]
