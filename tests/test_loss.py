@@ -46,3 +46,26 @@ def test_num_items_in_batch_normalises_like_the_trainer(model_and_batch):
     mean = chunked_causal_lm_loss(out.hidden_states[-1], model.lm_head, labels)
     summed = chunked_causal_lm_loss(out.hidden_states[-1], model.lm_head, labels, num_items_in_batch=2 * supervised)
     assert torch.allclose(summed * 2, mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero3", [False, True])
+def test_under_deepspeed_zero3_the_output_layer_runs_once_per_step(model_and_batch, tmp_path, monkeypatch, zero3):
+    """ZeRO-3 gathers the output layer's weight per call: chunks recomputed in backward would find it partitioned
+    again, and processes with different supervised-token counts would gather a different number of times (a hang)."""
+    from transformers import TrainingArguments
+
+    import glmtune.train.loss as loss_module
+
+    model, ids, labels = model_and_batch
+    monkeypatch.setattr(loss_module, "LOGITS_BUDGET_BYTES", 0)  # this small batch would be chunked...
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 16)  # ... by 16 tokens
+    monkeypatch.setattr(loss_module, "is_deepspeed_zero3_enabled", lambda: zero3)
+    trainer = loss_module.ChunkedLossTrainer(model=model, args=TrainingArguments(
+        str(tmp_path), use_cpu=True, report_to="none", average_tokens_across_devices=False))
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels, "use_cache": False})
+    assert int((labels[:, 1:] != -100).sum()) == 65
+    assert calls[0] == 3  # the model's own call, logits of the last position only (logits_to_keep=1)
+    assert calls[1:] == ([65] if zero3 else [16, 16, 16, 16, 1])
+    assert abs(loss.item() - model(input_ids=ids, labels=labels, use_cache=False).loss.item()) < 1e-5

@@ -49,7 +49,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
             raise
         raise UserError("DeepSpeed (--deepspeed, or an accelerate config with DeepSpeed) needs the deepspeed package, "
                         "which is not installed",
-                        hint="pip install deepspeed (on the machine with the GPUs)") from None
+                        hint="pip install deepspeed --no-build-isolation (see the README)") from None
     result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
     from accelerate import PartialState
 

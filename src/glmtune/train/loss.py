@@ -9,12 +9,14 @@ checkpointing), so at most one chunk's logits exist at a time. Same value and gr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # at most CHUNK_TOKENS x vocabulary logits at once: GLM-4, 155 MB fp32 (bench/loss_memory.py)
@@ -26,7 +28,7 @@ LOGITS_BUDGET_BYTES = 256 * 2**20
 def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, labels: torch.Tensor,
                            num_items_in_batch: torch.Tensor | int | None = None,
                            chunk_tokens: int = CHUNK_TOKENS,
-                           logits_budget_bytes: int = LOGITS_BUDGET_BYTES) -> torch.Tensor:
+                           logits_budget_bytes: float = LOGITS_BUDGET_BYTES) -> torch.Tensor:
     """Mean next-token cross-entropy over supervised positions (or sum / num_items_in_batch when given, the
     Trainer's normalisation across accumulated batches), as transformers' ForCausalLMLoss computes it.
 
@@ -36,7 +38,9 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, 
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (tokens, hidden)
     keep = targets != IGNORE_INDEX
     states, targets = states[keep], targets[keep]  # only where a loss is taken
-    vocabulary = output_layer.weight.shape[0]
+    # out_features, not weight.shape: under DeepSpeed ZeRO-3 the weight is partitioned (shape [0]) outside the
+    # layer's own forward, which made this 0 and always chose the one-pass branch.
+    vocabulary = getattr(output_layer, "out_features", None) or output_layer.weight.shape[0]
     if targets.numel() * vocabulary * 4 <= logits_budget_bytes:
         total = _chunk_loss_sum(states, targets, output_layer)
     else:
@@ -68,7 +72,13 @@ class ChunkedLossTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
-        loss = chunked_causal_lm_loss(outputs.hidden_states[-1], output_layer, labels, num_items_in_batch)
+        # DeepSpeed ZeRO-3 gathers the output layer's weight in that layer's forward hook and partitions it again
+        # after: the recomputation in backward then sees shape [0] (torch.utils.checkpoint.CheckpointError), and
+        # processes with different supervised-token counts would call the layer (an all-gather each) a different
+        # number of times. So under ZeRO-3, one output-layer call per step (still supervised positions only).
+        budget = math.inf if is_deepspeed_zero3_enabled() else LOGITS_BUDGET_BYTES
+        loss = chunked_causal_lm_loss(outputs.hidden_states[-1], output_layer, labels, num_items_in_batch,
+                                      chunk_tokens=CHUNK_TOKENS, logits_budget_bytes=budget)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
             # gradients over processes, so each process's share is scaled back up (else the loss and gradients of
