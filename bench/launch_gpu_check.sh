@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The launch configs in examples/accelerate/ on one CUDA GPU, through accelerate launch with 1 process: what the
-# CPU tests can only load (FSDP and DeepSpeed need GPUs). Offline; needs torch (CUDA), transformers, peft, datasets,
-# accelerate; NOT deepspeed (its step checks glmtune's message when it is missing).
+# CPU tests can only load (FSDP needs GPUs; DeepSpeed on CPU is bench/deepspeed_cpu_check.sh). Offline; needs torch
+# (CUDA), transformers, peft, datasets, accelerate; NOT deepspeed (its step checks glmtune's message when missing).
 #
 #   bash bench/launch_gpu_check.sh DATA_FILE      # any format `glmtune prepare` reads, a few rows are enough
 #
