@@ -69,6 +69,31 @@ def test_restarting_positions_alone_keep_samples_apart():
     assert abs(model(**rows).loss.item() - reference) < 1e-5
 
 
+def test_rows_never_attend_to_each_other():
+    """Rows laid end to end are split at each row's start too, not only where positions restart: transformers'
+    own packed-sequence mask (sdpa) is the reference."""
+    model = tiny_glm().float()
+    model.config.use_cache = False
+    ids = torch.randint(5, 500, (2, 6), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [3, 4, 5, 6, 7, 8]])  # the second row continues the first's count
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=positions).logits
+        use_packed_sdpa(model)
+        actual = model(input_ids=ids, position_ids=positions).logits
+    assert torch.allclose(actual, expected, atol=1e-5)
+
+
+def test_sample_boundaries_that_do_not_cover_the_batch_are_refused():
+    """torch.nn.DataParallel splits a one-row batch's tensors along dim 0, cu_seq_lens apart from the row."""
+    model = tiny_glm().float()
+    model.config.use_cache = False
+    use_packed_sdpa(model)
+    packed = OneRowCollator()(samples(model.config.vocab_size, [9, 23, 4, 16]))
+    packed["cu_seq_lens_q"] = packed["cu_seq_lens_k"] = packed["cu_seq_lens_q"][:3]  # [0, 9, 32] of 52 tokens
+    with pytest.raises(ValueError, match="DataParallel"):
+        model(**packed)
+
+
 def test_padded_batches_and_generation_are_untouched():
     model = tiny_glm().float().eval()
     generator = torch.Generator().manual_seed(1)

@@ -58,6 +58,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     import torch
 
     from glmtune.train.dpo import GlmtuneDPOConfig, run_dpo
+    from glmtune.train.processes import end_process_group
 
     # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
     machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
@@ -65,6 +66,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
         "glmtune dpo", [*OWN_ARGUMENTS, GlmtuneDPOConfig], argv,
         {**DPO_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
     result = run_dpo(model_args, dpo_args, lora_args, training_args, precision_args)
+    end_process_group()  # after the main process's final writes, on every process
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under torchrun / accelerate launch: said once

@@ -36,6 +36,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     import torch
     from transformers import TrainingArguments
 
+    from glmtune.train.processes import end_process_group
     from glmtune.train.sft import run_sft
 
     # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
@@ -51,6 +52,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
                         "which is not installed",
                         hint="pip install deepspeed --no-build-isolation (see the README)") from None
     result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
+    end_process_group()  # after the main process's final writes, on every process
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under torchrun / accelerate launch: said once

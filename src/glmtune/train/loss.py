@@ -3,8 +3,9 @@
 The gap this fills: a causal LM's forward builds fp32 logits for every position (GLM-4: 151,552 per token), and
 the default loss keeps several copies of them for backward (bench/loss_memory.py: 7.9 GiB peak for 4 x 1,024 tokens on
 a tiny model). Here the decoder runs without its output layer; then, over the supervised positions only, chunks
-of tokens go through the output layer and cross-entropy, each chunk recomputed in backward (activation
-checkpointing), so at most one chunk's logits exist at a time. Same value and gradients as the plain loss.
+of tokens go through the output layer and cross-entropy, so at most one chunk's logits exist at a time. A frozen
+output layer (LoRA's) gets the states' gradient computed in the same pass (frozen_output_layer_loss_sum); a trained
+one gets each chunk recomputed in backward (activation checkpointing). Same value and gradients as the plain loss.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, 
     vocabulary = getattr(output_layer, "out_features", None) or output_layer.weight.shape[0]
     if targets.numel() * vocabulary * 4 <= logits_budget_bytes:
         total = _chunk_loss_sum(states, targets, output_layer)
+    elif _is_frozen_linear(output_layer):
+        total = frozen_output_layer_loss_sum(states, targets, output_layer.weight, chunk_tokens)
     else:
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), chunk_tokens):
@@ -53,6 +56,57 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, 
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)
     return total / denominator
+
+
+def frozen_output_layer_loss_sum(states: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                                 chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Summed cross-entropy of (tokens, hidden) states through a frozen bias-free output layer, chunk by chunk, the
+    states' gradient computed in the same pass: each chunk's logits exist once and are never recomputed (two
+    output-layer products a chunk instead of checkpointing's three), and the weight is read only here, so DeepSpeed
+    ZeRO-3 gathers it once per step (see ChunkedLossTrainer.compute_loss)."""
+    if torch.is_grad_enabled() and states.requires_grad:
+        return _FrozenOutputLayerCrossEntropy.apply(states, weight, targets, chunk_tokens)
+    with torch.no_grad():
+        return _FrozenOutputLayerCrossEntropy.forward(None, states, weight, targets, chunk_tokens)
+
+
+class _FrozenOutputLayerCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grad = torch.empty_like(states) if ctx is not None else None
+        for start in range(0, targets.numel(), chunk_tokens):
+            chunk, target = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            # As _chunk_loss_sum: the product in the weight's dtype, the softmax in fp32.
+            logits = F.linear(chunk.to(weight.dtype), weight).float()  # (chunk, vocabulary)
+            log_normaliser = logits.logsumexp(dim=-1)
+            total += (log_normaliser - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad is not None:  # d(sum of cross-entropy)/d(logits) = softmax - one-hot(target)
+                probabilities = logits.sub_(log_normaliser[:, None]).exp_()
+                probabilities[torch.arange(target.numel(), device=target.device), target] -= 1
+                grad[start:start + chunk_tokens] = probabilities.to(weight.dtype) @ weight
+        if ctx is not None:
+            ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def _gathered(parameter: torch.nn.Parameter) -> Any:
+    """DeepSpeed ZeRO-3's whole-parameter gather, as a context."""
+    import deepspeed  # deepspeed.zero is an attribute, not an importable module
+
+    return deepspeed.zero.GatheredParameters([parameter])
+
+
+def _is_frozen_linear(layer: torch.nn.Module) -> bool:
+    """A plain nn.Linear without bias whose weight takes no gradient (LoRA's output layer; not a quantized layer, not
+    an adapted or trained one)."""
+    return type(layer) is torch.nn.Linear and layer.bias is None and not layer.weight.requires_grad
 
 
 def _chunk_loss_sum(states: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module) -> torch.Tensor:
@@ -72,13 +126,22 @@ class ChunkedLossTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
-        # DeepSpeed ZeRO-3 gathers the output layer's weight in that layer's forward hook and partitions it again
-        # after: the recomputation in backward then sees shape [0] (torch.utils.checkpoint.CheckpointError), and
-        # processes with different supervised-token counts would call the layer (an all-gather each) a different
-        # number of times. So under ZeRO-3, one output-layer call per step (still supervised positions only).
-        budget = math.inf if is_deepspeed_zero3_enabled() else LOGITS_BUDGET_BYTES
-        loss = chunked_causal_lm_loss(outputs.hidden_states[-1], output_layer, labels, num_items_in_batch,
-                                      chunk_tokens=CHUNK_TOKENS, logits_budget_bytes=budget)
+        hidden = outputs.hidden_states[-1]
+        if not is_deepspeed_zero3_enabled():
+            loss = chunked_causal_lm_loss(hidden, output_layer, labels, num_items_in_batch, chunk_tokens=CHUNK_TOKENS,
+                                          logits_budget_bytes=LOGITS_BUDGET_BYTES)
+        elif _is_frozen_linear(output_layer):
+            # ZeRO-3 keeps the weight partitioned outside the layer's own forward: gather it once, for every chunk
+            # (the frozen-layer loss reads it only in forward). Every process gathers once per step, whatever its
+            # number of supervised tokens (a collective each process must join).
+            with _gathered(output_layer.weight):
+                loss = chunked_causal_lm_loss(hidden, output_layer, labels, num_items_in_batch,
+                                              chunk_tokens=CHUNK_TOKENS, logits_budget_bytes=0)
+        else:
+            # A trained or quantized output layer: one call per step, which ZeRO-3 gathers (a chunk recomputed in
+            # backward would find the weight partitioned again: CheckpointError). Its logits are not bounded.
+            loss = chunked_causal_lm_loss(hidden, output_layer, labels, num_items_in_batch,
+                                          logits_budget_bytes=math.inf)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
             # gradients over processes, so each process's share is scaled back up (else the loss and gradients of

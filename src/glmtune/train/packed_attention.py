@@ -30,6 +30,8 @@ def can_use_packed_sdpa(model: Any) -> bool:
     config = base.config
     if config.model_type not in CAUSAL_MODEL_TYPES or config._attn_implementation not in ("sdpa", PACKED_SDPA):
         return False
+    if not type(base).__module__.startswith("transformers.models."):  # remote code naming itself "llama"
+        return False
     windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     layer_types = getattr(config, "layer_types", None)
     return not windowed and (not layer_types or set(layer_types) == {"full_attention"})
@@ -78,26 +80,41 @@ def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     batch, heads, tokens, dim = query.shape
+    if starts[0] != 0 or starts[-1] != batch * tokens:
+        raise ValueError(f"cu_seq_lens_q covers tokens {starts[0]}..{starts[-1]} of a batch of {batch} x {tokens}: "
+                         "the batch was split without its sample boundaries (torch.nn.DataParallel?)")
     # Rows laid end to end (the one-row batch: a view), as the flash-attention convention counts cu_seq_lens.
     query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], batch * tokens, dim) for t in (query, key, value))
     gqa = heads != key.shape[1]
-    outputs = [torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling,
-        is_causal=True, enable_gqa=gqa) for start, end in zip(starts[:-1], starts[1:], strict=True)]
+    # split, not slices: a slice's backward writes a zero gradient of the whole row for each sample (measured, 64
+    # samples of 32 tokens: 266 ms backward against 25 ms).
+    lengths = [end - start for start, end in zip(starts[:-1], starts[1:], strict=True)]
+    outputs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                                is_causal=True, enable_gqa=gqa)
+               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2),
+                                  strict=True)]
     output = torch.cat(outputs, dim=2).reshape(heads, batch, tokens, dim)
     return output.permute(1, 2, 0, 3).contiguous(), None
 
 
+_last_cu_seq_lens: list[Any] = [None, None]  # (tensor, its starts): one conversion per forward, not per layer
+
+
 def _sample_starts(cu_seq_lens: Any, position_ids: Any, batch: int) -> list[int] | None:
     """Token offsets where each sample starts, and the total at the end, over the rows laid end to end: from the
-    collator's cu_seq_lens, else from where position ids restart; None when there is nothing to split."""
+    collator's cu_seq_lens, else from where position ids restart or a row ends; None when there is nothing to split."""
     if cu_seq_lens is not None:
-        return [int(i) for i in cu_seq_lens.tolist()]
+        if _last_cu_seq_lens[0] is not cu_seq_lens:  # .tolist() waits for the device: once per batch, not per layer
+            _last_cu_seq_lens[:] = [cu_seq_lens, [int(i) for i in cu_seq_lens.tolist()]]
+        return _last_cu_seq_lens[1]
     if position_ids is None:
         return None
+    import torch
+
     position_ids = position_ids.expand(batch, -1)
-    flat = position_ids.reshape(-1)
-    restarts = (flat[1:] != flat[:-1] + 1).nonzero().flatten() + 1
-    if restarts.numel() == 0:
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (batch, tokens - 1)
+    if not restarts.any():
         return None
-    return [0, *restarts.tolist(), flat.numel()]
+    row_starts = torch.ones(batch, 1, dtype=torch.bool, device=restarts.device)  # rows never run into each other
+    starts = torch.cat([row_starts, restarts], dim=1).reshape(-1).nonzero().flatten().tolist()
+    return [*starts, position_ids.numel()]

@@ -92,8 +92,10 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     if data_args.packing and not packing:
         print("packing: off (this model derives its attention from the ids, packed samples would see each other); "
               "batches are padded")
-    one_row = packing and can_use_packed_sdpa(model)
-    if one_row:  # each batch in one row without padding, attention sample by sample
+    # Each batch in one row without padding, attention sample by sample. Not under torch.nn.DataParallel (one
+    # process, several GPUs), which would split the row's sample boundaries apart from the row.
+    one_row = packing and can_use_packed_sdpa(model) and training_args.n_gpu <= 1
+    if one_row:
         use_packed_sdpa(model)
     trainer = (ChunkedLossTrainer if chunked else Trainer)(
         model=model,
@@ -104,6 +106,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         processing_class=tokenizer,
         callbacks=[generation_eval] if generation_eval else None,
     )
+    _check_generation_eval_sharding(generation_eval)
     with _long_lived_objects_frozen():
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     best = None
@@ -168,6 +171,18 @@ def _check_sharding_plugins(training_args: Any) -> None:
                         hint="on CPU: torchrun --nproc_per_node N -m glmtune train ..., or "
                              "accelerate launch --multi_gpu --num_processes N -m glmtune train ..., "
                              "or DeepSpeed (--deepspeed examples/deepspeed/ds_z3_config.json)")
+
+
+def _check_generation_eval_sharding(generation_eval: Any) -> None:
+    """--eval_generate generates on the main process alone; under DeepSpeed ZeRO-3 each forward gathers weights from
+    every process, so the main process would wait for the others forever."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if generation_eval is not None and is_deepspeed_zero3_enabled():
+        raise UserError("--eval_generate can't run under DeepSpeed ZeRO-3 (it generates on the main process alone, "
+                        "and ZeRO-3 needs every process in each forward)",
+                        hint="ZeRO-2 (examples/deepspeed/ds_z2_config.json), or train without --eval_generate and "
+                             "run glmtune eval on the adapter afterwards")
 
 
 def _load_for_training(model_args: ModelArguments, model_name: str, precision: Precision, training_args: Any) -> Any:
