@@ -38,11 +38,11 @@ def test_two_processes_train_what_one_process_trains(tmp_path, launcher):
     train = ["-m", "glmtune", "train", "--dataset_path", str(tmp_path / "data"), *COMMON]
     single = subprocess.run([sys.executable, *train, "--output_dir", str(tmp_path / "single"),
                              "--per_device_train_batch_size", "4"], env=env, capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr[-2000:]
+    assert single.returncode == 0, failure(single)
     ddp = subprocess.run([sys.executable, *LAUNCHERS[launcher], *train,
                           "--output_dir", str(tmp_path / "ddp"), "--per_device_train_batch_size", "2"],
                          env=env, capture_output=True, text=True)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.returncode == 0, failure(ddp)
     assert ddp.stdout.count("Adapter saved") == 1  # the main process reports; the other stays quiet
 
     runs = {name: json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("single", "ddp")}
@@ -78,7 +78,7 @@ def test_two_process_run_prepares_a_data_file_once_and_resumes_to_the_uninterrup
                    "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
                    "--output_dir", str(output_dir), *extra]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, failure(done)
         return done.stdout
 
     def tokenize_entries():
@@ -134,3 +134,11 @@ def test_tokenize_options_with_a_prepared_directory_are_refused(cli, tiny_model,
                  "--max_seq_length", "64", "--val_size", "1")
     assert result.code == 2 and "--max_seq_length --val_size apply to a data file" in result.err
     assert "keeps the options it was prepared with" in result.err
+
+
+def failure(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch said: the processes' own error lines (a launcher's report of a crashed process ends
+    its output and hides them), then the tail."""
+    clues = [line for line in done.stderr.splitlines()
+             if any(word in line for word in ("Error", "error:", "terminate called", "what()", "Abort", "Signal"))]
+    return "\n".join(clues[-40:]) + "\n--- tail ---\n" + done.stderr[-2000:]
