@@ -82,13 +82,13 @@ step acc_z3 $PY -m accelerate.commands.launch --config_file examples/accelerate/
     --num_processes 2 --main_process_port $((port + 9)) "${TRAIN[@]}" --output_dir "$WORK/acc_z3"
 
 $PY - "$WORK" <<'EOF'
-import json, re, sys
+import re, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
 work, ok = Path(sys.argv[1]), True
 ref = load_file(str(work / "ddp" / "adapter_model.safetensors"))
-start = {k: v for k, v in ref.items()}  # lora_B starts at zero: its values are the change itself
+# lora_B starts at zero: its values are the change itself
 moved = max(v.abs().max().item() for k, v in ref.items() if "lora_B" in k)
 print(f"\nlargest LoRA B value after 4 steps (DDP): {moved:.3g}")
 print(f"{'run':<11} {'rc':>3} {'s':>4} {'losses':<29} {'checkpoint-2/global_step2':<26} {'adapter':<16} "

@@ -25,3 +25,8 @@ def resolve_target_modules(model_type: str, requested: str | None) -> Any:
             return requested
         return [name.strip() for name in requested.split(",") if name.strip()]
     return DEFAULT_TARGETS.get(model_type, "all-linear")
+
+
+def base_model(model: Any) -> Any:
+    """The model under a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from glmtune.models.lora import base_model
+
 IGNORE_INDEX = -100
 
 
 def supports_packing(model: Any) -> bool:
     """Whether the model keeps packed samples apart given only restarting position ids."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return bool(getattr(base, "_supports_attention_backend", False))
 
 

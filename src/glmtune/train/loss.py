@@ -10,6 +10,7 @@ one gets each chunk recomputed in backward (activation checkpointing). Same valu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -67,33 +68,39 @@ def frozen_output_layer_loss_sum(states: torch.Tensor, targets: torch.Tensor, we
     if torch.is_grad_enabled() and states.requires_grad:
         return _FrozenOutputLayerCrossEntropy.apply(states, weight, targets, chunk_tokens)
     with torch.no_grad():
-        return _FrozenOutputLayerCrossEntropy.forward(None, states, weight, targets, chunk_tokens)
+        return _loss_sum_and_gradient(states, weight, targets, chunk_tokens, gradient=None)
 
 
 class _FrozenOutputLayerCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_tokens: int) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=states.device)
-        grad = torch.empty_like(states) if ctx is not None else None
-        for start in range(0, targets.numel(), chunk_tokens):
-            chunk, target = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-            # As _chunk_loss_sum: the product in the weight's dtype, the softmax in fp32.
-            logits = F.linear(chunk.to(weight.dtype), weight).float()  # (chunk, vocabulary)
-            log_normaliser = logits.logsumexp(dim=-1)
-            total += (log_normaliser - logits.gather(1, target[:, None]).squeeze(1)).sum()
-            if grad is not None:  # d(sum of cross-entropy)/d(logits) = softmax - one-hot(target)
-                probabilities = logits.sub_(log_normaliser[:, None]).exp_()
-                probabilities[torch.arange(target.numel(), device=target.device), target] -= 1
-                grad[start:start + chunk_tokens] = probabilities.to(weight.dtype) @ weight
-        if ctx is not None:
-            ctx.save_for_backward(grad)
+        gradient = torch.empty_like(states)
+        total = _loss_sum_and_gradient(states, weight, targets, chunk_tokens, gradient)
+        ctx.save_for_backward(gradient)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_total.to(gradient.dtype), None, None, None
+
+
+def _loss_sum_and_gradient(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                           gradient: torch.Tensor | None) -> torch.Tensor:
+    """The summed cross-entropy; d(sum)/d(states) written into `gradient` unless it is None."""
+    total = torch.zeros((), dtype=torch.float32, device=states.device)
+    for start in range(0, targets.numel(), chunk_tokens):
+        chunk, target = states[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        # As _chunk_loss_sum: the product in the weight's dtype, the softmax in fp32.
+        logits = F.linear(chunk.to(weight.dtype), weight).float()  # (chunk, vocabulary)
+        log_normaliser = logits.logsumexp(dim=-1)
+        total += (log_normaliser - logits.gather(1, target[:, None]).squeeze(1)).sum()
+        if gradient is not None:  # d(sum of cross-entropy)/d(logits) = softmax - one-hot(target)
+            probabilities = logits.sub_(log_normaliser[:, None]).exp_()
+            probabilities[torch.arange(target.numel(), device=target.device), target] -= 1
+            gradient[start:start + chunk_tokens] = probabilities.to(weight.dtype) @ weight
+    return total
 
 
 def _gathered(parameter: torch.nn.Parameter) -> Any:
@@ -126,22 +133,19 @@ class ChunkedLossTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
         output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
-        hidden = outputs.hidden_states[-1]
-        if not is_deepspeed_zero3_enabled():
-            loss = chunked_causal_lm_loss(hidden, output_layer, labels, num_items_in_batch, chunk_tokens=CHUNK_TOKENS,
-                                          logits_budget_bytes=LOGITS_BUDGET_BYTES)
-        elif _is_frozen_linear(output_layer):
-            # ZeRO-3 keeps the weight partitioned outside the layer's own forward: gather it once, for every chunk
-            # (the frozen-layer loss reads it only in forward). Every process gathers once per step, whatever its
-            # number of supervised tokens (a collective each process must join).
-            with _gathered(output_layer.weight):
-                loss = chunked_causal_lm_loss(hidden, output_layer, labels, num_items_in_batch,
-                                              chunk_tokens=CHUNK_TOKENS, logits_budget_bytes=0)
-        else:
+        budget, gather = LOGITS_BUDGET_BYTES, contextlib.nullcontext()
+        if is_deepspeed_zero3_enabled() and _is_frozen_linear(output_layer):
+            # ZeRO-3 keeps the weight partitioned outside the layer's own forward: gather it once for all the chunks
+            # of the frozen-layer loss, which reads the weight directly (never through the module's hooks). Every
+            # process gathers once per step, whatever its number of supervised tokens (a collective all must join).
+            budget, gather = 0, _gathered(output_layer.weight)
+        elif is_deepspeed_zero3_enabled():
             # A trained or quantized output layer: one call per step, which ZeRO-3 gathers (a chunk recomputed in
             # backward would find the weight partitioned again: CheckpointError). Its logits are not bounded.
-            loss = chunked_causal_lm_loss(hidden, output_layer, labels, num_items_in_batch,
-                                          logits_budget_bytes=math.inf)
+            budget = math.inf
+        with gather:
+            loss = chunked_causal_lm_loss(outputs.hidden_states[-1], output_layer, labels, num_items_in_batch,
+                                          chunk_tokens=CHUNK_TOKENS, logits_budget_bytes=budget)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: num_items_in_batch counts every process's tokens and DDP averages the
             # gradients over processes, so each process's share is scaled back up (else the loss and gradients of

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from glmtune.models.lora import base_model
+
 PACKED_SDPA = "glmtune_packed_sdpa"
 
 # Decoders whose attention is exactly softmax(QK^T * scaling + causal mask) V under transformers' attention interface.
@@ -26,7 +28,7 @@ CAUSAL_MODEL_TYPES = {"glm", "glm4", "glm4_moe", "llama", "qwen2", "qwen3", "qwe
 
 def can_use_packed_sdpa(model: Any) -> bool:
     """Whether per-sample sdpa computes exactly what the model's own sdpa attention computes."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     if config.model_type not in CAUSAL_MODEL_TYPES or config._attn_implementation not in ("sdpa", PACKED_SDPA):
         return False
@@ -40,7 +42,7 @@ def can_use_packed_sdpa(model: Any) -> bool:
 def use_packed_sdpa(model: Any) -> None:
     """Switch the model's attention to PACKED_SDPA (same results for unpacked inputs; see the module docstring)."""
     register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.set_attn_implementation(PACKED_SDPA)
 
 

@@ -33,7 +33,7 @@ from glmtune.errors import UserError
 from glmtune.models import quantization
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
-from glmtune.models.lora import resolve_target_modules
+from glmtune.models.lora import base_model, resolve_target_modules
 from glmtune.train.batching import make_collator, supports_packing
 from glmtune.train.packed_attention import can_use_packed_sdpa, use_packed_sdpa
 from glmtune.train.plot import plot_loss
@@ -288,7 +288,7 @@ def _check_same_adapter_shape(checkpoint: Path, peft_config: Any) -> None:
 def _supports_chunked_loss(model: Any) -> bool:
     """The chunked loss needs the model to return its final hidden states without computing every position's
     logits (transformers' `logits_to_keep`), and to expose its output layer; remote-code models may not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return "logits_to_keep" in inspect.signature(base.forward).parameters and \
         base.get_output_embeddings() is not None
 
