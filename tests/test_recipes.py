@@ -2,13 +2,15 @@
 test_launch_configs.py reads): each opens with the command that runs it, and parses with that command's real option
 parser (unknown keys and bad values fail here as they would at run time); the other commands its header shows
 parse too and fit together (the dataset it trains on is the one its prepare step writes, with the same model; DPO
-starts from the LoRA run's adapter; a quantized THUDM-layout model is the converted directory); and the peak memory
-its header quotes is what `glmtune plan` prints now, for the run the recipe describes."""
+starts from the LoRA run's adapter; a quantized THUDM-layout model is the converted directory); the peak memory
+its header (and examples/README.md's table) quotes is what `glmtune plan` prints now, for the run the recipe
+describes; and the ChatGLM3 headers' commands run, in order, on a small checkpoint of that layout."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 import shlex
@@ -107,16 +109,18 @@ def values(instances: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
-_RESOLVED: dict[Path, dict[str, Any]] = {}
+def run_command(recipe: Path) -> list[str]:
+    """The header's `glmtune train|dpo --config RECIPE` line."""
+    found = [argv for argv in commands(recipe) if argv[1] in RECIPE_VERBS and argv[2:4] == ["--config", _name(recipe)]]
+    assert len(found) == 1, f"{_name(recipe)}: the header shows no single `glmtune train|dpo --config {_name(recipe)}`"
+    return found[0]
 
 
+@functools.cache
 def resolved(recipe: Path) -> dict[str, Any]:
-    """The options `glmtune VERB --config RECIPE` runs with (parsed once per session: DPO's parser imports TRL)."""
-    if recipe not in _RESOLVED:
-        (argv,) = [argv for argv in commands(recipe) if argv[1] in RECIPE_VERBS and argv[2:4] == ["--config",
-                                                                                                  _name(recipe)]]
-        _RESOLVED[recipe] = values(parse_command(argv)) | {"verb": argv[1]}
-    return _RESOLVED[recipe]
+    """The options the recipe's run command runs with (parsed once per session: DPO's parser imports TRL)."""
+    argv = run_command(recipe)
+    return values(parse_command(argv)) | {"verb": argv[1]}
 
 
 def prepare_step(recipe: Path) -> dict[str, Any]:
@@ -139,8 +143,7 @@ def test_every_family_has_a_lora_a_qlora_and_a_dpo_recipe():
 def test_recipe_opens_with_the_command_that_runs_it(recipe):
     from glmtune.cli import COMMANDS
 
-    runs = [argv for argv in commands(recipe) if argv[2:4] == ["--config", _name(recipe)]]
-    assert len(runs) == 1 and runs[0][1] in RECIPE_VERBS, f"{_name(recipe)}: no `glmtune train|dpo --config` line"
+    run_command(recipe)
     for argv in commands(recipe):
         assert argv[1] in COMMANDS, f"{_name(recipe)}: `glmtune {argv[1]}` is no command"
 
@@ -272,6 +275,21 @@ def test_headers_first_plan_command_estimates_the_recipes_own_run(recipe):
                 "gradient_checkpointing": bool(options["gradient_checkpointing"]),
                 **run, **{key: lora[key] for key in ("lora_rank", "lora_dropout", "target_modules")}}
     assert {key: plan[key] for key in expected} == expected
+
+
+# "| ChatGLM3-6B | [lora.yaml](chatglm3-6b/lora.yaml) | ... | 46.39 GiB | 15.13 GiB with `--gradient_...` | fits |"
+TABLE_ROW = re.compile(r"\| \[\w+\.yaml\]\((?P<recipe>[^)]+)\) \|[^|]+\| (?P<total>[\d.]+) GiB \| (?P<on24>[^|]+) \| "
+                       r"(?P<on80>[^|]+) \|$")
+
+
+def test_examples_readme_table_quotes_each_recipes_header():
+    rows = {m["recipe"]: m for line in (EXAMPLES / "README.md").read_text(encoding="utf-8").splitlines()
+            if (m := TABLE_ROW.search(line))}
+    assert sorted(rows) == sorted(p.relative_to(EXAMPLES).as_posix() for p in FAMILY_RECIPES)
+    for name, row in rows.items():
+        on24, on80 = sorted(plan_runs(EXAMPLES / name)[0][1], key=lambda m: m["gib"])
+        cell24 = "fits" if on24["verdict"] == "fits" else f"{on24['changed']} GiB with `{on24['change']}`"
+        assert (row["total"], row["on24"].strip(), row["on80"].strip()) == (on24["total"], cell24, on80["verdict"])
 
 
 @pytest.mark.parametrize("family", ["chatglm3-6b", "glm-4-9b-chat"])
