@@ -1,12 +1,16 @@
-"""The training methods share only public functions: no module in glmtune.train reaches into another glmtune module's
-private (`_name`) functions, read from the source's syntax tree."""
+"""The training skeleton's contract: the methods share only public functions (no module in glmtune.train reaches into
+another glmtune module's private `_name`, read from the source's syntax tree), and the skeleton's docstring, the
+guide for adding a method, names its real steps in the order the methods call them."""
 
 from __future__ import annotations
 
 import ast
+import inspect
+import re
 from pathlib import Path
 
 import glmtune.train
+from glmtune.train import processes, skeleton
 
 TRAIN_DIR = Path(glmtune.train.__file__).parent
 
@@ -77,3 +81,17 @@ def test_private_import_check_sees_every_way_of_reaching_a_private_name():
     # Not another glmtune module's private name: a library's, a module's own, a dunder, a private method of an object.
     assert private_imports("from transformers.trainer_utils import _secret\nfrom glmtune import __version__\n"
                            "def _own():\n    pass\n_own()\nself._prepare_dataset(1)\n") == []
+
+
+def test_skeleton_docstring_lists_real_steps_in_the_order_sft_and_dpo_take_them():
+    steps = re.findall(r"^ ?\d+\. (\w+)", skeleton.__doc__, flags=re.MULTILINE)
+    assert len(steps) >= 10, steps
+    for name in steps:
+        function = getattr(skeleton, name, None) or getattr(processes, name, None)
+        assert inspect.isfunction(function), f"{name}: no such public function in skeleton.py or processes.py"
+    for method in ("sft", "dpo"):
+        source = (TRAIN_DIR / f"{method}.py").read_text(encoding="utf-8")
+        body = source[source.index(f"def run_{method}("):]
+        called = [name for name in steps if f"{name}(" in body]
+        assert called == sorted(called, key=lambda name: body.index(f"{name}(")), method
+        assert len(called) >= 10, (method, called)  # the method is built on the skeleton, not beside it
