@@ -51,13 +51,7 @@ from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from glmtune.models.lora import resolve_target_modules
 from glmtune.train.plot import plot_loss
-from glmtune.train.precision import (
-    ArgsT,
-    Precision,
-    apply_to_training_args,
-    choose_precision,
-    detect_hardware,
-)
+from glmtune.train.precision import ArgsT, Precision, apply_to_training_args, choose_precision, detect_hardware
 
 if TYPE_CHECKING:
     from datasets import Dataset
