@@ -141,8 +141,8 @@ def test_no_bitsandbytes_backend_stops_before_loading_anything(cli, quant_setup,
     def never(*args, **kwargs):
         raise AssertionError("loaded something")
 
-    monkeypatch.setattr("glmtune.train.sft.load_tokenizer", never)
-    monkeypatch.setattr("glmtune.train.sft.load_model", never)
+    monkeypatch.setattr("glmtune.train.skeleton.load_tokenizer", never)
+    monkeypatch.setattr("glmtune.train.skeleton.load_model", never)
     _, data = quant_setup
     monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"xpu"})  # a build with neither CPU nor CUDA
     result = cli("train", "--dataset_path", data, "--output_dir", tmp_path / "run", "--quantization_bit", "4")

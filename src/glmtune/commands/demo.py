@@ -36,7 +36,8 @@ def run(args: DemoArguments) -> float:
     from glmtune.data.prepare import load_data
     from glmtune.inference.engine import Engine, GenerationSettings
     from glmtune.models.tiny import build_tiny_glm
-    from glmtune.train.sft import LOSS_PLOT, run_sft
+    from glmtune.train.sft import run_sft
+    from glmtune.train.skeleton import LOSS_PLOT
 
     out = Path(args.output_dir)
     check_writable_output(out, args.overwrite_output_dir)

@@ -55,21 +55,15 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
         return
     if "--help_all" in argv:  # every DPOConfig option too
         argv = ["--help"]
-    import torch
-
     from glmtune.train.dpo import GlmtuneDPOConfig, run_dpo
-    from glmtune.train.processes import end_process_group
+    from glmtune.train.processes import end_process_group, is_main_process, machine_defaults
 
-    # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
-    machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
     model_args, dpo_args, lora_args, precision_args, training_args = parse_arguments(
         "glmtune dpo", [*OWN_ARGUMENTS, GlmtuneDPOConfig], argv,
-        {**DPO_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
+        {**DPO_DEFAULTS, **machine_defaults(), **(defaults or {})}, description=__doc__)
     result = run_dpo(model_args, dpo_args, lora_args, training_args, precision_args)
     end_process_group()  # after the main process's final writes, on every process
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under torchrun / accelerate launch: said once
+    if not is_main_process():  # under torchrun / accelerate launch: said once
         return
     rewards = result.rewards
     print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"

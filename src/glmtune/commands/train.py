@@ -33,18 +33,15 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
         return
     if "--help_all" in argv:  # every TrainingArguments option too
         argv = ["--help"]
-    import torch
     from transformers import TrainingArguments
 
-    from glmtune.train.processes import end_process_group
+    from glmtune.train.processes import end_process_group, is_main_process, machine_defaults
     from glmtune.train.sft import run_sft
 
-    # Pinned host memory only helps copies to a GPU; without one torch warns on every run.
-    machine_defaults = {"dataloader_pin_memory": torch.cuda.is_available()}
     try:
         model_args, data_args, lora_args, compute_args, eval_args, training_args = parse_arguments(
             "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
-            {**TRAIN_DEFAULTS, **machine_defaults, **(defaults or {})}, description=__doc__)
+            {**TRAIN_DEFAULTS, **machine_defaults(), **(defaults or {})}, description=__doc__)
     except ImportError as e:  # TrainingArguments wants the package for --deepspeed or an accelerate DeepSpeed config
         if "deepspeed" not in str(e):
             raise
@@ -53,9 +50,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
                         hint="pip install deepspeed --no-build-isolation (see the README)") from None
     result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
     end_process_group()  # after the main process's final writes, on every process
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under torchrun / accelerate launch: said once
+    if not is_main_process():  # under torchrun / accelerate launch: said once
         return
     print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
           + (f" (last logged loss {result.final_loss:.4f})" if result.final_loss is not None else ""))

@@ -1,1 +1,1 @@
-"""Training: LoRA supervised fine-tuning on transformers' Trainer."""
+"""Training: the steps every method shares (skeleton.py), and one module per method on them (sft.py, dpo.py)."""

@@ -1,4 +1,9 @@
-"""Direct Preference Optimisation with a LoRA adapter: TRL's DPOTrainer on the pairs `glmtune prepare` tokenized.
+"""Direct Preference Optimisation with a LoRA adapter: TRL's DPOTrainer on the pairs `glmtune prepare` tokenized,
+on the shared training skeleton (train/skeleton.py).
+
+What DPO adds to the skeleton's steps: TRL's trainer and config (taking glmtune's tokenized pairs as they are), the
+starting adapter (--peft_path, whose base model and tokenizer the run must match), the reference model, and the
+reward metrics in the manifest.
 
 The reference model costs no second copy of the base weights. The policy is a PeftModel and TRL computes the
 reference log-probabilities through the same weights: with the adapters disabled (the base model), or, when the run
@@ -11,30 +16,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from trl import DPOConfig, DPOTrainer
 
 from glmtune.arguments import DpoArguments, LoraArguments, ModelArguments, PrecisionArguments
-from glmtune.config import to_plain_dict
-from glmtune.data.preference import PREFERENCE_COLUMNS, read_prepared_manifest
-from glmtune.data.prepared import prepared_dataset_dir
-from glmtune.errors import UserError
+from glmtune.data.preference import PREFERENCE_COLUMNS
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
-from glmtune.models import quantization
-from glmtune.models.hub import canonical_model_name
-from glmtune.models.loading import load_tokenizer, tokenizer_fingerprint
-from glmtune.train.sft import (
-    _add_lora,
-    _check_output,
-    _check_same_tokenizer,
-    _choose_precision,
-    _clear_output,
-    _load_for_training,
-    _load_splits,
-    _long_lived_objects_frozen,
-    _save_final,
+from glmtune.models.loading import tokenizer_fingerprint
+from glmtune.train.skeleton import (
+    attach_adapter,
+    build_trainer,
+    check_output,
+    choose_run_precision,
+    clear_output,
+    load_matching_tokenizer,
+    load_model_for_training,
+    load_splits,
+    prepare_data,
+    resolve_model_name,
+    resolved_config,
+    run_training,
+    save_final,
 )
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 REWARD_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of a starting adapter
@@ -63,85 +72,68 @@ class PretokenizedDPOTrainer(DPOTrainer):
     collator takes exactly prompt_ids / chosen_ids / rejected_ids. Ours were rendered by glmtune's templates (the
     ChatGLM family's included) and cut by prepare's truncation rules, so they go to the collator unchanged."""
 
-    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+    def _prepare_dataset(self, dataset: Dataset, processing_class: PreTrainedTokenizerBase, args: DPOConfig,
+                         dataset_name: str) -> Dataset:
         assert set(PREFERENCE_COLUMNS) <= set(dataset.column_names), dataset.column_names  # prepare wrote them
         return dataset
 
 
-def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraArguments, training_args: Any,
-            precision_args: PrecisionArguments | None = None) -> DpoResult:
+def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraArguments,
+            training_args: GlmtuneDPOConfig, precision_args: PrecisionArguments | None = None) -> DpoResult:
+    """Preference-tune a LoRA adapter (a new one, or --peft_path's) on prepared pairs and save the run.
+
+    Returns:
+        The run directory, the steps taken, the last logged loss and reward metrics.
+    Raises:
+        UserError: any option, input or output the run can't use, before anything is written.
+    """
     start_adapter = Path(dpo_args.peft_path) if dpo_args.peft_path else None
     adapter_base = adapter_base_model(start_adapter) if start_adapter else None
     output_dir = Path(training_args.output_dir)
     inputs = [Path(p) for p in (dpo_args.dataset_path, start_adapter) if p]  # never written over
-    resume = _check_output(training_args, dpo_args.overwrite_output_dir, tuple(inputs))
+    resume = check_output(training_args, dpo_args.overwrite_output_dir, tuple(inputs))
     precision_args = precision_args or PrecisionArguments()
-    precision, training_args = _choose_precision(model_args, precision_args, training_args)
-    # After _choose_precision: on CPU only the replaced training_args have joined the process group.
-    dataset_path = prepared_dataset_dir(dpo_args.dataset_path, model_args.model or adapter_base, training_args,
-                                        dpo_args, model_args.trust_remote_code)
-    dataset_dir, dataset_manifest = read_prepared_manifest(str(dataset_path), preference=True)
-    model_name = model_args.model or dataset_manifest.get("model") or adapter_base
-    if not model_name:
-        raise UserError(f"{dataset_dir}/manifest.json names no model", hint="pass --model")
-    model_name = canonical_model_name(model_name)
+    precision, training_args = choose_run_precision(model_args, precision_args, training_args)
+    dataset_dir, dataset_manifest = prepare_data(dpo_args.dataset_path, model_args.model or adapter_base,
+                                                 training_args, dpo_args, model_args.trust_remote_code,
+                                                 preference=True)
+    model_name = resolve_model_name(model_args.model, dataset_manifest, dataset_dir, fallback=adapter_base)
 
-    tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
-    _check_same_tokenizer(tokenizer, model_name, dataset_manifest, dataset_dir)
+    tokenizer = load_matching_tokenizer(model_name, model_args.trust_remote_code, dataset_manifest, dataset_dir)
     if start_adapter:
         check_adapter_tokenizer(start_adapter, tokenizer, model_name)
-    dataset, eval_dataset = _load_splits(dataset_dir, training_args)
+    splits = load_splits(dataset_dir, training_args)
 
-    model = _load_for_training(model_args, model_name, precision, training_args)
-    if start_adapter:
-        model = _load_trainable_adapter(model, start_adapter, model_name)
-    else:
-        model = _add_lora(model, model_name, lora_args, resume, training_args.seed)
-    _clear_output(training_args, output_dir, resume)
+    model = load_model_for_training(model_args, model_name, precision, training_args)
+    model = attach_adapter(model, model_name, lora_args, training_args.seed, resume, start_adapter)
+    clear_output(training_args, resume)
 
-    trainer = PretokenizedDPOTrainer(model=model, ref_model=None, args=training_args, train_dataset=dataset,
-                                     eval_dataset=eval_dataset, processing_class=tokenizer)
+    trainer = build_trainer(PretokenizedDPOTrainer, model, training_args, splits, tokenizer, ref_model=None)
     reference = _settle_reference(trainer.model, start_adapter, dpo_args.reference)
     print(f"reference model: {reference}")
-    with _long_lived_objects_frozen():
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    result = run_training(trainer, resume)
+    eval_metrics = trainer.evaluate() if splits.validation is not None else {}
     if REF_ADAPTER in trainer.model.peft_config:  # the output holds the trained adapter only
         trainer.model.delete_adapter(REF_ADAPTER)
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/margins" in entry]
     rewards = {key: logged[-1][key] for key in REWARD_METRICS if key in logged[-1]} if logged else {}
-    config = to_plain_dict(model_args, dpo_args, lora_args, precision_args, training_args)
-    config["model"], config["precision"] = model_name, precision.name
-    config["quantization"] = quantization.describe(trainer.model.get_base_model())
-    _save_final(output_dir, trainer, config, command="dpo",
-                base_model=model_name, dataset=str(dataset_dir), start_adapter=dpo_args.peft_path,
-                reference=reference, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                global_step=trainer.state.global_step, train_loss=result.training_loss,
-                last_logged_loss=logged[-1]["loss"] if logged else None,
-                first_logged_rewards={key: logged[0][key] for key in REWARD_METRICS if key in logged[0]}
-                if logged else None,
-                last_logged_rewards=rewards or None,
-                eval_metrics={k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))} or None,
-                train_runtime=result.metrics.get("train_runtime"), world_size=training_args.world_size)
+    config = resolved_config((model_args, dpo_args, lora_args, precision_args, training_args), model_name, precision,
+                             trainer.model)
+    save_final(output_dir, trainer, config, command="dpo",
+               base_model=model_name, dataset=str(dataset_dir), start_adapter=dpo_args.peft_path,
+               reference=reference, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+               global_step=trainer.state.global_step, train_loss=result.training_loss,
+               last_logged_loss=logged[-1]["loss"] if logged else None,
+               first_logged_rewards={key: logged[0][key] for key in REWARD_METRICS if key in logged[0]}
+               if logged else None,
+               last_logged_rewards=rewards or None,
+               eval_metrics={k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))} or None,
+               train_runtime=result.metrics.get("train_runtime"), world_size=training_args.world_size)
     return DpoResult(output_dir, trainer.state.global_step, logged[-1]["loss"] if logged else None, rewards)
 
 
-def _load_trainable_adapter(model: Any, adapter: Path, model_name: str) -> Any:
-    """An earlier run's adapter (e.g. SFT), trained further: its own rank and targets, not the LoRA options."""
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:  # shapes or module names of another base model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the adapter {adapter} onto '{model_name}': {first}",
-                        hint="pass the --model the adapter was trained on, or leave --model out") from None
-    model.print_trainable_parameters()
-    return model
-
-
-def _settle_reference(model: Any, start_adapter: Path | None, reference: str) -> str:
+def _settle_reference(model: PeftModel, start_adapter: Path | None, reference: str) -> str:
     """Make the reference what was asked for, and say what it is. TRL gives any PeftModel a frozen "ref" copy of its
     adapter: with a new adapter that copy is the zero update (LoRA's B starts at 0), so disabling the adapters gives
     the same log-probabilities with less compute; with --reference base it is dropped on purpose."""

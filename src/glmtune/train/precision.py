@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from glmtune.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+ArgsT = TypeVar("ArgsT", bound="TrainingArguments")  # TrainingArguments, or a subclass such as TRL's DPOConfig
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def choose_precision(requested: str, bf16_flag: bool, fp16_flag: bool, hardware:
     return Precision("fp32", "auto: this CPU has no bf16 units (bf16 would be emulated, slower than fp32)")
 
 
-def apply_to_training_args(precision: Precision, training_args: Any, hardware: Hardware) -> Any:
+def apply_to_training_args(precision: Precision, training_args: ArgsT, hardware: Hardware) -> ArgsT:
     """TrainingArguments with the Trainer's mixed precision set to match (re-validated by its __post_init__).
     use_cpu without a GPU: transformers 5 accepts bf16 on CPU only with it, and only with it does a CPU run under
     torchrun join the process group (measured: world_size 1 in each of two torchrun processes without it)."""

@@ -1,0 +1,347 @@
+"""The steps every training method shares, as public functions in the order a run takes them.
+
+A method module (train/sft.py, train/dpo.py) is one `run_<method>()` that calls these steps top to bottom and adds
+only what is particular to it: its trainer class, collator or loss, the checks it needs and the metrics it reports.
+
+ 1. check_output            --output_dir may be written, or the checkpoint to resume from (resolve_resume)
+ 2. choose_run_precision    fp32, bf16 or fp16 for this hardware, and the training arguments set to match
+ 3. prepare_data            the prepared dataset directory (a data file is tokenized into one) and its manifest
+ 4. resolve_model_name      --model, else the model the dataset was prepared for
+ 5. load_matching_tokenizer the model's tokenizer, refused unless the dataset was tokenized with it
+ 6. load_splits             the `train` split and the `validation` split, if any
+ 7. load_model_for_training the base model in the run's precision, quantized when asked
+ 8. attach_adapter          seeded (seed_run): a new LoRA adapter, or an earlier run's adapter trained further
+ 9. clear_output            only now, every check passed: an old run's files go
+10. build_trainer           the method's Trainer class on the model, splits and tokenizer
+11. run_training            Trainer.train with the long-lived objects frozen (long_lived_objects_frozen)
+12. resolved_config         what the run was asked for and what it resolved to (precision, model, quantization)
+13. save_final              adapter, tokenizer, <command>_config.yaml, loss plot, manifest.json last; staged, then moved
+14. end_process_group       by the command, on every process (train/processes.py)
+
+Adding a method (KTO, ORPO, ...) is two files:
+
+- `train/<method>.py`: `run_<method>(...)` calling the steps above with the method's Trainer (or TRL trainer and
+  config), its own checks, and the manifest fields it adds; see train/dpo.py for a TRL trainer.
+- `commands/<method>.py`: `main(argv)` parsing the method's argument dataclasses (with `machine_defaults()`), calling
+  `run_<method>`, then `end_process_group()` and printing on the main process alone; plus its line in cli.COMMANDS.
+
+Full and freeze tuning change step 8 only: they make weights of the model itself trainable instead of adding an
+adapter (see attach_adapter), and save those weights in step 13.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+import yaml
+
+from glmtune.arguments import LoraArguments, ModelArguments, PrecisionArguments, TokenizeArguments
+from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, write_manifest
+from glmtune.config import to_plain_dict
+from glmtune.data.preference import read_prepared_manifest
+from glmtune.data.prepared import prepared_dataset_dir
+from glmtune.errors import UserError
+from glmtune.models import quantization
+from glmtune.models.hub import canonical_model_name
+from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
+from glmtune.models.lora import resolve_target_modules
+from glmtune.train.plot import plot_loss
+from glmtune.train.precision import ArgsT, Precision, apply_to_training_args, choose_precision, detect_hardware
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+    from transformers.trainer_utils import TrainOutput
+
+LOSS_PLOT = "loss.png"
+STAGING = ".final.tmp"  # inside the output directory: the final artifacts before they are moved into place
+
+TrainerT = TypeVar("TrainerT", bound="Trainer")
+
+
+class Splits(NamedTuple):
+    train: Dataset
+    validation: Dataset | None
+
+
+def check_output(training_args: TrainingArguments, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path | None:
+    """The checkpoint to resume from, if any; else --output_dir must be writable (see check_writable_output).
+
+    Args:
+        overwrite: --overwrite_output_dir.
+        inputs: paths the run reads (a dataset, a starting adapter), never to be written over.
+    Raises:
+        UserError: a bad --resume_from_checkpoint, or an output directory that may not be written.
+    """
+    output_dir = Path(training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    if resume is None or output_dir.resolve() not in resume.resolve().parents:
+        check_writable_output(output_dir, overwrite, inputs=inputs)
+    return resume
+
+
+def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
+    """--resume_from_checkpoint: a checkpoint path, or true/false (true: the latest one in --output_dir)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or str(value).lower() in {"", "false", "no", "0"}:
+        return None
+    if str(value).lower() in {"true", "yes", "1"}:
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint true: no checkpoint-* directory in {output_dir}",
+                            hint="check --output_dir, or pass the checkpoint's path")
+        return Path(last)
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file() or not (path / "adapter_config.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json "
+                        "and adapter_config.json)", hint="pass a checkpoint-* directory of an earlier run, or true")
+    return path
+
+
+def choose_run_precision(model_args: ModelArguments, precision_args: PrecisionArguments,
+                         training_args: ArgsT) -> tuple[Precision, ArgsT]:
+    """The run's precision, and the training arguments set to match it. Use the returned arguments from here on: on
+    CPU only they have joined the process group (see apply_to_training_args)."""
+    hardware = detect_hardware()
+    precision = choose_precision(precision_args.precision, training_args.bf16, training_args.fp16, hardware)
+    training_args = apply_to_training_args(precision, training_args, hardware)
+    if model_args.quantization_bit:  # no bitsandbytes backend: stop before loading anything
+        quantization.check_backend(model_args.quantization_bit)
+    return precision, training_args
+
+
+def refuse_fsdp_on_cpu(training_args: TrainingArguments) -> None:
+    """FSDP needs GPUs: accelerate 1.15 enables it only for GPU processes, so on CPU (use_cpu, see
+    apply_to_training_args) it drops an FSDP `accelerate launch --config_file` without a word and trains plain DDP
+    (seen with examples/accelerate/fsdp.yaml on two CPU processes). DeepSpeed is not dropped: the Trainer's
+    Accelerator gets the DeepSpeed plugin and switches to DeepSpeed whatever the device (accelerate/state.py,
+    AcceleratorState), and DeepSpeed's CPU accelerator trains ZeRO-2/3 over gloo (measured: same adapter as DDP)."""
+    import os
+
+    if training_args.use_cpu and (training_args.fsdp or
+                                  os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        raise UserError("FSDP needs CUDA GPUs, and this run is on CPU (accelerate would train plain DDP instead)",
+                        hint="on CPU: torchrun --nproc_per_node N -m glmtune train ..., or "
+                             "accelerate launch --multi_gpu --num_processes N -m glmtune train ..., "
+                             "or DeepSpeed (--deepspeed examples/deepspeed/ds_z3_config.json)")
+
+
+def prepare_data(dataset_path: str | None, model: str | None, training_args: TrainingArguments,
+                 tokenize_args: TokenizeArguments, trust_remote_code: bool,
+                 preference: bool) -> tuple[Path, dict[str, Any]]:
+    """The prepared dataset directory for --dataset_path (a data file is tokenized first, by the main process, with
+    `model`'s tokenizer) and its manifest, refused unless it holds the kind of data the method trains on.
+
+    Args:
+        preference: True for chosen/rejected pairs (DPO and its kin), False for conversations (SFT).
+    """
+    directory = prepared_dataset_dir(dataset_path, model, training_args, tokenize_args, trust_remote_code)
+    return read_prepared_manifest(str(directory), preference=preference)
+
+
+def resolve_model_name(requested: str | None, manifest: dict[str, Any], dataset_dir: Path,
+                       fallback: str | None = None) -> str:
+    """--model, else the model the dataset was prepared for, else `fallback` (e.g. a starting adapter's base)."""
+    name = requested or manifest.get("model") or fallback
+    if not name:
+        raise UserError(f"{dataset_dir}/manifest.json names no model", hint="pass --model")
+    return canonical_model_name(name)
+
+
+def load_matching_tokenizer(model_name: str, trust_remote_code: bool, manifest: dict[str, Any],
+                            dataset_dir: Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; refused unless it is the one the dataset was tokenized with (same fingerprint)."""
+    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != manifest.get("tokenizer_fingerprint"):
+        raise UserError(f"{dataset_dir} was tokenized with the tokenizer of '{manifest.get('model')}', "
+                        f"which differs from the tokenizer of '{model_name}'",
+                        hint=f"prepare the data again with --model {model_name}, or train with "
+                             f"--model {manifest.get('model')}")
+    return tokenizer
+
+
+def load_splits(dataset_dir: Path, training_args: TrainingArguments) -> Splits:
+    """The prepared `train` split and the `validation` split, if any (required when --eval_strategy evaluates)."""
+    from datasets import load_from_disk
+
+    try:
+        splits = load_from_disk(str(dataset_dir))
+        dataset = splits["train"]
+    except (FileNotFoundError, KeyError) as e:
+        raise UserError(f"{dataset_dir} has a manifest but no readable `train` split ({e})",
+                        hint="prepare it again with `glmtune prepare`") from None
+    eval_dataset = splits["validation"] if "validation" in splits else None
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs a validation split, and "
+                        f"{dataset_dir} has none", hint="prepare the data with --val_size")
+    return Splits(dataset, eval_dataset)
+
+
+def load_model_for_training(model_args: ModelArguments, model_name: str, precision: Precision,
+                            training_args: TrainingArguments) -> PreTrainedModel:
+    """The base model in the run's precision; quantized (--quantization_bit) and made ready for k-bit training."""
+    print(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
+    model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype(),
+                       quantization_bit=model_args.quantization_bit)
+    if model_args.quantization_bit:
+        model = quantization.prepare_for_training(model, training_args.gradient_checkpointing,
+                                                  training_args.gradient_checkpointing_kwargs)
+    return model
+
+
+def seed_run(seed: int) -> None:
+    """Seed every generator. The adapter's random init draws from the global generator, so this runs right before
+    the adapter is made (attach_adapter does it): otherwise two runs with the same --seed start from different
+    adapters, since the Trainer seeds only when it is built, after the adapter exists. Seeding earlier, before the
+    model loads, would change which random numbers the adapter gets, and so every run's result."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, seed: int,
+                   resume: Path | None = None, start_adapter: Path | None = None) -> PeftModel:
+    """What the run trains, seeded first (seed_run): an earlier run's adapter trained further (`start_adapter`: its own
+    rank and targets, the LoRA options don't apply), or else a new LoRA adapter from the LoRA options.
+
+    Full and freeze tuning, when they come, are a third branch here: no adapter, the model's own weights (all, or
+    the chosen layers) set trainable, the rest frozen.
+    """
+    seed_run(seed)
+    if start_adapter is not None:
+        return load_trainable_adapter(model, start_adapter, model_name)
+    return add_lora(model, model_name, lora_args, resume)
+
+
+def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, resume: Path | None) -> PeftModel:
+    """A new LoRA adapter on `model`; when resuming, refused unless the checkpoint's adapter has the same shape."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM", r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=resolve_target_modules(model.config.model_type, lora_args.target_modules),
+    )
+    if resume is not None:
+        check_same_adapter_shape(resume, peft_config)
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except ValueError as e:  # e.g. a --target_modules name the model doesn't have
+        raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
+    peft_model.print_trainable_parameters()
+    return peft_model
+
+
+def check_same_adapter_shape(checkpoint: Path, peft_config: LoraConfig) -> None:
+    """Resuming restores the adapter's weights: its rank and target modules must be the ones asked for."""
+    saved = read_json_object(checkpoint / "adapter_config.json", "adapter config")
+    ours = {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
+            "target_modules": sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str)
+            else peft_config.target_modules}
+    theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+              "target_modules": sorted(saved.get("target_modules") or []) if isinstance(ours["target_modules"], list)
+              else saved.get("target_modules")}
+    differing = [f"{key}: checkpoint {theirs[key]}, now {ours[key]}" for key in ours if ours[key] != theirs[key]]
+    if differing:
+        raise UserError(f"cannot resume from {checkpoint}: its LoRA adapter differs from the one asked for",
+                        problems=differing, hint="resume with the LoRA flags the run started with")
+
+
+def load_trainable_adapter(model: PreTrainedModel, adapter: Path, model_name: str) -> PeftModel:
+    """An earlier run's adapter (e.g. SFT), trainable: its own rank and targets, not the LoRA options."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:  # shapes or module names of another base model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the adapter {adapter} onto '{model_name}': {first}",
+                        hint="pass the --model the adapter was trained on, or leave --model out") from None
+    peft_model.print_trainable_parameters()
+    return peft_model
+
+
+def clear_output(training_args: TrainingArguments, resume: Path | None) -> None:
+    """Every check passed: only now may an old run be cleared away (by the main process, the others wait). A resumed
+    run keeps its checkpoints; a staging directory left by an interrupted final save goes either way."""
+    output_dir = Path(training_args.output_dir)
+    with training_args.main_process_first(desc="preparing the output directory"):
+        if training_args.process_index == 0:
+            if resume is None:
+                empty_directory(output_dir)
+            shutil.rmtree(output_dir / STAGING, ignore_errors=True)
+
+
+def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args: TrainingArguments, splits: Splits,
+                  tokenizer: PreTrainedTokenizerBase, **method_options: Any) -> TrainerT:
+    """The method's Trainer (transformers' or TRL's) on the run's model, splits and tokenizer; `method_options` are
+    the rest of its constructor's arguments (a collator, callbacks, a reference model...)."""
+    return trainer_class(model=model, args=training_args, train_dataset=splits.train,
+                         eval_dataset=splits.validation, processing_class=tokenizer, **method_options)
+
+
+@contextlib.contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """Everything loaded before training (libraries, tokenizer, model, dataset index) lives for the whole run: kept
+    out of the cyclic garbage collector's sight (gc.freeze), it is not rescanned by every full collection. The
+    Trainer calls gc.collect() when training starts (accelerate's free_memory): 0.35 s for a loaded run's objects
+    here, 3% of bench/train_speed.py's whole training run; Python's own full collections during training scan them
+    too. Reference counting still frees them; only cycles among them (and garbage cycles not yet collected when
+    training starts: no collection is run first, it would cost the same 0.35 s) wait until training ends."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def run_training(trainer: Trainer, resume: Path | None) -> TrainOutput:
+    """Train (from the checkpoint `resume`, if any) with the long-lived objects frozen."""
+    with long_lived_objects_frozen():
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def resolved_config(arguments: tuple[object, ...], model_name: str, precision: Precision, model: PeftModel,
+                    **what_ran: Any) -> dict[str, Any]:
+    """The run's configuration for <command>_config.yaml and the manifest: every argument dataclass's values, then
+    what the run resolved (`what_ran`: e.g. a feature the model turned out not to support; the model's canonical
+    name, the precision auto chose, the quantization it loaded with)."""
+    config = to_plain_dict(*arguments)
+    config.update(what_ran)
+    config["model"], config["precision"] = model_name, precision.name
+    config["quantization"] = quantization.describe(model.get_base_model())
+    return config
+
+
+def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], command: str, **fields: Any) -> None:
+    """Write the final artifacts into a staging directory, then move them into output_dir, manifest last.
+
+    Every process calls it (a sharded model gathers its weights); only the main one writes.
+
+    Args:
+        config: the resolved configuration (resolved_config), written as <command>_config.yaml and in the manifest.
+        command: the verb that wrote the run ("train", "dpo"): the config file's name and the manifest's command.
+        fields: the manifest's other fields (base model, dataset, step, losses, metrics...).
+    """
+    staging = output_dir / STAGING
+    trainer.save_model(str(staging))  # the adapter (adapter_config.json + adapter_model.safetensors), the tokenizer
+    if not trainer.is_world_process_zero():
+        return
+    (staging / f"{command}_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True),
+                                                   encoding="utf-8")
+    plot_loss(trainer.state.log_history, staging / LOSS_PLOT)
+    write_manifest(staging, command, config, **fields)
+    moved = sorted(staging.iterdir(), key=lambda p: p.name == "manifest.json")  # manifest last
+    for item in moved:
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    staging.rmdir()
