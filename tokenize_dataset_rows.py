@@ -1,5 +1,6 @@
 """The seed's step 1, kept working: `python tokenize_dataset_rows.py --jsonl_path DATA --save_path DIR
---max_seq_length 512`. It runs `glmtune prepare`; the model defaults to THUDM/chatglm-6b, as in the seed."""
+--max_seq_length 512` (--data is the same as --jsonl_path). It runs `glmtune prepare`; the model defaults to
+THUDM/chatglm-6b, as in the seed."""
 
 import sys
 from pathlib import Path

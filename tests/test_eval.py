@@ -118,6 +118,7 @@ def test_perplexity_of_a_padded_batch_equals_a_plain_forward_per_sample(tiny_mod
 HOOK_TRAIN = ["--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine",
               "--warmup_steps", "10", "--lora_rank", "16", "--lora_dropout", "0", "--logging_steps", "10",
               "--max_steps", "80", "--save_steps", "20", "--save_total_limit", "2",
+              "--precision", "fp32",  # the hook's scores are compared with a fresh fp32 evaluation's
               "--eval_generate", "true", "--eval_generate_metric", "rouge-l", "--eval_generate_max_new_tokens", "40"]
 
 

@@ -120,3 +120,14 @@ def test_real_alpaca_data_prepares(cli, tmp_path, tiny_model, shared):
     report = json.loads((tmp_path / "out" / "manifest.json").read_text())["report"]
     assert report["rows_read"] == 100 and report["format"] == "alpaca"
     assert report["kept"] + sum(report["dropped"].values()) == 100
+
+
+def test_data_and_the_seeds_jsonl_path_prepare_the_same_dataset(cli, tmp_path, tiny_model):
+    data = write_json(tmp_path / "data.json", [{"instruction": "Define APR.", "output": "Annual rate."}])
+    config = tmp_path / "config.yaml"
+    config.write_text(f"jsonl_path: {data}\nsave_path: {tmp_path / 'from_yaml'}\n", encoding="utf-8")
+    assert cli("prepare", "--data", data, "--save_path", tmp_path / "new", "--model", tiny_model).code == 0
+    assert cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "old", "--model", tiny_model).code == 0
+    assert cli("prepare", "--config", config, "--model", tiny_model).code == 0
+    rows = [load(tmp_path / name).to_list() for name in ("new", "old", "from_yaml")]
+    assert rows[0] == rows[1] == rows[2] and len(rows[0]) == 1

@@ -46,3 +46,12 @@ def test_seed_default_model_offline_is_one_clear_line(tmp_path):
     assert result.stderr.splitlines()[0] == ("error: model 'THUDM/chatglm-6b' is not in the local cache and "
                                              "HF_HUB_OFFLINE is set")
     assert "--model PATH" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_seed_step_one_takes_data_as_well_as_jsonl_path(tmp_path, tiny_model):
+    write_json(tmp_path / "data.json", [{"instruction": "q", "input": "", "output": "a"}])
+    for flag in ("--data", "--jsonl_path"):
+        result = run_script("tokenize_dataset_rows.py", flag, "data.json", "--save_path", f"out{flag}",
+                            "--model", tiny_model, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / f"out{flag}" / "manifest.json").is_file()

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from glmtune.arguments.options import Options
 from glmtune.errors import UserError
 from glmtune.help import asks_for_help, command_help
 
@@ -34,6 +35,7 @@ def parse_arguments(
     # allow_abbrev=False: an unknown flag must be an error, never silently taken as a prefix of a known one.
     parser = HfArgumentParser(dataclass_types, prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of options; flags override it.")
+    _leave_choices_to_the_dataclasses(parser, dataclass_types)
     known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -44,7 +46,7 @@ def parse_arguments(
     assert not set(defaults or {}) - known, f"defaults for unknown options: {set(defaults or {}) - known}"
     merged = dict(defaults or {})
     if config_path is not None:
-        values = read_yaml_config(config_path, known)
+        values = read_yaml_config(config_path, known, option_aliases(dataclass_types))
         actions = {action.dest: action for action in parser._actions}
         merged.update({key: _coerce(actions[key], key, value, config_path) for key, value in values.items()})
     parser.set_defaults(**merged)
@@ -58,7 +60,23 @@ def parse_arguments(
     return tuple(i for i in instances if not isinstance(i, argparse.Namespace))
 
 
-def read_yaml_config(path: Path, known: set[str]) -> dict[str, Any]:
+def _leave_choices_to_the_dataclasses(parser: argparse.ArgumentParser, dataclass_types: list[type]) -> None:
+    """HfArgumentParser gives argparse the choices of a Literal-typed option; argparse would refuse a value with
+    its usage dump, before glmtune's own check (Options) could say it in glmtune's error shape."""
+    own = {f.name for t in dataclass_types if issubclass(t, Options) for f in dataclasses.fields(t)}
+    for action in parser._actions:
+        if action.dest in own:
+            action.choices = None
+
+
+def option_aliases(dataclass_types: list[type]) -> dict[str, str]:
+    """Each option's other names (its `aliases` metadata, without the dashes) -> its field name."""
+    return {alias.lstrip("-"): f.name for t in dataclass_types for f in dataclasses.fields(t)
+            for alias in f.metadata.get("aliases", [])}
+
+
+def read_yaml_config(path: Path, known: set[str], aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """The YAML file's options by field name; a key may be an option's alias (`jsonl_path` for `data`)."""
     if not path.is_file():
         raise UserError(f"config file {path} does not exist", hint="pass --config PATH to a YAML file")
     try:
@@ -67,7 +85,12 @@ def read_yaml_config(path: Path, known: set[str]) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value, found {type(values).__name__}")
+    aliases = aliases or {}
     problems = []
+    for key in [k for k in values if k in aliases]:
+        if aliases[key] in values:
+            problems.append(f"{path}: '{key}' and '{aliases[key]}' are the same option: keep one")
+        values[aliases[key]] = values.pop(key)
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)

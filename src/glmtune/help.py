@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 from typing import Any
 
+from glmtune.arguments.options import Options, declared_choices
+
 HELP_FLAGS = {"-h", "--help"}
 
 # The transformers TrainingArguments options most runs set, for `glmtune train --help`: (name, default, help).
@@ -55,10 +57,17 @@ def command_help(prog: str, description: str | None, dataclass_types: list[type]
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it.")
     for dataclass_type in dataclass_types:
         group = parser.add_argument_group(dataclass_type.__name__)
+        own = issubclass(dataclass_type, Options)  # glmtune's: allowed values and command-specific wording
+        choices = declared_choices(dataclass_type) if own else {}
+        overrides = dataclass_type.help_overrides if own else {}
         for field in dataclasses.fields(dataclass_type):
             if field.init:
                 default = defaults.get(field.name, _default(field))
-                _add(group, field.name, default, field.metadata.get("help", ""))
+                text = overrides.get(field.name, field.metadata.get("help", ""))
+                _add(group, field.name, default, text, choices.get(field.name))
+                for alias in field.metadata.get("aliases", []):
+                    if "-" not in alias[2:]:  # the parser's --dashed-names are not listed, as for every option
+                        _add(group, alias[2:], None, f"The same as --{field.name} (its former name).")
     if training_options:
         group = parser.add_argument_group(
             "TrainingArguments (transformers): the common ones; every one is accepted, see --help_all")
@@ -75,7 +84,9 @@ def _default(field: dataclasses.Field) -> Any:
     return None
 
 
-def _add(group: Any, name: str, default: Any, text: str) -> None:
+def _add(group: Any, name: str, default: Any, text: str, choices: tuple[Any, ...] | None = None) -> None:
     metavar = "BOOL" if isinstance(default, bool) else name.upper()
-    shown = "" if default is None else f" (default: {default})"
-    group.add_argument(f"--{name}", metavar=metavar, help=(text + shown).replace("%", "%%"))
+    shown = [f"one of: {', '.join(map(str, choices))}"] if choices else []
+    shown += [] if default is None else [f"default: {default}"]
+    suffix = f" ({'; '.join(shown)})" if shown else ""
+    group.add_argument(f"--{name}", metavar=metavar, help=(text + suffix).replace("%", "%%"))

@@ -5,12 +5,16 @@ Ctrl-C stops an answer. --prompt TEXT answers once and exits (for scripts)."""
 from __future__ import annotations
 
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from glmtune.arguments import ChatArguments, ModelArguments
 from glmtune.config import parse_arguments
 from glmtune.data.conversation import Conversation, Message
 from glmtune.errors import UserError
+
+if TYPE_CHECKING:
+    from glmtune.inference.engine import Engine, GenerationSettings
+    from glmtune.inference.streaming import Completion
 
 MARKER = ">>> "
 EXIT_COMMANDS = {"/exit", "/quit"}
@@ -41,7 +45,7 @@ def run(model_args: ModelArguments, args: ChatArguments) -> None:
 class ChatSession:
     """The conversation so far, and one answer at a time streamed to a text stream."""
 
-    def __init__(self, engine: Any, settings: Any, system: str | None):
+    def __init__(self, engine: Engine, settings: GenerationSettings, system: str | None):
         self.engine, self.settings, self.system = engine, settings, system
         self.history: list[Message] = []
         if system:
@@ -79,7 +83,7 @@ class ChatSession:
         except UserError as e:
             raise UserError(f"--system: {e.message}", hint="leave --system out for this model") from None
 
-    def _warn_if_context_full(self, completion: Any) -> None:
+    def _warn_if_context_full(self, completion: Completion) -> None:
         limit = getattr(self.engine.model.config, "max_position_embeddings", None)
         used = completion.prompt_tokens + completion.completion_tokens
         if limit and used >= 0.9 * limit:

@@ -4,19 +4,19 @@ whose architecture transformers lacks: after `import glmtune.models`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from glmtune.arguments import Options, option
 from glmtune.config import parse_arguments, to_plain_dict
 
 
 @dataclass
-class ConvertArguments:
-    model: str | None = field(default=None, metadata={"help": "The checkpoint directory (SRC)."})
-    output_dir: str | None = field(default=None, metadata={"help": "The directory to write (DST)."})
-    tokenizer: str | None = field(default=None, metadata={
-        "help": "Where the tokenizer files are, if not beside the weights."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace DST if it exists."})
+class ConvertArguments(Options):
+    model: str | None = option("The checkpoint directory (SRC).")
+    output_dir: str | None = option("The directory to write (DST).")
+    tokenizer: str | None = option("Where the tokenizer files are, if not beside the weights.")
+    overwrite_output_dir: bool = option("Replace DST if it exists.", default=False)
 
 
 def main(argv: list[str]) -> None:

@@ -51,7 +51,7 @@ def run(args: DemoArguments) -> float:
     base = build_tiny_glm(out / "base-model", texts)
     _step(2, "prepare the bundled finance Q&A")
     prepare.run(ModelArguments(model=str(base)),
-                PrepareArguments(jsonl_path=[str(data_file)], save_path=str(out / "dataset"), max_seq_length=256))
+                PrepareArguments(data=[str(data_file)], save_path=str(out / "dataset"), max_seq_length=256))
     _step(3, f"LoRA-train for {args.max_steps} steps")
     training = TrainingArguments(
         output_dir=str(out / "run"), max_steps=args.max_steps, per_device_train_batch_size=16,

@@ -13,10 +13,13 @@ from glmtune.artifacts import atomic_directory, check_writable_output, write_man
 from glmtune.config import parse_arguments, to_plain_dict
 from glmtune.errors import UserError
 
+# Where eval's defaults differ from the options' own (shared with infer and chat).
+EVAL_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256}  # the engine's DEFAULT_MAX_NEW_TOKENS, said in --help
+
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
-    model_args, args = parse_arguments("glmtune eval", [ModelArguments, EvalArguments], argv, defaults,
-                                       description=__doc__)
+    model_args, args = parse_arguments("glmtune eval", [ModelArguments, EvalArguments], argv,
+                                       {**EVAL_DEFAULTS, **(defaults or {})}, description=__doc__)
     run(model_args, args)
 
 
@@ -24,11 +27,12 @@ def run(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
     """Returns what metrics.json holds."""
     from glmtune.data.prepare import load_data
     from glmtune.evaluation.run import format_table, reference_nll, samples_from_conversations, score
-    from glmtune.inference.engine import Engine, GenerationSettings
+    from glmtune.inference.engine import DEFAULT_MAX_NEW_TOKENS, Engine, GenerationSettings
 
     if not args.dataset or not args.output_dir:
         raise UserError("--dataset and --output_dir are required",
                         hint="glmtune eval --peft_path ADAPTER_DIR --dataset DATA_FILE --output_dir EVAL_DIR")
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS  # None when built in Python, not by main()
     output_dir, inputs = Path(args.output_dir), (Path(args.dataset),)
     check_writable_output(output_dir, args.overwrite_output_dir, "directory", inputs)  # before minutes of work
     data = load_data([args.dataset], args.format)
@@ -37,7 +41,7 @@ def run(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
     samples = samples_from_conversations(engine.tokenizer, engine.stop_ids, conversations)
 
     completions = engine.complete([c.prompt_part() for c in conversations],
-                                  GenerationSettings(max_new_tokens=args.max_new_tokens), args.batch_size)
+                                  GenerationSettings(max_new_tokens=max_new_tokens), args.batch_size)
     nll = reference_nll(engine.model, engine.tokenizer.pad_token_id, samples, args.batch_size)
     result = score(samples, [c.text for c in completions], nll)
     for record, completion in zip(result.records, completions, strict=True):
@@ -47,7 +51,7 @@ def run(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
                "counts": {**result.counts, "rows_read": data.rows_read, "stopped": stopped,
                           "cut_at_max_new_tokens": len(completions) - stopped},
                "settings": {"model": engine.model_name, "peft_path": args.peft_path, "dataset": args.dataset,
-                            "format": data.format, "decoding": "greedy", "max_new_tokens": args.max_new_tokens,
+                            "format": data.format, "decoding": "greedy", "max_new_tokens": max_new_tokens,
                             "batch_size": args.batch_size, "max_samples": args.max_samples}}
 
     with atomic_directory(output_dir, args.overwrite_output_dir, inputs) as tmp:
@@ -57,6 +61,6 @@ def run(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
         write_manifest(tmp, "eval", to_plain_dict(model_args, args), inputs=data.inputs, base_model=engine.model_name)
     print(format_table(result.metrics))
     print(f"{len(samples)} samples ({stopped} answers ended on a stop token, {len(samples) - stopped} were cut at "
-          f"--max_new_tokens {args.max_new_tokens}); {result.counts['reference_tokens']} reference tokens scored "
+          f"--max_new_tokens {max_new_tokens}); {result.counts['reference_tokens']} reference tokens scored "
           f"for perplexity\nWrote predictions.jsonl and metrics.json to {output_dir}")
     return summary

@@ -8,11 +8,14 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glmtune.arguments import API_KEY_ENV, ModelArguments, ServeArguments
 from glmtune.config import parse_arguments
-from glmtune.errors import UserError
+from glmtune.serve.network import base_url, listen
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
@@ -30,7 +33,7 @@ def run(model_args: ModelArguments, args: ServeArguments) -> None:
     print("Server stopped.", file=sys.stderr)
 
 
-def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[Any, socket.socket]:
+def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvicorn.Server, socket.socket]:
     """The uvicorn server over the loaded model and the socket it is to serve on; says where, on stdout."""
     import uvicorn
 
@@ -51,31 +54,8 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[Any,
     return uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)), listener
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, for uvicorn to serve on (port 0: a free one, whose number is printed)."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise UserError(f"--host {host} is not an address this machine can listen on ({e.strerror})",
-                        hint="use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as e:
-        listener.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}",
-                        hint="choose another --port (0 picks a free one), or stop the program using it") from None
-    listener.listen(128)
-    return listener
-
-
 def served_name(peft_path: str | None, model_name: str) -> str:
     """The adapter directory's name, else a local model directory's name, else the hub name as it is."""
     if peft_path:
         return Path(peft_path).resolve().name
     return Path(model_name).resolve().name if Path(model_name).is_dir() else model_name
-
-
-def base_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"

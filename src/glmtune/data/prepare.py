@@ -7,10 +7,11 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glmtune import __version__
-from glmtune.artifacts import atomic_directory, atomic_file, sha256_text, write_manifest
+from glmtune.artifacts import atomic_directory, atomic_file, check_writable_output, sha256_text, write_manifest
+from glmtune.config import to_plain_dict
 from glmtune.data.conversation import Conversation
 from glmtune.data.files import Row, read_source
 from glmtune.data.formats import FORMATS, BadRow, detect_format, to_conversations
@@ -18,6 +19,57 @@ from glmtune.data.preference import PREFERENCE_COLUMNS, is_preference_data, pair
 from glmtune.data.report import PrepareReport, build_report
 from glmtune.data.tokenize import TokenizeOptions, tokenize_dataset
 from glmtune.errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+    from glmtune.arguments import ModelArguments, PrepareArguments
+
+
+def prepare_dataset(model_args: ModelArguments, args: PrepareArguments) -> PrepareReport:
+    """Tokenize `args.data` with the model's tokenizer and chat template into the dataset directory
+    `args.save_path` (nothing written with `args.dry_run`), printing the report; `glmtune prepare` and a training
+    run's data file (glmtune.data.prepared) both go through it.
+
+    Raises:
+        UserError: a missing option, bad rows (unless `args.skip_bad_rows`), an existing `save_path` without
+            `args.overwrite_output_dir`, or no row left to train on.
+    """
+    if not args.data or (not args.save_path and not args.dry_run):
+        raise UserError("--data and --save_path are required (--save_path not with --dry_run)",
+                        hint="glmtune prepare --data DATA.json --save_path DIR --model MODEL")
+    if not model_args.model:
+        raise UserError("--model is required: its tokenizer and chat template decide the tokens")
+    data_paths = [Path(p) for p in args.data]
+    save_path = Path(args.save_path) if args.save_path else None
+    if save_path is not None and not args.dry_run:
+        check_writable_output(save_path, args.overwrite_output_dir, "directory", tuple(data_paths))
+
+    # Bad rows stop us before any model is loaded.
+    data = load_data(args.data, args.format, columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
+    from glmtune.models.hub import canonical_model_name  # imports torch and transformers: not for --help
+    from glmtune.models.loading import load_tokenizer, stop_token_ids, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
+    stop_ids = stop_token_ids(model_args.model, tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    options = TokenizeOptions(args.max_seq_length, args.truncation, args.last_turn_only, args.train_on_prompt)
+    key = cache_key(data, tokenizer=fingerprint, stop_ids=stop_ids, options=asdict(options),
+                    columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
+    kept, report = tokenize_with_cache(data, tokenizer, stop_ids, options, args.num_proc,
+                                       default_cache_root() if args.use_cache else None, key)
+    splits = split_validation(kept, args.val_size, args.seed)
+    report.validation_rows = len(splits["validation"]) if "validation" in splits else 0
+
+    print("\n".join(["", "Dataset report" + (" (dry run: nothing written)" if args.dry_run else ""),
+                     *report.lines()]))
+    if save_path is None or args.dry_run:
+        return report
+    rejects = save_dataset(splits, report, data, save_path, args.overwrite_output_dir,
+                           to_plain_dict(model_args, args), model=canonical_model_name(model_args.model),
+                           tokenizer_fingerprint=fingerprint, stop_ids=stop_ids)
+    print(f"saved to:          {save_path}" + (f"\nbad rows written to {rejects}" if rejects else ""))
+    return report
 
 
 @dataclass
@@ -109,7 +161,7 @@ def default_cache_root() -> Path:
     return Path(constants.HF_HOME) / "glmtune" / "prepare"
 
 
-def split_validation(kept: Any, val_size: float, seed: int) -> Any:
+def split_validation(kept: Dataset, val_size: float, seed: int) -> DatasetDict:
     """DatasetDict with `train`, and `validation` when val_size > 0 (a fraction below 1, else a row count)."""
     from datasets import DatasetDict
 
@@ -123,7 +175,7 @@ def split_validation(kept: Any, val_size: float, seed: int) -> Any:
     return DatasetDict({"train": split["train"], "validation": split["test"]})
 
 
-def save_dataset(splits: Any, report: PrepareReport, data: LoadedData, save_path: Path,
+def save_dataset(splits: DatasetDict, report: PrepareReport, data: LoadedData, save_path: Path,
                  overwrite: bool, config: dict[str, Any], **manifest_fields: Any) -> Path | None:
     """Write the dataset directory, and the skipped bad rows to a rejects file beside it; returns that file."""
     rejects = rejects_path(save_path) if data.bad_rows else None

@@ -1,7 +1,7 @@
 """A training command's --dataset_path: a directory `glmtune prepare` wrote, or a data file prepared here first.
 
 Tokenizing happens once per run, not once per process: under torchrun / accelerate launch the main process
-prepares the file (with prepare's own code and cache) while the other processes wait, then every process reads
+prepares the file (with prepare's own function and cache) while the other processes wait, then every process reads
 the same directory. The result is a complete prepared dataset directory (manifest included) under prepare's cache,
 HF_HOME/glmtune/prepare/datasets/, named by a hash of the data files, the model and the options.
 """
@@ -14,11 +14,14 @@ import datetime
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from glmtune.arguments import ModelArguments, PrepareArguments, TokenizeArguments
 from glmtune.artifacts import sha256_file, sha256_text
 from glmtune.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 # How long the other processes wait for the main one to tokenize. The Trainer's process group waits --ddp_timeout
 # (30 minutes by default; on CPU accelerate does not even pass it on) before a process gives up, which a large
@@ -27,7 +30,7 @@ from glmtune.errors import UserError
 PREPARE_TIMEOUT = datetime.timedelta(hours=24)
 
 
-def prepared_dataset_dir(dataset_path: str | None, model_name: str | None, training_args: Any,
+def prepared_dataset_dir(dataset_path: str | None, model_name: str | None, training_args: TrainingArguments,
                          tokenize_args: TokenizeArguments | None = None, trust_remote_code: bool = False) -> Path:
     """The prepared dataset directory for --dataset_path, in every process of the run.
 
@@ -49,9 +52,9 @@ def prepared_dataset_dir(dataset_path: str | None, model_name: str | None, train
         raise UserError(f"--dataset_path {path} is a data file, and tokenizing it needs --model",
                         hint="pass --model MODEL (or prepare the file first with `glmtune prepare`)")
     options = {f.name: getattr(tokenize_args, f.name) for f in dataclasses.fields(TokenizeArguments)}
-    prepare_args = PrepareArguments(jsonl_path=[str(path)], seed=training_args.seed, use_cache=True,
+    prepare_args = PrepareArguments(data=[str(path)], seed=training_args.seed, use_cache=True,
                                     overwrite_output_dir=True, **options)
-    from glmtune.data.prepare import default_cache_root
+    from glmtune.data.prepare import default_cache_root, prepare_dataset
 
     key = sha256_text(json.dumps({"file": sha256_file(path), "model": model_name, "options": options,
                                   "seed": training_args.seed}, sort_keys=True, default=str))[:32]
@@ -61,10 +64,8 @@ def prepared_dataset_dir(dataset_path: str | None, model_name: str | None, train
         if training_args.should_save:
             # Always through prepare, even when `target` exists: prepare's own cache key covers the tokenizer and
             # the code, which the path above does not, and turns an identical earlier run into a copy.
-            from glmtune.commands.prepare import run as run_prepare
-
             print(f"preparing {path} for training (tokenized once, by this process; the others wait)")
-            run_prepare(ModelArguments(model=model_name, trust_remote_code=trust_remote_code), prepare_args)
+            prepare_dataset(ModelArguments(model=model_name, trust_remote_code=trust_remote_code), prepare_args)
     return target
 
 

@@ -8,22 +8,26 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
+
+from glmtune.serve.network import listen
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 
 @contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
+def running(app: FastAPI) -> Iterator[str]:
     """Serve `app` on a free local port; yields its base URL (without /v1)."""
     import uvicorn
-
-    from glmtune.commands.serve import listen
 
     with serving(uvicorn.Server(uvicorn.Config(app, log_level="warning")), listen("127.0.0.1", 0)) as url:
         yield url
 
 
 @contextlib.contextmanager
-def serving(server: Any, listener: socket.socket) -> Iterator[str]:
+def serving(server: uvicorn.Server, listener: socket.socket) -> Iterator[str]:
     """Run a uvicorn server on an already bound socket until the block ends."""
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()

@@ -13,9 +13,12 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glmtune.data.conversation import Conversation
+
+if TYPE_CHECKING:
+    from glmtune.inference.engine import GenerationSettings
 
 
 @dataclass
@@ -51,7 +54,7 @@ class QueueFull(Exception):
 @dataclass(eq=False)  # identity, not field equality: two identical requests are two jobs
 class Job:
     conversation: Conversation
-    settings: Any  # GenerationSettings
+    settings: GenerationSettings
     n: int
     stop: list[str]
     seed: int | None

@@ -1,0 +1,87 @@
+"""Where the data comes from and how its rows become training samples: prepare's options, and train's and dpo's
+when --dataset_path is a data file (prepared on the fly, see glmtune.data.prepared)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from glmtune.arguments.options import Options, check_at_least_one, option
+from glmtune.errors import UserError
+
+# glmtune.data.formats.FORMATS and glmtune.data.tokenize.TRUNCATION_RULES, as types (a test keeps them equal).
+DataFormat = Literal["sharegpt", "messages", "alpaca", "prompt_response", "prompt_completion", "context_target",
+                     "content_summary", "text", "preference"]
+Truncation = Literal["right", "left", "drop"]
+
+
+@dataclass
+class DataFormatArguments(Options):
+    format: DataFormat | None = option("Format of the data files' rows; detected from each file's rows when not "
+                                       "given.")
+
+
+@dataclass
+class TokenizeArguments(DataFormatArguments):
+    """How data files' rows become training samples."""
+
+    max_seq_length: int = option("Longest sample in tokens (see --truncation).", default=512)
+    truncation: Truncation = option("Rows longer than --max_seq_length: 'right' cuts the end, 'left' drops the "
+                                    "oldest turns (then cuts the start) to keep the last answer, 'drop' leaves the "
+                                    "row out.", default="right")
+    columns: str | None = option("Rename the files' fields, e.g. 'question=instruction,answer=output'.")
+    last_turn_only: bool = option("Train on the last assistant turn only (default: every one).", default=False)
+    train_on_prompt: bool = option("Take the loss on the prompts too, not only on the answers.", default=False)
+    skip_bad_rows: bool = option("Leave bad rows out (counted, and written to a .rejects.jsonl file beside the "
+                                 "tokenized dataset) instead of stopping.", default=False)
+    val_size: float = option("Rows held out in a `validation` split: a fraction (below 1) or a count.", default=0.0)
+    num_proc: int | None = option("Processes that tokenize in parallel.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_seq_length < 2:
+            raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
+        self.column_map()  # validates
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise UserError(f"--val_size must be a fraction below 1 or a whole count, got {self.val_size}")
+        check_at_least_one(self, "num_proc")
+
+    def column_map(self) -> dict[str, str]:
+        if isinstance(self.columns, dict):  # from a YAML mapping
+            return {str(source): str(target) for source, target in self.columns.items()}
+        mapping = {}
+        for pair in filter(None, (p.strip() for p in (self.columns or "").split(","))):
+            source, sep, target = pair.partition("=")
+            if not sep or not source.strip() or not target.strip():
+                raise UserError(f"--columns: '{pair}' is not of the form file_field=format_field",
+                                hint="e.g. --columns question=instruction,answer=output")
+            mapping[source.strip()] = target.strip()
+        return mapping
+
+
+@dataclass
+class DataFilesArguments(Options):
+    # --jsonl_path is the seed's name (tokenize_dataset_rows.py), kept as an alias; YAML files may use either.
+    data: list[str] | None = option("Data file(s): JSON array, JSON lines, CSV or Parquet; several may follow the "
+                                    "flag.", aliases=["--jsonl_path", "--jsonl-path"])
+
+
+@dataclass
+class PrepareArguments(TokenizeArguments, DataFilesArguments):  # in this order, --data is listed first
+    save_path: str | None = option("Directory to write the tokenized dataset to.")
+    dry_run: bool = option("Print the report and write nothing.", default=False)
+    seed: int = option("Seed of the validation split's shuffle.", default=42)
+    use_cache: bool = option("Reuse the result of an identical earlier run (same data, tokenizer, template and "
+                             "options), kept under HF_HOME/glmtune/prepare.", default=True)
+    overwrite_output_dir: bool = option("Replace --save_path if it exists.", default=False)
+
+
+@dataclass
+class DatasetArguments(TokenizeArguments):
+    dataset_path: str | None = option(
+        "Dataset directory written by `glmtune prepare`, or a data file (any format prepare reads), tokenized here "
+        "with the options above by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare).")
+    overwrite_output_dir: bool = option("Start afresh in a non-empty --output_dir.", default=False)
+    packing: bool = option("Put a batch's samples end to end in one row, positions restarting at each, with no "
+                           "padding (on for models whose attention keeps packed samples apart; others pad, grouped "
+                           "by length).", default=True)

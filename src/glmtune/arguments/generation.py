@@ -1,0 +1,36 @@
+"""How answers are generated: the options infer, chat and eval share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glmtune.arguments.options import Options, check_at_least_one, option
+from glmtune.errors import UserError
+
+
+@dataclass
+class GenerationArguments(Options):
+    """How long an answer may be (eval sets its own default through its command defaults)."""
+
+    max_new_tokens: int | None = option("Longest answer in tokens (when not given: 256, or what infer's "
+                                        "prompt + answer limit leaves).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least_one(self, "max_new_tokens")
+
+
+@dataclass
+class SamplingArguments(Options):
+    """How each answer's tokens are picked: greedy by default."""
+
+    temperature: float = option("Sampling temperature; 0 means greedy decoding.", default=0.0)
+    top_p: float = option("Nucleus sampling probability mass (with temperature > 0).", default=1.0)
+    seed: int = option("Random seed for sampling.", default=42)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")

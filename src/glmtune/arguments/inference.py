@@ -1,0 +1,90 @@
+"""The options of the commands that use a model: infer, chat, eval, serve and merge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glmtune.arguments.data import DataFormatArguments
+from glmtune.arguments.generation import GenerationArguments, SamplingArguments
+from glmtune.arguments.model import AdapterArguments, Precision
+from glmtune.arguments.options import check_at_least_one, option
+from glmtune.errors import UserError
+
+API_KEY_ENV = "GLMTUNE_API_KEY"
+# --dtype of merge -> the torch dtype's name (auto: the base checkpoint's own).
+MERGE_DTYPES: dict[Precision, str | None] = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class InferenceArguments(SamplingArguments, GenerationArguments, DataFormatArguments, AdapterArguments):
+    # action "extend": `--prompt A --prompt B` and `--prompt A B` both give [A, B] (argparse would keep only B).
+    prompt: list[str] | None = option("A prompt to answer; repeat the flag for several.", action="extend")
+    input: str | None = option("Data file whose rows' prompts to answer (any format prepare reads).")
+    output: str | None = option("JSON-lines file to write: each input row plus 'response'. Default: print to "
+                                "standard output.")
+    overwrite_output_dir: bool = option("Replace --output if it exists.", default=False)
+    max_length: int | None = option("Longest prompt + answer in tokens.")
+    batch_size: int = option("Prompts generated together.", default=8)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least_one(self, "batch_size", "max_length")
+
+
+@dataclass
+class ChatArguments(SamplingArguments, GenerationArguments, AdapterArguments):
+    system: str | None = option("System prompt, at the start of every conversation.")
+    prompt: str | None = option("Answer this one prompt and exit (no interaction; for scripts).")
+
+
+@dataclass
+class MergeArguments(AdapterArguments):
+    help_overrides = {"peft_path": "LoRA adapter directory to fold into the base model (required)."}
+
+    output_dir: str | None = option("Directory to write the merged model to (required).")
+    overwrite_output_dir: bool = option("Replace --output_dir if it exists and is not empty.", default=False)
+    dtype: Precision = option("Precision of the saved weights: auto (the base checkpoint's, else fp32), fp32, bf16 "
+                               "or fp16.", default="auto")
+    tolerance: float | None = option("Largest absolute logit difference the proof accepts between the merged model "
+                                     "and base + adapter (default: chosen for the dtype).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tolerance is not None and self.tolerance < 0:
+            raise UserError(f"--tolerance must be >= 0, got {self.tolerance}")
+
+
+@dataclass
+class EvalArguments(GenerationArguments, DataFormatArguments, AdapterArguments):
+    """Greedy decoding: eval has no sampling options. Its --max_new_tokens default (256) is the command's."""
+
+    dataset: str | None = option("Data file to evaluate on (any format prepare reads): each row's last answer is "
+                                 "the reference, what comes before it the prompt (required).")
+    output_dir: str | None = option("Directory to write predictions.jsonl and metrics.json to (required).")
+    overwrite_output_dir: bool = option("Replace --output_dir if it exists and is not empty.", default=False)
+    batch_size: int = option("Rows generated (and scored for perplexity) together.", default=8)
+    max_samples: int | None = option("Evaluate only the first N rows.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least_one(self, "batch_size", "max_samples")
+
+
+@dataclass
+class ServeArguments(AdapterArguments):
+    host: str = option("Address to listen on; 0.0.0.0 opens the server to other machines.", default="127.0.0.1")
+    port: int = option("Port to listen on (0: any free port, printed at start).", default=8000)
+    api_key: str | None = option(f"Require 'Authorization: Bearer KEY' on every request (default: the {API_KEY_ENV} "
+                                 "environment variable, which keeps the key out of the process list; neither: no "
+                                 "key).")
+    max_queue: int = option("Requests that may wait while one is answered; more are answered 429.", default=64)
+    served_model_name: str | None = option("The model's name in the API (default: the adapter directory's name, else "
+                                           "the model's).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0..65535, got {self.port}")
+        check_at_least_one(self, "max_queue")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise UserError("--served_model_name must not be empty")

@@ -1,0 +1,81 @@
+"""The options of the training commands (train, dpo) beyond the model, the data and transformers' own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from glmtune.arguments.data import TokenizeArguments
+from glmtune.arguments.model import AdapterArguments, PrecisionArguments
+from glmtune.arguments.options import Options, check_at_least_one, option
+from glmtune.errors import UserError
+
+# Metrics `glmtune eval` reports (see glmtune.evaluation.metrics); perplexity is the one where lower is better.
+EvalMetric = Literal["bleu-4", "bleu-4-jieba", "rouge-1", "rouge-2", "rouge-l", "exact_match", "perplexity"]
+EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
+
+DpoReference = Literal["start", "base"]
+DPO_REFERENCES: tuple[str, ...] = get_args(DpoReference)
+
+
+@dataclass
+class ComputeArguments(PrecisionArguments):
+    """train's: the precision, and its own loss (dpo's loss is TRL's)."""
+
+    chunked_loss: bool = option("Compute the loss in chunks of tokens from the final hidden states, never holding "
+                                "the whole [tokens x vocabulary] logits (same value and gradients).", default=True)
+
+
+@dataclass
+class LoraArguments(Options):
+    lora_rank: int = option("LoRA rank r.", default=8)
+    lora_alpha: float = option("LoRA scaling alpha (the update is scaled by alpha / r).", default=32)
+    lora_dropout: float = option("Dropout on the LoRA input.", default=0.1)
+    target_modules: str | None = option("Comma-separated module names to adapt, or 'all-linear'. Default: chosen per "
+                                        "architecture.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora_rank < 1:
+            raise UserError(f"--lora_rank must be a positive integer, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class GenerationEvalArguments(Options):
+    """`glmtune train`'s hook: evaluate each saved checkpoint as `glmtune eval` does, keep the best. The flags share
+    the `eval_generate` prefix: TrainingArguments owns `metric_for_best_model` and the other `eval_*` names (its
+    loss-based best-model selection), and these must not be mistaken for them."""
+
+    eval_generate: bool = option("On each checkpoint save, generate answers for the validation split and score them "
+                                 "(BLEU, ROUGE, exact match, perplexity); at the end the best checkpoint's adapter "
+                                 "becomes the final one.", default=False)
+    eval_generate_metric: EvalMetric = option("Metric that picks the best checkpoint (perplexity: lowest; the "
+                                              "others: highest).", default="rouge-l")
+    eval_generate_max_new_tokens: int = option("Longest generated answer in tokens.", default=128)
+    eval_generate_max_samples: int | None = option("Evaluate only the first N validation rows.")
+    eval_generate_batch_size: int = option("Validation rows generated together.", default=8)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least_one(self, "eval_generate_max_new_tokens", "eval_generate_max_samples",
+                           "eval_generate_batch_size")
+
+
+@dataclass
+class DpoArguments(TokenizeArguments, AdapterArguments):
+    """`glmtune dpo`'s own options. beta, loss_type and the other preference options are TRL's DPOConfig fields,
+    taken from it as they are (declaring them here too would give the parser two --beta)."""
+
+    help_overrides = {"peft_path": "LoRA adapter to start from and go on training (a `glmtune train` output, e.g. "
+                                   "the SFT run); default: a new adapter from the LoRA options."}
+
+    dataset_path: str | None = option(
+        "Dataset directory of preference pairs written by `glmtune prepare`, or a data file of pairs, tokenized here "
+        "with the options above by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare).")
+    reference: DpoReference = option("The reference model the rewards are measured against: 'start' (the model as "
+                                     "DPO starts: the base, plus a frozen copy of --peft_path's adapter if given; "
+                                     "standard DPO) or 'base' (the base model without any adapter). Neither loads a "
+                                     "second copy of the base weights.", default="start")
+    overwrite_output_dir: bool = option("Start afresh in a non-empty --output_dir.", default=False)

@@ -1,0 +1,163 @@
+"""The option dataclasses: each shared option declared once, allowed values declared with the option and refused in
+glmtune's error shape (from flags and from YAML), and the library never importing a command."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+
+import pytest
+from conftest import ROOT
+
+import glmtune.arguments as arguments
+from glmtune.arguments.options import Options, declared_choices
+from glmtune.config import parse_arguments
+from glmtune.errors import UserError
+
+SRC = ROOT / "src" / "glmtune"
+
+
+def command_imports(source: str, module: str) -> list[str]:
+    """The imports of `glmtune.commands` in a module's source (`module`: its dotted name, for relative imports)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[:2] == ["glmtune", "commands"]]
+        elif isinstance(node, ast.ImportFrom):
+            package = module.split(".")[: len(module.split(".")) - node.level] if node.level else []
+            target = ".".join([*package, node.module or ""]).strip(".")
+            names = [target] + [f"{target}.{a.name}" for a in node.names]
+            found += [n for n in names if n.split(".")[:2] == ["glmtune", "commands"]][:1]
+    return found
+
+
+def test_the_import_rule_check_sees_every_way_of_importing_a_command():
+    for source in ("import glmtune.commands.serve", "from glmtune.commands.prepare import run",
+                   "from glmtune import commands", "from ..commands import serve", "from ..commands.serve import x"):
+        assert command_imports(source, "glmtune.data.prepared"), source
+    for source in ("import glmtune.config", "from glmtune.data import prepare", "from . import prepare"):
+        assert not command_imports(source, "glmtune.data.prepared"), source
+
+
+def test_no_module_outside_the_cli_and_the_commands_imports_a_command():
+    modules = sorted(SRC.rglob("*.py"))
+    assert len(modules) > 40  # the walk saw the package
+    offenders = {}
+    for path in modules:
+        relative = path.relative_to(SRC.parent).with_suffix("")
+        module = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
+        if module == "glmtune.cli" or module.startswith("glmtune.commands"):
+            continue
+        if found := command_imports(path.read_text(encoding="utf-8"), module):
+            offenders[module] = found
+    assert offenders == {}
+
+
+def option_classes() -> list[type]:
+    return [c for c in vars(arguments).values() if isinstance(c, type) and issubclass(c, Options) and c is not Options]
+
+
+@pytest.mark.parametrize("name", ["peft_path", "max_new_tokens", "temperature", "top_p", "format", "data",
+                                  "precision", "quantization_bit", "model"])
+def test_shared_options_are_declared_in_one_dataclass(name):
+    declaring = [c.__name__ for c in option_classes() if name in c.__dict__.get("__annotations__", {})]
+    assert len(declaring) == 1, declaring
+
+
+def test_infer_chat_eval_serve_merge_and_dpo_take_the_one_adapter_option():
+    for command in (arguments.InferenceArguments, arguments.ChatArguments, arguments.EvalArguments,
+                    arguments.ServeArguments, arguments.MergeArguments, arguments.DpoArguments):
+        assert issubclass(command, arguments.AdapterArguments), command
+
+
+def test_allowed_values_match_what_the_library_dispatches_on():
+    from typing import get_args
+
+    from glmtune.data.formats import FORMATS
+    from glmtune.data.tokenize import TRUNCATION_RULES
+    from glmtune.evaluation.metrics import TEXT_METRICS
+
+    assert get_args(arguments.DataFormat) == tuple(FORMATS)
+    assert get_args(arguments.Truncation) == TRUNCATION_RULES
+    assert tuple(arguments.MERGE_DTYPES) == arguments.PRECISIONS
+    assert arguments.EVAL_METRICS == (*TEXT_METRICS, "perplexity")
+    assert declared_choices(arguments.GenerationEvalArguments) == {"eval_generate_metric": arguments.EVAL_METRICS}
+
+
+def parse(types: list[type], *argv: str) -> tuple:
+    return parse_arguments("glmtune test", types, [str(a) for a in argv])
+
+
+@pytest.mark.parametrize("types, argv, message, hint", [
+    ([arguments.ModelArguments, arguments.MergeArguments], ["--dtype", "fp64"], "--dtype fp64 is unknown",
+     "choose one of auto, fp32, bf16, fp16"),
+    ([arguments.ModelArguments, arguments.PrepareArguments], ["--truncation", "middle"],
+     "--truncation middle is unknown", "choose one of right, left, drop"),
+    ([arguments.ModelArguments, arguments.InferenceArguments], ["--quantization_bit", "3"],
+     "--quantization_bit must be 4 or 8, got 3", "choose one of 4, 8"),
+    ([arguments.DpoArguments], ["--reference", "policy"], "--reference policy is unknown", "choose one of start, base"),
+    ([arguments.PrecisionArguments], ["--precision", "xyz"], "--precision xyz is unknown", "fp16"),
+])
+def test_a_value_outside_the_declared_ones_is_a_user_error(types, argv, message, hint, tmp_path):
+    with pytest.raises(UserError) as flag:
+        parse(types, *argv)
+    assert flag.value.message == message and hint in flag.value.hint
+    config = tmp_path / "options.yaml"
+    config.write_text(f"{argv[0][2:]}: {argv[1]}\n", encoding="utf-8")
+    with pytest.raises(UserError) as yaml_value:
+        parse(types, "--config", config)
+    assert yaml_value.value.message == message
+
+
+def test_declared_values_parse_to_their_type(tmp_path):
+    (model_args,) = parse([arguments.ModelArguments], "--quantization_bit", "4")
+    assert model_args.quantization_bit == 4
+    config = tmp_path / "options.yaml"
+    config.write_text("quantization_bit: 8\n", encoding="utf-8")
+    assert parse([arguments.ModelArguments], "--config", config)[0].quantization_bit == 8
+
+
+def test_an_invalid_choice_on_the_command_line_ends_in_glmtunes_error_shape(cli, tmp_path):
+    result = cli("merge", "--peft_path", tmp_path, "--output_dir", tmp_path / "out", "--dtype", "fp64")
+    assert result.code == 2
+    assert result.err.splitlines() == ["error: --dtype fp64 is unknown", "hint: choose one of auto, fp32, bf16, fp16"]
+
+
+def test_help_lists_each_options_allowed_values(cli):
+    page = cli("merge", "--help").out
+    assert "one of: auto, fp32, bf16, fp16; default: auto" in " ".join(page.split())
+    assert "one of: right, left, drop" in " ".join(cli("prepare", "--help").out.split())
+
+
+def test_a_command_words_a_shared_option_in_its_own_terms(cli):
+    assert "to fold into the base model" in cli("merge", "--help").out
+    assert "go on training" in " ".join(cli("dpo", "--help").out.split())
+    assert "checkpoint-*" in cli("infer", "--help").out
+
+
+def test_data_and_its_seed_name_jsonl_path_are_one_option(tmp_path):
+    types = [arguments.ModelArguments, arguments.PrepareArguments]
+    assert parse(types, "--data", "a.json", "b.json")[1].data == ["a.json", "b.json"]
+    assert parse(types, "--jsonl_path", "a.json")[1].data == ["a.json"]
+    for key in ("data", "jsonl_path"):
+        config = tmp_path / f"{key}.yaml"
+        config.write_text(f"{key}: a.json\n", encoding="utf-8")
+        assert parse(types, "--config", config)[1].data == ["a.json"], key
+    both = tmp_path / "both.yaml"
+    both.write_text("data: a.json\njsonl_path: b.json\n", encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        parse(types, "--config", both)
+    assert "'jsonl_path' and 'data' are the same option" in "\n".join(error.value.problems)
+
+
+def test_prepare_help_leads_with_data_and_names_jsonl_path_as_its_former_name(cli):
+    page = cli("prepare", "--help").out
+    section = page[page.index("PrepareArguments:"):]
+    assert section.split()[1] == "--data"
+    assert "--jsonl_path JSONL_PATH" in section and "The same as --data" in section
+
+
+def test_every_option_dataclass_is_a_dataclass_with_help_on_every_field():
+    for cls in option_classes():
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name}"
