@@ -82,7 +82,7 @@ def test_command_help_lists_exactly_the_options_the_parser_accepts(cli):
         options = {o for a in HfArgumentParser(types)._actions for o in a.option_strings if o.startswith("--")}
         # Leave out the parser's aliases: --dashed-names and --no_FLAG for booleans that default to true.
         accepted = {o for o in options if "-" not in o[2:] and not (o.startswith("--no_") and f"--{o[5:]}" in options)}
-        assert _flags(result.out) == accepted | {"--config"}, verb
+        assert _flags(result.out) == accepted | {"--config", "--log_level", "--quiet"}, verb
 
 
 def test_train_help_shows_common_training_options_with_their_real_defaults(cli):

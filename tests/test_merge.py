@@ -129,6 +129,14 @@ def test_bf16_merge_saves_bf16_weights_and_passes_its_proof(cli, merged, tmp_pat
     assert "the proof is coarse" in result.err
 
 
+def test_quiet_merge_prints_its_proof_and_leaves_the_note_out(cli, merged, tmp_path):
+    adapter, _, _ = merged
+    result = cli("merge", "--peft_path", adapter, "--output_dir", tmp_path / "out", "--dtype", "bf16", "--quiet")
+    assert result.code == 0, result.err
+    assert PROOF.search(result.out) and "Merged" in result.out  # the command's result
+    assert result.err == ""  # the bf16 note, the proof's progress bar and the libraries' bars
+
+
 def test_a_non_empty_output_dir_is_refused(cli, merged, tmp_path):
     adapter, _, _ = merged
     (tmp_path / "out").mkdir()

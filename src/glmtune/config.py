@@ -17,6 +17,7 @@ import yaml
 from glmtune.arguments.options import Options
 from glmtune.errors import UserError
 from glmtune.help import asks_for_help, command_help
+from glmtune.logs import LOGGING_OPTIONS, add_logging_arguments, configure_logging
 
 
 def parse_arguments(
@@ -26,7 +27,8 @@ def parse_arguments(
     defaults: dict[str, Any] | None = None,
     description: str | None = None,
 ) -> tuple[Any, ...]:
-    """Parse argv (plus an optional `--config FILE.yaml`) into one instance of each dataclass."""
+    """Parse argv (plus an optional `--config FILE.yaml`) into one instance of each dataclass, after applying
+    --log_level / --quiet (every command takes them)."""
     if asks_for_help(argv):  # answered without importing transformers, as argparse would: print, exit 0
         print(command_help(prog, description, dataclass_types, defaults))
         raise SystemExit(0)
@@ -37,6 +39,7 @@ def parse_arguments(
     parser.add_argument("--config", type=Path, default=None, help="YAML file of options; flags override it.")
     _leave_choices_to_the_dataclasses(parser, dataclass_types)
     known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    add_logging_arguments(parser, known)
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", type=Path, default=None)
@@ -46,17 +49,18 @@ def parse_arguments(
     assert not set(defaults or {}) - known, f"defaults for unknown options: {set(defaults or {}) - known}"
     merged = dict(defaults or {})
     if config_path is not None:
-        values = read_yaml_config(config_path, known, option_aliases(dataclass_types))
+        values = read_yaml_config(config_path, known | set(LOGGING_OPTIONS), option_aliases(dataclass_types))
         actions = {action.dest: action for action in parser._actions}
         merged.update({key: _coerce(actions[key], key, value, config_path) for key, value in values.items()})
     parser.set_defaults(**merged)
+    _apply_logging_options(parser, argv, known, merged)
     try:
         *instances, namespace_rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # a library dataclass (TrainingArguments) rejecting a combination of values
         raise UserError(f"invalid options: {e}", hint=f"see {prog} --help") from None
     if namespace_rest:  # HfArgumentParser returns leftovers instead of failing; we fail like argparse
         parser.error(f"unrecognized arguments: {' '.join(namespace_rest)}")
-    # The parser appends a Namespace of the options that belong to no dataclass (--config): drop it.
+    # The parser appends a Namespace of the options that belong to no dataclass (--config, --quiet): drop it.
     return tuple(i for i in instances if not isinstance(i, argparse.Namespace))
 
 
@@ -73,6 +77,15 @@ def option_aliases(dataclass_types: list[type]) -> dict[str, str]:
     """Each option's other names (its `aliases` metadata, without the dashes) -> its field name."""
     return {alias.lstrip("-"): f.name for t in dataclass_types for f in dataclasses.fields(t)
             for alias in f.metadata.get("aliases", [])}
+
+
+def _apply_logging_options(parser: argparse.ArgumentParser, argv: list[str], known: set[str],
+                           defaults: dict[str, Any]) -> None:
+    """Set up logging before the dataclasses are built, so that their own warnings follow --log_level too."""
+    options = parser.parse_known_args(argv)[0]
+    configure_logging(options.log_level, options.quiet)
+    if options.quiet and "disable_tqdm" in known and "disable_tqdm" not in defaults:  # no Trainer progress bar
+        parser.set_defaults(disable_tqdm=True)
 
 
 def read_yaml_config(path: Path, known: set[str], aliases: dict[str, str] | None = None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from glmtune.arguments.options import Options, declared_choices
+from glmtune.logs import add_logging_arguments
 
 HELP_FLAGS = {"-h", "--help"}
 
@@ -39,6 +40,8 @@ COMMON_TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
     ("bf16", False, "Mixed precision bf16."),
     ("gradient_checkpointing", None, "Recompute activations in the backward pass to save memory."),
     ("report_to", "none", "Experiment trackers to log to (none, tensorboard, wandb, ...)."),
+    ("log_level", "passive", "glmtune's notices and transformers' level: debug, info, warning, error, critical; "
+                             "passive is glmtune's info and the libraries' warnings."),
 ]
 
 
@@ -55,6 +58,10 @@ def command_help(prog: str, description: str | None, dataclass_types: list[type]
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-h", "--help", action="store_true", help="Show this message and exit.")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags override it.")
+    declared = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    if training_options:  # TrainingArguments' own --log_level is listed with them
+        declared |= {name for name, _, _ in COMMON_TRAINING_OPTIONS}
+    add_logging_arguments(parser, declared)
     for dataclass_type in dataclass_types:
         group = parser.add_argument_group(dataclass_type.__name__)
         own = issubclass(dataclass_type, Options)  # glmtune's: allowed values and command-specific wording

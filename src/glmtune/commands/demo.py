@@ -4,6 +4,7 @@ the bundled finance Q&A, LoRA-trains on it, and shows answers before and after t
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,9 @@ from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments, P
 from glmtune.artifacts import check_writable_output, empty_directory
 from glmtune.config import parse_arguments
 from glmtune.demo import demo_data_path
+from glmtune.logs import progress_bars_enabled
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +60,8 @@ def run(args: DemoArguments) -> float:
     training = TrainingArguments(
         output_dir=str(out / "run"), max_steps=args.max_steps, per_device_train_batch_size=16,
         learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=10, logging_steps=10,
-        save_strategy="no", report_to="none", remove_unused_columns=False, seed=0)
+        save_strategy="no", report_to="none", remove_unused_columns=False, seed=0,
+        disable_tqdm=not progress_bars_enabled())
     run_sft(ModelArguments(model=str(base)), DatasetArguments(dataset_path=str(out / "dataset")),
             LoraArguments(lora_rank=16, lora_alpha=32, lora_dropout=0.0), training)
 
@@ -84,7 +89,7 @@ def run(args: DemoArguments) -> float:
 
 
 def _step(number: int, text: str) -> None:
-    print(f"\n=== demo step {number}/4: {text}", flush=True)
+    logger.info(f"\n=== demo step {number}/4: {text}")
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -3,6 +3,7 @@ loaded), print where it goes, whether it fits the device, and what to change if 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from glmtune.config import parse_arguments
 from glmtune.errors import UserError
 from glmtune.plan.memory import DTYPE_BYTES, GIB, Estimate, Setup, estimate
 from glmtune.plan.shape import ModelShape, resolve_targets, shape_from_config
+
+logger = logging.getLogger(__name__)
 
 QUANTIZATION_BITS = {8: "8bit", 4: "4bit"}  # --quantization_bit -> the estimate's name for it
 
@@ -81,6 +84,7 @@ def run(args: PlanArguments) -> Estimate:
     if not path.is_file():
         raise UserError(f"{args.model} has no config.json (looked for {path})",
                         hint="pass a model directory, or download the model's config.json into the hub cache")
+    logger.debug(f"model shape read from {path}")
     shape = shape_from_config(read_json_object(path, "model config"), str(path))
     device = args.device or default_device()
     setup = Setup(args.max_seq_length, args.per_device_train_batch_size, args.lora_rank,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,8 @@ from glmtune.data.preference import PREFERENCE_COLUMNS, is_preference_data, pair
 from glmtune.data.report import PrepareReport, build_report
 from glmtune.data.tokenize import TokenizeOptions, tokenize_dataset
 from glmtune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -116,6 +118,7 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
 
     entry = cache_root / key if cache_root is not None else None
     if entry is not None and (entry / "report.json").is_file():
+        logger.debug(f"reusing the prepare cache entry {entry}")  # what to delete when a reuse surprises
         report = PrepareReport(**json.loads((entry / "report.json").read_text(encoding="utf-8")))
         report.reused_cache = True
         return load_from_disk(str(entry / "dataset")), report
@@ -142,7 +145,7 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
                 kept.save_to_disk(str(tmp / "dataset"))
                 (tmp / "report.json").write_text(json.dumps(asdict(report), ensure_ascii=False), encoding="utf-8")
         except OSError as e:  # a read-only or full cache must not fail the run: the result is in hand
-            print(f"warning: could not write the prepare cache {entry}: {e}", file=sys.stderr)
+            logger.warning(f"could not write the prepare cache {entry}: {e}")
     return kept, report
 
 

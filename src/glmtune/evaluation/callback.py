@@ -10,6 +10,7 @@ checkpoints of a run that was resumed.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from glmtune.arguments import GenerationEvalArguments
 from glmtune.evaluation.run import EvalSample, generate_answers, reference_nll, samples_from_tokenized, score
 
 SCORES_FILE = "generation_eval.json"
+
+logger = logging.getLogger(__name__)
 
 
 class GenerationEvalCallback(TrainerCallback):
@@ -44,8 +47,9 @@ class GenerationEvalCallback(TrainerCallback):
             # The Trainer keeps state.best_model_checkpoint out of --save_total_limit's deletions.
             state.best_metric, state.best_global_step = value, state.global_step
             state.best_model_checkpoint = str(checkpoint)
-        print(f"\n{checkpoint.name}: {name} {value:.4f} on {len(self.samples)} validation rows (best: "
-              f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}, {state.best_metric:.4f})")
+        # The newline keeps the line off the Trainer's progress bar, which shares stderr.
+        logger.info(f"\n{checkpoint.name}: {name} {value:.4f} on {len(self.samples)} validation rows (best: "
+                    f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}, {state.best_metric:.4f})")
 
     def evaluate(self, model: Any) -> dict[str, float]:
         was_training = model.training

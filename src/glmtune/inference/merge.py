@@ -9,7 +9,7 @@ in the outputs. A failed proof leaves no output directory.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from glmtune.data.conversation import Conversation, Message
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
+from glmtune.logs import progress_bars_enabled
 from glmtune.models.hub import canonical_model_name, resolve_model
 from glmtune.models.loading import load_model, load_tokenizer, local_config, stop_token_ids, tokenizer_fingerprint
 
@@ -37,6 +38,8 @@ PROBE_MAX_TOKENS = 256
 # they catch a wrong base model or a broken merge, not one unmerged module (which moved the tests' logits by
 # 0.76-3.4 of 13, caught in fp32, not in bf16). fp32 keeps >10x headroom over 32 layers and catches it.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 1.5e-1}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,7 +85,7 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
         raise UserError(f"the adapter {peft_path} is a {peft_model.peft_config['default'].peft_type} adapter, "
                         "which cannot be folded into the weights", hint="merge works on LoRA adapters")
     try:
-        merged = peft_model.merge_and_unload(progressbar=True, safe_merge=True)
+        merged = peft_model.merge_and_unload(progressbar=progress_bars_enabled(), safe_merge=True)
     except ValueError as e:  # safe_merge: the merged weights hold NaN or inf
         raise UserError(f"merging {peft_path} into {base} gives broken weights: {e}") from None
     stops = _set_generation_config(merged, base, tokenizer, vocab)
@@ -99,8 +102,8 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
               f"probes (tolerance {tolerance:.3g} in {torch_dtype}; logits up to {scale:.3g}; the adapter "
               f"itself moves them by up to {effect:.3g})")
         if torch_dtype != torch.float32:
-            print(f"note: in {torch_dtype} the proof is coarse (rounding noise grows with depth): it catches a wrong "
-                  "base or a broken merge, not one unmerged module; --dtype fp32 gives a strict one", file=sys.stderr)
+            logger.info(f"note: in {torch_dtype} the proof is coarse (rounding noise grows with depth): it catches "
+                        "a wrong base or a broken merge, not one unmerged module; --dtype fp32 gives a strict one")
         if not diff <= tolerance:  # also catches NaN
             raise UserError(f"the merged model's logits differ from base + adapter by {diff:.3g}, more than the "
                             f"tolerance {tolerance:.3g}: nothing was written to {output_dir}",
@@ -112,9 +115,8 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
                        proof={"probes": len(probes), "max_abs_diff": diff, "tolerance": tolerance,
                               "logit_scale": scale, "adapter_effect": effect})
     if effect <= tolerance:
-        print(f"warning: the adapter changes the logits by at most {effect:.3g}, within the tolerance: the proof "
-              "cannot tell a merged adapter from a missing one (an untrained adapter, or a dtype too coarse)",
-              file=sys.stderr)
+        logger.warning(f"the adapter changes the logits by at most {effect:.3g}, within the tolerance: the proof "
+                       "cannot tell a merged adapter from a missing one (an untrained adapter, or a dtype too coarse)")
     return MergeReport(output_dir, str(torch_dtype).removeprefix("torch."), architecture, len(probes), diff,
                        tolerance, effect, needs_glmtune)
 
@@ -189,4 +191,4 @@ def _max_diff(a: Any, b: Any) -> float:
 def _progress(items: list[Any], description: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=description, unit="probe")
+    return tqdm(items, desc=description, unit="probe", disable=not progress_bars_enabled())

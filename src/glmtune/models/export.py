@@ -4,7 +4,7 @@ ChatGLM-6B's own class, which needs `import glmtune.models`, without glmtune).""
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from glmtune.artifacts import atomic_directory, write_manifest
 from glmtune.errors import UserError
 from glmtune.models.hub import resolve_model
 from glmtune.models.loading import load_model, load_tokenizer, local_config, stop_token_ids, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 def export_model(source: str, destination: Path, tokenizer_source: str | None, overwrite: bool,
@@ -26,8 +28,8 @@ def export_model(source: str, destination: Path, tokenizer_source: str | None, o
     model = load_model(source, dtype=_checkpoint_dtype(source, torch))  # keeps THUDM's fp16/bf16
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:  # a real tokenizer beside a tiny test model, as in the fixtures
-        print(f"warning: the tokenizer has {len(tokenizer)} tokens, more than the model's {vocab} embeddings: "
-              "ids past the table will fail at run time", file=sys.stderr)
+        logger.warning(f"the tokenizer has {len(tokenizer)} tokens, more than the model's {vocab} embeddings: "
+                       "ids past the table will fail at run time")
     # Only ids the model can emit: a tokenizer's ids past a smaller test model's table are left out.
     stops = [i for i in stop_token_ids(source, tokenizer) if i < vocab]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
