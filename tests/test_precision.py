@@ -53,7 +53,7 @@ def test_bf16_run_keeps_lora_weights_in_fp32_and_records_its_precision(cli, tmp_
     result = cli("train", "--dataset_path", tmp_path / "data", "--output_dir", tmp_path / "run", "--max_steps", "2",
                  "--per_device_train_batch_size", "4", "--precision", "bf16")
     assert result.code == 0, result.err
-    assert "precision: bf16" in result.out
+    assert "precision: bf16" in result.err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["config"]["precision"] == "bf16" and manifest["config"]["bf16"] is True
     with safe_open(str(tmp_path / "run" / "adapter_model.safetensors"), "pt") as f:

@@ -4,9 +4,9 @@ number wait, more are answered 429."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +16,8 @@ from glmtune.serve.network import base_url, listen
 
 if TYPE_CHECKING:
     import uvicorn
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
@@ -30,7 +32,7 @@ def run(model_args: ModelArguments, args: ServeArguments) -> None:
         server.run(sockets=[listener])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down: the normal way to stop a server
         pass
-    print("Server stopped.", file=sys.stderr)
+    logger.info("Server stopped.")
 
 
 def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvicorn.Server, socket.socket]:
@@ -48,10 +50,12 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvic
     host, port = listener.getsockname()[:2]
     print(f"Serving '{name}' at {base_url(host, port)} (OpenAI-compatible; Ctrl-C stops)", flush=True)
     if api_key is None and host not in ("127.0.0.1", "::1"):
-        print(f"warning: listening on {host} without an API key: anyone who can reach it can use it "
-              f"(set {API_KEY_ENV} or --api_key)", file=sys.stderr)
+        logger.warning(f"listening on {host} without an API key: anyone who can reach it can use it "
+                       f"(set {API_KEY_ENV} or --api_key)")
     # timeout_graceful_shutdown: Ctrl-C waits this long for answers being streamed, then drops them.
-    return uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)), listener
+    # uvicorn's access log follows glmtune's level (--log_level / --quiet).
+    level = logging.getLevelName(logging.getLogger("glmtune").getEffectiveLevel()).lower()
+    return uvicorn.Server(uvicorn.Config(app, log_level=level, timeout_graceful_shutdown=5)), listener
 
 
 def served_name(peft_path: str | None, model_name: str) -> str:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING
 from glmtune.arguments import ModelArguments, PrepareArguments, TokenizeArguments
 from glmtune.artifacts import sha256_file, sha256_text
 from glmtune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -64,7 +67,7 @@ def prepared_dataset_dir(dataset_path: str | None, model_name: str | None, train
         if training_args.should_save:
             # Always through prepare, even when `target` exists: prepare's own cache key covers the tokenizer and
             # the code, which the path above does not, and turns an identical earlier run into a copy.
-            print(f"preparing {path} for training (tokenized once, by this process; the others wait)")
+            logger.info(f"preparing {path} for training (tokenized once, by this process; the others wait)")
             prepare_dataset(ModelArguments(model=model_name, trust_remote_code=trust_remote_code), prepare_args)
     return target
 

@@ -106,10 +106,12 @@ def reference_nll(model: Any, pad_id: int, samples: list[EvalSample], batch_size
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from glmtune.logs import progress_bars_enabled
+
     results: dict[int, tuple[float, int]] = {}
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="Perplexity", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc="Perplexity", unit="batch", disable=not (progress and progress_bars_enabled())):
         width = max(len(samples[i].input_ids) for i in batch)
         def padded(key: str, value: int, batch: list[int] = batch, width: int = width) -> Any:
             rows = [getattr(samples[i], key) for i in batch]

@@ -108,10 +108,12 @@ def generate_batched(model: Any, tokenizer: Any, stop_ids: list[int], prompts: l
     import torch
     from tqdm.auto import tqdm
 
+    from glmtune.logs import progress_bars_enabled
+
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, Completion] = {}
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="Generating", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc="Generating", unit="batch", disable=not (progress and progress_bars_enabled())):
         input_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
         config = generation_config(settings, max(budgets[i] for i in batch), stop_ids, tokenizer.pad_token_id)
         with torch.no_grad():

@@ -14,6 +14,7 @@ tokenizer, dpo_config.yaml, the loss plot and manifest.json, written last.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,8 @@ from glmtune.train.skeleton import (
     run_training,
     save_final,
 )
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -110,7 +113,7 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
 
     trainer = build_trainer(PretokenizedDPOTrainer, model, training_args, splits, tokenizer, ref_model=None)
     reference = _settle_reference(trainer.model, start_adapter, dpo_args.reference)
-    print(f"reference model: {reference}")
+    logger.info(f"reference model: {reference}")
     result = run_training(trainer, resume)
     eval_metrics = trainer.evaluate() if splits.validation is not None else {}
     if REF_ADAPTER in trainer.model.peft_config:  # the output holds the trained adapter only

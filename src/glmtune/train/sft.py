@@ -9,6 +9,7 @@ PEFT's format, the tokenizer, the resolved config, the loss plot and manifest.js
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,8 @@ from glmtune.train.skeleton import (
     run_training,
     save_final,
 )
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -93,8 +96,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     chunked = compute_args.chunked_loss and _supports_chunked_loss(model)
     packing = data_args.packing and supports_packing(model)
     if data_args.packing and not packing:
-        print("packing: off (this model derives its attention from the ids, packed samples would see each other); "
-              "batches are padded")
+        logger.info("packing: off (this model derives its attention from the ids, packed samples would see each "
+                    "other); batches are padded")
     # Each batch in one row without padding, attention sample by sample. Not under torch.nn.DataParallel (one
     # process, several GPUs), which would split the row's sample boundaries apart from the row.
     one_row = packing and can_use_packed_sdpa(model) and training_args.n_gpu <= 1
@@ -112,7 +115,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         with training_args.main_process_first(desc="loading the best checkpoint"):
             best = generation_eval.restore_best(trainer.model, output_dir)
         if best is not None:
-            print(f"best checkpoint by {best['metric']}: step {best['best_step']} ({best['best_value']:.4f}); "
+            logger.info(f"best checkpoint by {best['metric']}: step {best['best_step']} ({best['best_value']:.4f}); "
                   "its adapter is the final one")
     # With a validation split, the run always ends with an evaluation (and evaluates periodically too when
     # --eval_strategy asks for it).

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,8 @@ from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerp
 from glmtune.models.lora import resolve_target_modules
 from glmtune.train.plot import plot_loss
 from glmtune.train.precision import ArgsT, Precision, apply_to_training_args, choose_precision, detect_hardware
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -187,7 +190,7 @@ def load_splits(dataset_dir: Path, training_args: TrainingArguments) -> Splits:
 def load_model_for_training(model_args: ModelArguments, model_name: str, precision: Precision,
                             training_args: TrainingArguments) -> PreTrainedModel:
     """The base model in the run's precision; quantized (--quantization_bit) and made ready for k-bit training."""
-    print(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
+    logger.info(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
     model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype(),
                        quantization_bit=model_args.quantization_bit)
     if model_args.quantization_bit:
@@ -235,7 +238,7 @@ def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, 
         peft_model = get_peft_model(model, peft_config)
     except ValueError as e:  # e.g. a --target_modules name the model doesn't have
         raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
-    peft_model.print_trainable_parameters()
+    log_trainable_parameters(peft_model)
     return peft_model
 
 
@@ -264,7 +267,7 @@ def load_trainable_adapter(model: PreTrainedModel, adapter: Path, model_name: st
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the adapter {adapter} onto '{model_name}': {first}",
                         hint="pass the --model the adapter was trained on, or leave --model out") from None
-    peft_model.print_trainable_parameters()
+    log_trainable_parameters(peft_model)
     return peft_model
 
 
@@ -283,8 +286,15 @@ def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args
                   tokenizer: PreTrainedTokenizerBase, **method_options: Any) -> TrainerT:
     """The method's Trainer (transformers' or TRL's) on the run's model, splits and tokenizer; `method_options` are
     the rest of its constructor's arguments (a collator, callbacks, a reference model...)."""
-    return trainer_class(model=model, args=training_args, train_dataset=splits.train,
-                         eval_dataset=splits.validation, processing_class=tokenizer, **method_options)
+    from transformers.trainer_callback import PrinterCallback
+
+    from glmtune.logs import progress_bars_enabled
+
+    trainer = trainer_class(model=model, args=training_args, train_dataset=splits.train,
+                            eval_dataset=splits.validation, processing_class=tokenizer, **method_options)
+    if not progress_bars_enabled():  # --quiet: the Trainer would print every logged dict instead of its bar
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 @contextlib.contextmanager
@@ -345,3 +355,10 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
             shutil.rmtree(target)
         item.replace(target)
     staging.rmdir()
+
+
+def log_trainable_parameters(model: PeftModel) -> None:
+    """peft's print_trainable_parameters, through the glmtune logger (so that --quiet silences it)."""
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(f"trainable params: {trainable:,} || all params: {total:,} || "
+                f"trainable%: {100 * trainable / max(total, 1):.4f}")
