@@ -137,3 +137,15 @@ def test_every_command_help_lists_log_level_and_quiet(cli):
         result = cli(verb, "--help")
         assert result.code == 0
         assert "--log_level" in result.out and "--quiet" in result.out, verb
+
+
+def test_a_quiet_training_run_prints_its_result_line_and_nothing_else(cli, tiny_model, tmp_path):
+    data = tmp_path / "data"
+    assert cli("prepare", "--data", demo_data_path(), "--save_path", data, "--model", tiny_model, "--quiet").code == 0
+    result = cli("train", "--dataset_path", data, "--output_dir", tmp_path / "run", "--max_steps", "2",
+                 "--logging_steps", "1", "--precision", "fp32", "--quiet")
+    assert result.code == 0, result.err
+    # No notice (precision, trainable parameters), no bar, no printed log dict: the result line alone.
+    assert result.out.strip().startswith("Adapter saved to") and len(result.out.strip().splitlines()) == 1
+    assert "precision:" not in result.err and "trainable params" not in result.err and "{'loss'" not in result.out
+    assert (tmp_path / "run" / "manifest.json").is_file()
