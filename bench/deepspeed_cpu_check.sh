@@ -7,7 +7,7 @@
 #
 #   bash bench/deepspeed_cpu_check.sh [DATA_FILE]     # default ../shared/data/alpaca/alpaca_zh_demo.json
 #
-# Needs deepspeed importable (not a glmtune requirement: an sdist needing --no-build-isolation, see README), e.g.
+# Needs deepspeed importable (not a glmtune requirement: an sdist needing --no-build-isolation, see docs/install.md), e.g.
 #   pip download deepspeed==0.19.8 --no-deps -d /tmp/ds && .venv/bin/python -m pip install --no-build-isolation \
 #     --no-deps --target /tmp/ds/site /tmp/ds/deepspeed-0.19.8.tar.gz einops hjson msgpack ninja py-cpuinfo
 #   PYTHONPATH=/tmp/ds/site bash bench/deepspeed_cpu_check.sh

@@ -183,18 +183,20 @@ def test_fsdp_is_refused_on_cpu(cli, tiny_model, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
-def test_deepspeed_without_its_package_is_one_error(cli, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["train", "dpo"])
+def test_deepspeed_without_its_package_is_one_error(command, cli, tiny_model, tmp_path, monkeypatch):
     """DeepSpeed itself runs on CPU too (bench/deepspeed_cpu_check.sh); without the package, glmtune says so."""
-    error = _train_launched_with("DEEPSPEED", cli, tiny_model, tmp_path, monkeypatch)
+    error = _train_launched_with("DEEPSPEED", cli, tiny_model, tmp_path, monkeypatch, command)
     assert "needs the deepspeed package" in error and "pip install deepspeed" in error
 
 
-def _train_launched_with(plugin: str, cli, tiny_model, tmp_path, monkeypatch) -> str:
-    """glmtune train as `accelerate launch` with that plugin's config starts it; it must fail before any output."""
+def _train_launched_with(plugin: str, cli, tiny_model, tmp_path, monkeypatch, command: str = "train") -> str:
+    """glmtune train (or dpo) as `accelerate launch` with that plugin's config starts it; it must fail before any
+    output."""
     monkeypatch.setenv(f"ACCELERATE_USE_{plugin}", "true")
     data = tmp_path / "rows.json"
     data.write_text(json.dumps([{"prompt": "q", "completion": "a"}]), encoding="utf-8")
-    result = cli("train", "--dataset_path", data, "--model", tiny_model, "--output_dir", tmp_path / "run")
+    result = cli(command, "--dataset_path", data, "--model", tiny_model, "--output_dir", tmp_path / "run")
     assert result.code == 2
     assert not (tmp_path / "run").exists()
     return result.err

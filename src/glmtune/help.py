@@ -71,15 +71,15 @@ def command_help(prog: str, description: str | None, dataclass_types: list[type]
             if field.init:
                 default = defaults.get(field.name, _default(field))
                 text = overrides.get(field.name, field.metadata.get("help", ""))
-                _add(group, field.name, default, text, choices.get(field.name))
+                add_option(group, field.name, default, text, choices.get(field.name))
                 for alias in field.metadata.get("aliases", []):
                     if "-" not in alias[2:]:  # the parser's --dashed-names are not listed, as for every option
-                        _add(group, alias[2:], None, f"The same as --{field.name} (its former name).")
+                        add_option(group, alias[2:], None, f"The same as --{field.name} (its former name).")
     if training_options:
         group = parser.add_argument_group(
             "TrainingArguments (transformers): the common ones; every one is accepted, see --help_all")
         for name, default, text in COMMON_TRAINING_OPTIONS:
-            _add(group, name, defaults.get(name, default), text)
+            add_option(group, name, defaults.get(name, default), text)
     return parser.format_help()
 
 
@@ -91,7 +91,8 @@ def _default(field: dataclasses.Field) -> Any:
     return None
 
 
-def _add(group: Any, name: str, default: Any, text: str, choices: tuple[Any, ...] | None = None) -> None:
+def add_option(group: Any, name: str, default: Any, text: str, choices: tuple[Any, ...] | None = None) -> None:
+    """One option line of a help page: its metavar, help text, allowed values and default."""
     metavar = "BOOL" if isinstance(default, bool) else name.upper()
     shown = [f"one of: {', '.join(map(str, choices))}"] if choices else []
     shown += [] if default is None else [f"default: {default}"]

@@ -7,8 +7,7 @@ import argparse
 from typing import Any
 
 from glmtune.arguments import DpoArguments, LoraArguments, ModelArguments, PrecisionArguments
-from glmtune.config import parse_arguments
-from glmtune.help import _add, asks_for_help, command_help
+from glmtune.help import add_option, asks_for_help, command_help
 
 # glmtune's defaults where TRL's don't suit a LoRA run on glmtune's pipeline; YAML and flags override them.
 DPO_DEFAULTS: dict[str, Any] = {
@@ -45,7 +44,7 @@ def help_page(defaults: dict[str, Any]) -> str:
     parser = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
     group = parser.add_argument_group("DPOConfig (TRL): the preference options; every one is accepted, see --help_all")
     for name, default, text in COMMON_DPO_OPTIONS:
-        _add(group, name, defaults.get(name, default), text)
+        add_option(group, name, defaults.get(name, default), text)
     return page + "\n" + parser.format_help()
 
 
@@ -55,12 +54,13 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
         return
     if "--help_all" in argv:  # every DPOConfig option too
         argv = ["--help"]
+    from glmtune.train.command import parse_training_options
     from glmtune.train.dpo import GlmtuneDPOConfig, run_dpo
-    from glmtune.train.processes import end_process_group, is_main_process, machine_defaults
+    from glmtune.train.processes import end_process_group, is_main_process
 
-    model_args, dpo_args, lora_args, precision_args, training_args = parse_arguments(
-        "glmtune dpo", [*OWN_ARGUMENTS, GlmtuneDPOConfig], argv,
-        {**DPO_DEFAULTS, **machine_defaults(), **(defaults or {})}, description=__doc__)
+    model_args, dpo_args, lora_args, precision_args, training_args = parse_training_options(
+        "glmtune dpo", [*OWN_ARGUMENTS, GlmtuneDPOConfig], argv, {**DPO_DEFAULTS, **(defaults or {})},
+        description=__doc__)
     result = run_dpo(model_args, dpo_args, lora_args, training_args, precision_args)
     end_process_group()  # after the main process's final writes, on every process
     if not is_main_process():  # under torchrun / accelerate launch: said once

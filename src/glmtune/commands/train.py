@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
-from glmtune.config import parse_arguments
-from glmtune.errors import UserError
 from glmtune.help import asks_for_help, command_help
 
 # glmtune's defaults where transformers' suit full fine-tuning rather than LoRA; YAML and flags override them.
@@ -35,19 +33,13 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
         argv = ["--help"]
     from transformers import TrainingArguments
 
-    from glmtune.train.processes import end_process_group, is_main_process, machine_defaults
+    from glmtune.train.command import parse_training_options
+    from glmtune.train.processes import end_process_group, is_main_process
     from glmtune.train.sft import run_sft
 
-    try:
-        model_args, data_args, lora_args, compute_args, eval_args, training_args = parse_arguments(
-            "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
-            {**TRAIN_DEFAULTS, **machine_defaults(), **(defaults or {})}, description=__doc__)
-    except ImportError as e:  # TrainingArguments wants the package for --deepspeed or an accelerate DeepSpeed config
-        if "deepspeed" not in str(e):
-            raise
-        raise UserError("DeepSpeed (--deepspeed, or an accelerate config with DeepSpeed) needs the deepspeed package, "
-                        "which is not installed",
-                        hint="pip install deepspeed --no-build-isolation (see the README)") from None
+    model_args, data_args, lora_args, compute_args, eval_args, training_args = parse_training_options(
+        "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv, {**TRAIN_DEFAULTS, **(defaults or {})},
+        description=__doc__)
     result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
     end_process_group()  # after the main process's final writes, on every process
     if not is_main_process():  # under torchrun / accelerate launch: said once
