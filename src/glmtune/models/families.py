@@ -56,6 +56,9 @@ class NativeTokenizer:
 
 @dataclass(frozen=True)
 class Family:
+    """One family. Its chat template is its tokenizer's: the one a NativeTokenizer builds (the official prompts,
+    token for token) or the one the checkpoint ships; data/templates.py renders either."""
+
     name: str
     recognise: Recogniser
     converter: Converter | None = None  # None: AutoModelForCausalLM.from_pretrained
