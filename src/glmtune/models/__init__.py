@@ -1,4 +1,5 @@
-"""Models: finding and loading checkpoints, their tokenizers and stop tokens; LoRA targets; tiny demo models.
+"""Models: the family registry (families.py, what each GLM family is and needs); finding and loading checkpoints,
+their tokenizers and stop tokens; LoRA targets; tiny demo models.
 
 Importing this package registers glmtune's own architectures with transformers' Auto classes (ChatGLM-6B, whose
 architecture transformers lacks), so that a directory written by `glmtune convert` loads with

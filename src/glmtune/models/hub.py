@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from glmtune.artifacts import read_json_object
 from glmtune.errors import UserError
 from glmtune.hub import offline_reason
 
@@ -28,6 +30,12 @@ def resolve_model(name: str) -> str:
     if why:
         raise UserError(f"model '{name}' is not in the local cache and {why}", hint=HINT)
     return name
+
+
+def local_config(source: str) -> dict[str, Any] | None:
+    """config.json of a local model directory, or None (a hub name, or no config)."""
+    path = Path(source) / "config.json"
+    return read_json_object(path, "model config") if path.is_file() else None
 
 
 def canonical_model_name(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Load a tokenizer or a model (with an optional LoRA adapter), turning library failures into UserErrors."""
+"""Load a tokenizer or a model the way its family says (glmtune.models.families), turning library failures into
+UserErrors."""
 
 from __future__ import annotations
 
@@ -8,27 +9,17 @@ from typing import Any
 
 from glmtune.artifacts import read_json_object, sha256_text
 from glmtune.errors import UserError
-from glmtune.models.chatglm.convert import is_chatglm2_config, load_chatglm2
-from glmtune.models.chatglm.glm4_tokenizer import build_glm4_tokenizer, is_glm4_tokenizer_dir
-from glmtune.models.chatglm.ice_tokenizer import build_ice_tokenizer, is_ice_tokenizer_dir
-from glmtune.models.chatglm.sp_tokenizer import build_chatglm_sp_tokenizer, chatglm_sp_family
-from glmtune.models.chatglm6b.loading import is_chatglm6b_config, load_chatglm6b
-from glmtune.models.hub import HINT, resolve_model
-
-END_OF_TURN = ["<|user|>", "<|observation|>"]
+from glmtune.models.families import family_of_source, native_tokenizer
+from glmtune.models.hub import HINT, local_config, resolve_model
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     source = resolve_model(name)
-    if not trust_remote_code and is_glm4_tokenizer_dir(Path(source)):
-        return build_glm4_tokenizer(Path(source))  # THUDM's remote-code tokenizers, rebuilt natively
-    if not trust_remote_code and is_ice_tokenizer_dir(Path(source)):
-        return build_ice_tokenizer(Path(source))  # the first ChatGLM-6B's, rebuilt natively
-    family = None if trust_remote_code else chatglm_sp_family(Path(source))
-    if family:
-        return build_chatglm_sp_tokenizer(Path(source), family)
+    native = None if trust_remote_code else native_tokenizer(Path(source))
+    if native is not None:
+        return native.build(Path(source))  # THUDM's remote-code tokenizers, rebuilt natively
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
@@ -51,14 +42,11 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
         quantization.check_backend(quantization_bit)
     source = resolve_model(name)
     config = local_config(source)
-    if not trust_remote_code and config is not None and is_chatglm2_config(config):
-        if quantization_bit:
-            raise quantization.refuse_converted_layout(quantization_bit, source, "ChatGLM2/3 or GLM-4")
-        return load_chatglm2(Path(source), config, dtype or torch.float32)  # THUDM's layout, converted natively
-    if not trust_remote_code and config is not None and is_chatglm6b_config(config):
-        if quantization_bit:
-            raise quantization.refuse_converted_layout(quantization_bit, source, "ChatGLM-6B")
-        return load_chatglm6b(Path(source), config, dtype or torch.float32)  # glmtune's own ChatGLM-6B class
+    family = family_of_source(source)
+    if not trust_remote_code and config is not None and family.converter is not None:  # glmtune builds the model
+        if quantization_bit and quantization_bit not in family.quantization_bits:
+            raise quantization.refuse_converted_layout(quantization_bit, source, family.converter.layout)
+        return family.converter.load(Path(source), config, dtype or torch.float32)
     quantized = {}
     if quantization_bit:
         quantized = {"quantization_config": quantization.bnb_config(quantization_bit, source, dtype,
@@ -71,29 +59,22 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
         raise UserError(f"cannot load the model '{name}': {_first_line(e)}", hint=HINT) from None
 
 
-def local_config(source: str) -> dict[str, Any] | None:
-    """config.json of a local model directory, or None (a hub name, or no config)."""
-    path = Path(source) / "config.json"
-    return read_json_object(path, "model config") if path.is_file() else None
-
-
 def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
     """The ids generation stops on: the generation config's eos ids (GLM-4 lists its end-of-turn tokens
-    there), the model config's, and the tokenizer's eos."""
+    there), the model config's, the tokenizer's eos, and the tokens that end a turn in the model's family."""
     from transformers import GenerationConfig
 
+    source = resolve_model(name)
     ids: list[int] = []
     try:
-        ids += _as_list(GenerationConfig.from_pretrained(resolve_model(name)).eos_token_id)
+        ids += _as_list(GenerationConfig.from_pretrained(source).eos_token_id)
     except OSError:  # no generation_config.json: fall back to config.json
-        config_file = Path(resolve_model(name)) / "config.json"
+        config_file = Path(source) / "config.json"
         if config_file.is_file():
             ids += _as_list(read_json_object(config_file, "model config").get("eos_token_id"))
     ids += _as_list(tokenizer.eos_token_id)
-    # Chats with role tokens (ChatGLM3, GLM-4) end a turn where the next one begins; their official chat() stops
-    # there too, though ChatGLM3's config lists only the eos.
     vocab = tokenizer.get_vocab()
-    ids += [vocab[token] for token in END_OF_TURN if token in vocab]
+    ids += [vocab[token] for token in family_of_source(source).end_of_turn if token in vocab]
     stops = list(dict.fromkeys(i for i in ids if i is not None))
     if not stops:
         raise UserError(f"'{name}' defines no end-of-sequence token, so a tuned model would never stop",

@@ -1,30 +1,21 @@
-"""Which layers LoRA adapts by default, per architecture."""
+"""Which layers LoRA adapts: the user's choice, or the model family's default (glmtune.models.families)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-# peft knows no default targets for glm/glm4 (LoraConfig(r=8) raises), so we name them. Every linear layer
-# of the decoder: attention q/k/v/o and the fused MLP. Other architectures get peft's "all-linear".
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
-    # Attention only. peft 0.21 rewrites any gate_proj/up_proj/down_proj target of a transformers-5 MoE model into
-    # an adapter on the fused routed experts and then adapts neither the dense layers' nor the shared experts' MLP
-    # (peft issue #3711), so naming them would silently adapt something else than asked.
-    "glm4_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    # ChatGLM-6B: the fused attention projection, as THUDM's own LoRA recipes and the seed did.
-    "chatglm6b": ["query_key_value"],
-}
+from glmtune.models.families import family_of
 
 
 def resolve_target_modules(model_type: str, requested: str | None) -> Any:
-    """`requested` is a comma-separated list of module names, "all-linear", or None for the default."""
+    """`model_type`: the loaded model's (config.model_type); `requested` is a comma-separated list of module names,
+    "all-linear", or None for the family's default."""
     if requested:
         if requested == "all-linear":
             return requested
         return [name.strip() for name in requested.split(",") if name.strip()]
-    return DEFAULT_TARGETS.get(model_type, "all-linear")
+    targets = family_of({"model_type": model_type}).lora_targets
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def base_model(model: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The gap this fills: transformers can count parameters only by building the model (or its meta-device skeleton,
 which needs torch and the model class); `glmtune plan` answers from the JSON in milliseconds, and also reads
-THUDM's `model_type: chatglm` configs, which transformers has no class for.
+THUDM's ChatGLM configs, which transformers has no class for. Which reader a config gets is its family's
+(glmtune.models.families); the readers of transformers' own decoders are `Decoder`s.
 """
 
 from __future__ import annotations
@@ -11,10 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmtune.errors import UserError
-
-# Decoders laid out like Llama (separate gate/up/down projections, pre-norm RMSNorm) that are read natively.
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "granite"}
-SUPPORTED = ["chatglm (THUDM ChatGLM-6B, ChatGLM2/3, GLM-4)", "glm", "glm4", "glm4_moe", *sorted(LLAMA_LIKE)]
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ class Linear:
 
 @dataclass(frozen=True)
 class ModelShape:
-    model_type: str  # the architecture glmtune trains: THUDM ChatGLM2/3/GLM-4 configs become "glm"
+    model_type: str  # the architecture glmtune trains: THUDM ChatGLM2/3/GLM-4 configs read as the GLM they load as
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -60,21 +57,25 @@ class ModelShape:
 
 
 def shape_from_config(config: dict[str, Any], source: str = "config.json") -> ModelShape:
-    """Read a model's config.json; a UserError naming the missing fields when it isn't a decoder we know."""
-    model_type = config.get("model_type")
-    if model_type == "chatglm" and "position_encoding_2d" in config:
-        return _chatglm6b(config, source)
-    if model_type == "chatglm":
-        return _chatglm2(config, source)
-    if model_type in ("glm", "glm4", "glm4_moe", "chatglm6b") or model_type in LLAMA_LIKE:
-        if model_type == "chatglm6b":  # a directory `glmtune convert` wrote: THUDM's field names kept
-            return _chatglm6b(config, source)
-        return _native(config, model_type, source)
-    raise UserError(f"{source}: model_type {model_type!r} is not one `glmtune plan` can estimate",
-                    hint=f"supported: {', '.join(SUPPORTED)}")
+    """Read a model's config.json with its family's reader (glmtune.models.families); a UserError naming the
+    missing fields when it isn't a decoder we know."""
+    from glmtune.models.families import family_of
+
+    reader = family_of(config).shape
+    if reader is None:
+        raise unsupported(config, source)
+    return reader(config, source)
 
 
-def _require(config: dict[str, Any], keys: list[str], source: str) -> list[Any]:
+def unsupported(config: dict[str, Any], source: str) -> UserError:
+    from glmtune.models.families import FAMILIES
+
+    glm = [family.name for family in FAMILIES if family.shape not in (None, llama_like)]
+    return UserError(f"{source}: model_type {config.get('model_type')!r} is not one `glmtune plan` can estimate",
+                     hint=f"supported: {', '.join(glm)}, and Llama-like decoders ({', '.join(sorted(LLAMA_LIKE))})")
+
+
+def require_positive(config: dict[str, Any], keys: list[str], source: str) -> list[Any]:
     missing = [k for k in keys if not isinstance(config.get(k), int) or config[k] <= 0]
     if missing:
         raise UserError(f"{source}: expected positive integers for {', '.join(missing)} "
@@ -82,78 +83,74 @@ def _require(config: dict[str, Any], keys: list[str], source: str) -> list[Any]:
     return [config[k] for k in keys]
 
 
-def _chatglm2(config: dict[str, Any], source: str) -> ModelShape:
-    """THUDM ChatGLM2/3 and GLM-4-9B-chat: GlmForCausalLM under other names (glmtune converts it on load)."""
-    hidden, layers, heads, ffn = _require(config, ["hidden_size", "num_layers", "num_attention_heads",
-                                                   "ffn_hidden_size"], source)
-    vocab = config.get("padded_vocab_size") or config.get("vocab_size")
-    kv_heads = config["multi_query_group_num"] if config.get("multi_query_attention") else heads
-    head_dim = config.get("kv_channels") or hidden // heads
-    native = {"model_type": "glm", "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-              "intermediate_size": ffn, "attention_bias": config.get("add_qkv_bias", True),
-              "tie_word_embeddings": False}  # the official output_layer is its own matrix
-    return _native(native, "glm", source)
+@dataclass(frozen=True)
+class Decoder:
+    """How the config.json of a decoder in transformers' standard names (num_hidden_layers, intermediate_size,
+    attention_bias, ...) maps to its layers. Called as a reader: `Decoder(...)(config, source)`."""
+
+    fused_gate_up: bool = False  # GLM: one gate_up_proj of 2 x intermediate, rather than gate_proj and up_proj
+    norms_per_layer: int = 2  # GLM-4-0414 (glm4) has two more than the usual two
+    qkv_bias: bool = False  # the q/k/v bias when the config has no attention_bias (GlmConfig's default is True)
+    always_qkv_bias: bool = False  # Qwen2: a q/k/v bias whatever the config says
+    o_bias: bool = True  # o_proj follows attention_bias (Llama: one flag for all); GLM and Qwen2: never
+    moe: bool = False  # GLM-4.5 style: routed and shared experts after first_k_dense_replace dense layers
+    estimated: bool = False  # read as a Llama-like decoder: its extra norms or biases are ignored
+
+    def __call__(self, config: dict[str, Any], source: str = "config.json") -> ModelShape:
+        model_type = config.get("model_type")
+        hidden, layers, heads, vocab = require_positive(config, ["hidden_size", "num_hidden_layers",
+                                                                 "num_attention_heads", "vocab_size"], source)
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        inter = require_positive(config, ["intermediate_size"], source)[0]
+        qkv_bias = config.get("attention_bias", self.qkv_bias) or self.always_qkv_bias
+        o_bias = self.o_bias and bool(config.get("attention_bias"))
+        q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+        attention = [Linear("q_proj", hidden, q_dim, qkv_bias, "attn_in"),
+                     Linear("k_proj", hidden, kv_dim, qkv_bias, "attn_in"),
+                     Linear("v_proj", hidden, kv_dim, qkv_bias, "attn_in"),
+                     Linear("o_proj", q_dim, hidden, o_bias, "attn_out")]
+        if self.fused_gate_up:
+            mlp = [Linear("gate_up_proj", hidden, 2 * inter, False, "mlp_in"),
+                   Linear("down_proj", inter, hidden, False, "mlp_act")]
+        else:
+            mlp = [Linear("gate_proj", hidden, inter, False, "mlp_in", self.moe),
+                   Linear("up_proj", hidden, inter, False, "mlp_in", self.moe),
+                   Linear("down_proj", inter, hidden, False, "mlp_act", self.moe)]
+        notes: list[str] = []
+        moe_layers = extra = active = 0
+        if self.moe:
+            experts, top_k, moe_inter = require_positive(config, ["n_routed_experts", "num_experts_per_tok",
+                                                                  "moe_intermediate_size"], source)
+            shared = config.get("n_shared_experts") or 0
+            moe_layers = layers - min(layers, config.get("first_k_dense_replace") or 0)
+            # Fused routed experts (gate_up and down per expert), the router's weight (its correction bias is a
+            # buffer), and the shared experts' gate/up/down MLP (transformers' Glm4MoeMoE).
+            extra = experts * 3 * hidden * moe_inter + experts * hidden + 3 * hidden * moe_inter * shared
+            active = (top_k + shared) * moe_inter
+            notes.append("MoE: activations assume each token's top-k experts (dense matmuls per expert); "
+                         "the next-token-prediction layers of the checkpoint are not loaded by transformers")
+        if self.estimated:
+            notes.append(f"{model_type} is estimated as a Llama-like decoder: its extra norms or biases are ignored")
+        return ModelShape(model_type, vocab, hidden, layers, heads, kv_heads, head_dim, inter, gated_mlp=True,
+                          norms_per_layer=self.norms_per_layer, norm_bias=False,
+                          tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                          linears=tuple(attention + mlp), extra_layer_params=extra, moe_layers=moe_layers,
+                          moe_active_intermediate=active, notes=tuple(notes))
 
 
-def _chatglm6b(config: dict[str, Any], source: str) -> ModelShape:
-    """The first ChatGLM-6B: LayerNorm, a fused query_key_value, a GELU MLP, every linear with a bias, and the
-    output layer tied to the word embeddings (glmtune.models.chatglm6b.modeling)."""
-    hidden, layers, heads = _require(config, ["hidden_size", "num_layers", "num_attention_heads"], source)
-    inner = config.get("inner_hidden_size") or 4 * hidden
-    vocab = _require(config, ["vocab_size"], source)[0]
-    linears = (Linear("query_key_value", hidden, 3 * hidden, True, "attn_in"),
-               Linear("dense", hidden, hidden, True, "attn_out"),
-               Linear("dense_h_to_4h", hidden, inner, True, "mlp_in"),
-               Linear("dense_4h_to_h", inner, hidden, True, "mlp_act"))
-    return ModelShape("chatglm6b", vocab, hidden, layers, heads, heads, hidden // heads, inner, gated_mlp=False,
-                      norms_per_layer=2, norm_bias=True, tie_embeddings=config.get("tie_word_embeddings", True),
-                      linears=linears)
+# Decoders of other families laid out like Llama (separate gate/up/down projections, pre-norm RMSNorm).
+LLAMA = Decoder()
+LLAMA_LIKE = {"llama": LLAMA, "mistral": LLAMA, "qwen2": Decoder(always_qkv_bias=True, o_bias=False),
+              **{name: Decoder(estimated=True) for name in ("qwen3", "gemma", "olmo", "granite")}}
 
 
-def _native(config: dict[str, Any], model_type: str, source: str) -> ModelShape:
-    hidden, layers, heads, vocab = _require(config, ["hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                     "vocab_size"], source)
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    inter = _require(config, ["intermediate_size"], source)[0]
-    glm = model_type in ("glm", "glm4", "glm4_moe")
-    # glm/glm4 default to a q/k/v bias (GlmConfig.attention_bias=True); llama-likes to none, qwen2 always has one.
-    qkv_bias = config.get("attention_bias", model_type in ("glm", "glm4")) or model_type == "qwen2"
-    o_bias = not glm and model_type != "qwen2" and bool(config.get("attention_bias"))  # llama: one flag for all
-    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
-    attention = [Linear("q_proj", hidden, q_dim, qkv_bias, "attn_in"),
-                 Linear("k_proj", hidden, kv_dim, qkv_bias, "attn_in"),
-                 Linear("v_proj", hidden, kv_dim, qkv_bias, "attn_in"),
-                 Linear("o_proj", q_dim, hidden, o_bias, "attn_out")]
-    if model_type in ("glm", "glm4"):
-        mlp = [Linear("gate_up_proj", hidden, 2 * inter, False, "mlp_in"),
-               Linear("down_proj", inter, hidden, False, "mlp_act")]
-    else:
-        only_dense = model_type == "glm4_moe"
-        mlp = [Linear("gate_proj", hidden, inter, False, "mlp_in", only_dense),
-               Linear("up_proj", hidden, inter, False, "mlp_in", only_dense),
-               Linear("down_proj", inter, hidden, False, "mlp_act", only_dense)]
-    notes: list[str] = []
-    moe_layers = extra = active = 0
-    if model_type == "glm4_moe":
-        experts, top_k, moe_inter = _require(config, ["n_routed_experts", "num_experts_per_tok",
-                                                      "moe_intermediate_size"], source)
-        shared = config.get("n_shared_experts") or 0
-        moe_layers = layers - min(layers, config.get("first_k_dense_replace") or 0)
-        # Fused routed experts (gate_up and down per expert), the router's weight (its correction bias is a buffer),
-        # and the shared experts' gate/up/down MLP (transformers' Glm4MoeMoE).
-        extra = experts * 3 * hidden * moe_inter + experts * hidden + 3 * hidden * moe_inter * shared
-        active = (top_k + shared) * moe_inter
-        notes.append("MoE: activations assume each token's top-k experts (dense matmuls per expert); "
-                     "the next-token-prediction layers of the checkpoint are not loaded by transformers")
-    if model_type in LLAMA_LIKE and model_type not in ("llama", "qwen2", "mistral"):
-        notes.append(f"{model_type} is estimated as a Llama-like decoder: its extra norms or biases are ignored")
-    return ModelShape(model_type, vocab, hidden, layers, heads, kv_heads, head_dim, inter, gated_mlp=True,
-                      norms_per_layer=4 if model_type == "glm4" else 2, norm_bias=False,
-                      tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                      linears=tuple(attention + mlp), extra_layer_params=extra, moe_layers=moe_layers,
-                      moe_active_intermediate=active, notes=tuple(notes))
+def llama_like(config: dict[str, Any], source: str = "config.json") -> ModelShape:
+    """The reader of decoders outside the GLM families: those in LLAMA_LIKE, by their model_type."""
+    decoder = LLAMA_LIKE.get(config.get("model_type"))
+    if decoder is None:
+        raise unsupported(config, source)
+    return decoder(config, source)
 
 
 def layer_linears(shape: ModelShape, moe: bool) -> list[Linear]:

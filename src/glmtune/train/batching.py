@@ -20,22 +20,25 @@ measured on a 15M GLM, 8 alpaca samples (2,420 tokens): 13.9 s/step in one row, 
 longest sample (5 rows of 495), 15.4 s padded (8 x 495).
 
 Models that derive their own masks from the ids (the first ChatGLM-6B, remote code) would let samples see each
-other: they get padded batches, which length grouping keeps short.
+other: they get padded batches, which length grouping keeps short. Which models keep samples apart is their
+family's `packing` (glmtune.models.families), checked against the loaded class.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from glmtune.models.families import family_of_model
 from glmtune.models.lora import base_model
 
 IGNORE_INDEX = -100
 
 
 def supports_packing(model: Any) -> bool:
-    """Whether the model keeps packed samples apart given only restarting position ids."""
+    """Whether the model keeps packed samples apart given only restarting position ids: its family says so, and
+    its class is built on transformers' attention interface (remote code of a known family may not be)."""
     base = base_model(model)
-    return bool(getattr(base, "_supports_attention_backend", False))
+    return family_of_model(base).packing and bool(getattr(base, "_supports_attention_backend", False))
 
 
 def make_collator(tokenizer: Any, packing: bool, hidden_size: int | None = None, one_row: bool = False) -> Any:

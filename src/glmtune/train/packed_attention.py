@@ -10,27 +10,26 @@ diagonal. Linear layers then compute real tokens only, and attention costs the s
 
 Registered as the attention implementation PACKED_SDPA. Every call that is not a packed training forward (padding
 masks, generation with a cache, a query shorter than its keys) goes to transformers' own sdpa path unchanged, with
-transformers' own sdpa mask. Only for models whose attention is plain full causal attention (CAUSAL_MODEL_TYPES):
-no sliding window, no soft-capping, no attention sinks, no bias terms, which per-sample sdpa would ignore.
+transformers' own sdpa mask. Only for models whose attention is plain full causal attention (their family's
+`plain_causal`, glmtune.models.families): no sliding window, no soft-capping, no attention sinks, no bias terms,
+which per-sample sdpa would ignore.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from glmtune.models.families import family_of_model
 from glmtune.models.lora import base_model
 
 PACKED_SDPA = "glmtune_packed_sdpa"
-
-# Decoders whose attention is exactly softmax(QK^T * scaling + causal mask) V under transformers' attention interface.
-CAUSAL_MODEL_TYPES = {"glm", "glm4", "glm4_moe", "llama", "qwen2", "qwen3", "qwen3_moe", "mistral"}
 
 
 def can_use_packed_sdpa(model: Any) -> bool:
     """Whether per-sample sdpa computes exactly what the model's own sdpa attention computes."""
     base = base_model(model)
     config = base.config
-    if config.model_type not in CAUSAL_MODEL_TYPES or config._attn_implementation not in ("sdpa", PACKED_SDPA):
+    if not family_of_model(base).plain_causal or config._attn_implementation not in ("sdpa", PACKED_SDPA):
         return False
     if not type(base).__module__.startswith("transformers.models."):  # remote code naming itself "llama"
         return False

@@ -10,8 +10,9 @@ from glmtune.errors import UserError
 
 
 def is_chatglm6b_config(config: dict[str, Any]) -> bool:
-    """The first ChatGLM-6B: THUDM's `chatglm` model type with its 2-D position flag (ChatGLM2/3 and GLM-4 have
-    multi_query_attention instead), or a directory glmtune wrote (`chatglm6b`)."""
+    """The first ChatGLM-6B as THUDM publishes it: the `chatglm` model type with its 2-D position flag (ChatGLM2/3
+    and GLM-4 have multi_query_attention instead). A directory glmtune wrote says `chatglm6b` and loads through
+    the Auto classes."""
     return config.get("model_type") == "chatglm" and "position_encoding_2d" in config
 
 
