@@ -70,7 +70,7 @@ def test_quantized_lora_trains_through_evaluations_and_the_adapter_answers_on_th
     assert repacks == []
     if bits == 4:
         assert ("2 linear layer(s) left in full precision, their input size is not a multiple of 64 (LoRA still "
-                "adapts them): down_proj (160 inputs) in 2 layers") in result.out
+                "adapts them): down_proj (160 inputs) in 2 layers") in result.err
     evals = [float(x) for x in re.findall(r"'eval_loss': '?([0-9.]+)", result.out)]
     assert len(evals) >= 7  # on start, after each of the 6 steps (and the final one)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text(encoding="utf-8"))

@@ -10,9 +10,12 @@ skips) stay in the load precision; peft's `prepare_model_for_kbit_training` then
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from glmtune.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 QUANTIZATION_BITS = (4, 8)
 # bitsandbytes' 4-bit block: a quantized layer's input size must be a multiple of it. Its CPU backend reshapes the
@@ -61,8 +64,8 @@ def bnb_config(bits: int, source: str, compute_dtype: Any, trust_remote_code: bo
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     odd = unquantizable_linears(model)
     if odd:
-        print(f"4-bit: {len(odd)} linear layer(s) left in full precision, their input size is not a multiple of "
-              f"{BLOCK_4BIT} (LoRA still adapts them): " + _summarize(odd))
+        logger.info(f"4-bit: {len(odd)} linear layer(s) left in full precision, their input size is not a multiple "
+                    f"of {BLOCK_4BIT} (LoRA still adapts them): " + _summarize(odd))
     # The compute dtype is the training precision's: bf16 where the hardware has bf16 units, fp32 on CPUs without
     # them, where bf16 is emulated (measured on a 2-core EPYC without AVX512, tiny model: 4-bit steps in bf16
     # compute were slower than in fp32; see bench/quantization_gpu_check.py).
