@@ -32,7 +32,7 @@ PROBE_MAX_TOKENS = 256
 # whatever the model's logit scale. Merging changes only the order of floating-point operations (W x + s B(A x)
 # against (W + s B A) x) and, below fp32, rounds W + s B A to the saved precision; in bf16/fp16 that rounding, and
 # the low-precision arithmetic of both sides, compound over the layers. Measured (largest difference / largest
-# |logit|) on random tiny GLMs with all-linear LoRA, CPU, 2026-11: 4 layers (the tests' model, trained adapter):
+# |logit|) on random tiny GLMs with all-linear LoRA, on CPU: 4 layers (the tests' model, trained adapter):
 # fp32 1.1e-6, fp16 1.6e-3, bf16 1.5e-2; 16 layers: 4.6e-6, 5.3e-3, 5.3e-2; 32 layers: 7.7e-6, 1.3e-2, 1.1e-1.
 # Below fp32 the noise grows with depth (and with the mantissa: bf16 8x fp16), so those tolerances are coarse:
 # they catch a wrong base model or a broken merge, not one unmerged module (which moved the tests' logits by
