@@ -163,7 +163,12 @@ FAMILIES: tuple[Family, ...] = (CHATGLM6B, CHATGLM6B_CONVERTED, GLM4_9B_CHAT, CH
 
 
 def family_of(config: dict[str, Any] | None, directory: Path | None = None) -> Family:
-    """The family of a checkpoint: its config.json (None when it has none) and its local directory, if any."""
+    """The family of a checkpoint: the first entry of FAMILIES that recognises it (ANY_CAUSAL_LM at the least).
+
+    Args:
+        config: its config.json as a dict; None when it has none.
+        directory: its local directory, if any (some families are recognised by their files).
+    """
     return next(family for family in FAMILIES if family.recognise(config or {}, directory))
 
 

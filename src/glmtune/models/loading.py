@@ -14,6 +14,15 @@ from glmtune.models.hub import HINT, local_config, resolve_model
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of `name`, with its chat template: glmtune's rebuild for THUDM's remote-code tokenizers
+    (unless `trust_remote_code`), else transformers' AutoTokenizer, given a pad token when it has none.
+
+    Args:
+        name: --model: a local directory or a hub name (glmtune.models.hub.resolve_model).
+        trust_remote_code: run the checkpoint's own tokenizer code instead of glmtune's rebuild.
+    Raises:
+        UserError: the model can't be found, or transformers can't load its tokenizer.
+    """
     from transformers import AutoTokenizer
 
     source = resolve_model(name)
@@ -31,8 +40,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
 
 def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
                quantization_bit: int | None = None) -> Any:
-    """`dtype`: of the weights (and, with `quantization_bit` 4, of the 4-bit layers' compute); `quantization_bit`:
-    8 or 4 to quantize the linear layers with bitsandbytes (see glmtune.models.quantization)."""
+    """The causal LM `name`, the way its family loads it: a glmtune converter for THUDM's layouts (unless
+    `trust_remote_code`), else transformers' AutoModelForCausalLM.
+
+    Args:
+        name: --model: a local directory or a hub name (glmtune.models.hub.resolve_model).
+        trust_remote_code: run the checkpoint's own modeling code instead of glmtune's converter.
+        dtype: torch dtype of the weights (and, with `quantization_bit` 4, of the 4-bit layers' compute);
+            None for fp32.
+        quantization_bit: 8 or 4 to quantize the linear layers with bitsandbytes (glmtune.models.quantization).
+    Raises:
+        UserError: the model can't be found or loaded, bitsandbytes has no backend here, or the family's
+            layout does not take that quantization.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +81,16 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
 
 def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
     """The ids generation stops on: the generation config's eos ids (GLM-4 lists its end-of-turn tokens
-    there), the model config's, the tokenizer's eos, and the tokens that end a turn in the model's family."""
+    there), the model config's, the tokenizer's eos, and the tokens that end a turn in the model's family.
+
+    Args:
+        name: --model, as given to load_tokenizer.
+        tokenizer: the model's tokenizer (its eos and vocabulary).
+    Returns:
+        The ids, without duplicates, in that order.
+    Raises:
+        UserError: the model can't be found, or none of those sources names a stop token.
+    """
     from transformers import GenerationConfig
 
     source = resolve_model(name)
@@ -83,7 +112,13 @@ def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything that decides the ids a tokenizer and its chat template produce."""
+    """A hash of everything that decides the ids a tokenizer and its chat template produce: what manifests record,
+    so that a dataset or an adapter is refused with another tokenizer.
+
+    Returns:
+        The sha256 hex digest of the backend's state (call-time truncation and padding left out), or of the
+        vocabulary for a slow tokenizer, and the chat template.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         state = json.loads(backend.to_str())

@@ -8,8 +8,14 @@ from glmtune.models.families import family_of
 
 
 def resolve_target_modules(model_type: str, requested: str | None) -> Any:
-    """`model_type`: the loaded model's (config.model_type); `requested` is a comma-separated list of module names,
-    "all-linear", or None for the family's default."""
+    """The `target_modules` to give peft's LoraConfig.
+
+    Args:
+        model_type: the loaded model's config.model_type, whose family gives the default.
+        requested: --lora_target: a comma-separated list of module names, "all-linear", or None for the default.
+    Returns:
+        "all-linear", or a list of module names.
+    """
     if requested:
         if requested == "all-linear":
             return requested

@@ -85,6 +85,12 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
             training_args: GlmtuneDPOConfig, precision_args: PrecisionArguments | None = None) -> DpoResult:
     """Preference-tune a LoRA adapter (a new one, or --peft_path's) on prepared pairs and save the run.
 
+    Args:
+        model_args: --model (else the dataset's, else the starting adapter's base), quantization, remote code.
+        dpo_args: --dataset_path (pairs), --peft_path to start from, --reference, --overwrite_output_dir.
+        lora_args: the new adapter's rank, alpha, dropout and targets (ignored with --peft_path).
+        training_args: TRL's DPOConfig as glmtune declares it (TrainingArguments plus beta, loss_type...).
+        precision_args: --precision; None for auto.
     Returns:
         The run directory, the steps taken, the last logged loss and reward metrics.
     Raises:

@@ -59,6 +59,13 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
             eval_args: GenerationEvalArguments | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on a prepared dataset (or a data file, tokenized first) and save the run.
 
+    Args:
+        model_args: --model (else the dataset's), quantization and remote-code options.
+        data_args: --dataset_path, the tokenizing options for a data file, --overwrite_output_dir.
+        lora_args: the new adapter's rank, alpha, dropout and targets.
+        training_args: transformers' TrainingArguments (output_dir, steps, batch, resume, DeepSpeed/FSDP...).
+        compute_args: precision and the chunked loss; None for their defaults.
+        eval_args: --eval_generate, scoring each saved checkpoint by generation; None for off.
     Returns:
         The run directory, the steps taken and the last logged training loss.
     Raises:

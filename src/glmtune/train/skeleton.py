@@ -90,7 +90,11 @@ def check_output(training_args: TrainingArguments, overwrite: bool, inputs: tupl
 
 
 def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
-    """--resume_from_checkpoint: a checkpoint path, or true/false (true: the latest one in --output_dir)."""
+    """--resume_from_checkpoint: a checkpoint path, or true/false (true: the latest one in --output_dir).
+
+    Raises:
+        UserError: true with no checkpoint in output_dir, or a path that is not a checkpoint directory.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
     if value is None or str(value).lower() in {"", "false", "no", "0"}:
@@ -111,7 +115,12 @@ def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
 def choose_run_precision(model_args: ModelArguments, precision_args: PrecisionArguments,
                          training_args: ArgsT) -> tuple[Precision, ArgsT]:
     """The run's precision, and the training arguments set to match it. Use the returned arguments from here on: on
-    CPU only they have joined the process group (see apply_to_training_args)."""
+    CPU only they have joined the process group (see apply_to_training_args).
+
+    Raises:
+        UserError: conflicting precision flags, fp16 without a CUDA GPU, or --quantization_bit without a
+            bitsandbytes backend here.
+    """
     hardware = detect_hardware()
     precision = choose_precision(precision_args.precision, training_args.bf16, training_args.fp16, hardware)
     training_args = apply_to_training_args(precision, training_args, hardware)
@@ -121,11 +130,12 @@ def choose_run_precision(model_args: ModelArguments, precision_args: PrecisionAr
 
 
 def refuse_fsdp_on_cpu(training_args: TrainingArguments) -> None:
-    """FSDP needs GPUs: accelerate 1.15 enables it only for GPU processes, so on CPU (use_cpu, see
-    apply_to_training_args) it drops an FSDP `accelerate launch --config_file` without a word and trains plain DDP
-    (seen with examples/accelerate/fsdp.yaml on two CPU processes). DeepSpeed is not dropped: the Trainer's
-    Accelerator gets the DeepSpeed plugin and switches to DeepSpeed whatever the device (accelerate/state.py,
-    AcceleratorState), and DeepSpeed's CPU accelerator trains ZeRO-2/3 over gloo (measured: same adapter as DDP)."""
+    """Refuse FSDP on CPU: accelerate enables FSDP only for GPU processes (accelerate/state.py, AcceleratorState), so
+    on CPU it would silently train plain DDP instead. DeepSpeed is left alone: it trains ZeRO-2/3 on CPU over gloo.
+
+    Raises:
+        UserError: --fsdp, or an FSDP accelerate config, in a CPU run.
+    """
     import os
 
     if training_args.use_cpu and (training_args.fsdp or
@@ -144,6 +154,9 @@ def prepare_data(dataset_path: str | None, model: str | None, training_args: Tra
 
     Args:
         preference: True for chosen/rejected pairs (DPO and its kin), False for conversations (SFT).
+    Raises:
+        UserError: no --dataset_path, a data file without a model, tokenizing options given with a prepared
+            directory, a directory prepare did not write, or data of the other kind.
     """
     directory = prepared_dataset_dir(dataset_path, model, training_args, tokenize_args, trust_remote_code)
     return read_prepared_manifest(str(directory), preference=preference)
@@ -151,7 +164,11 @@ def prepare_data(dataset_path: str | None, model: str | None, training_args: Tra
 
 def resolve_model_name(requested: str | None, manifest: dict[str, Any], dataset_dir: Path,
                        fallback: str | None = None) -> str:
-    """--model, else the model the dataset was prepared for, else `fallback` (e.g. a starting adapter's base)."""
+    """--model, else the model the dataset was prepared for, else `fallback` (e.g. a starting adapter's base).
+
+    Raises:
+        UserError: none of the three names a model.
+    """
     name = requested or manifest.get("model") or fallback
     if not name:
         raise UserError(f"{dataset_dir}/manifest.json names no model", hint="pass --model")
@@ -160,7 +177,11 @@ def resolve_model_name(requested: str | None, manifest: dict[str, Any], dataset_
 
 def load_matching_tokenizer(model_name: str, trust_remote_code: bool, manifest: dict[str, Any],
                             dataset_dir: Path) -> PreTrainedTokenizerBase:
-    """The model's tokenizer; refused unless it is the one the dataset was tokenized with (same fingerprint)."""
+    """The model's tokenizer; refused unless it is the one the dataset was tokenized with (same fingerprint).
+
+    Raises:
+        UserError: the tokenizer can't be loaded, or its fingerprint differs from the dataset manifest's.
+    """
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != manifest.get("tokenizer_fingerprint"):
         raise UserError(f"{dataset_dir} was tokenized with the tokenizer of '{manifest.get('model')}', "
@@ -171,7 +192,11 @@ def load_matching_tokenizer(model_name: str, trust_remote_code: bool, manifest: 
 
 
 def load_splits(dataset_dir: Path, training_args: TrainingArguments) -> Splits:
-    """The prepared `train` split and the `validation` split, if any (required when --eval_strategy evaluates)."""
+    """The prepared `train` split and the `validation` split, if any (required when --eval_strategy evaluates).
+
+    Raises:
+        UserError: no readable `train` split, or --eval_strategy without a `validation` split.
+    """
     from datasets import load_from_disk
 
     try:
@@ -189,7 +214,11 @@ def load_splits(dataset_dir: Path, training_args: TrainingArguments) -> Splits:
 
 def load_model_for_training(model_args: ModelArguments, model_name: str, precision: Precision,
                             training_args: TrainingArguments) -> PreTrainedModel:
-    """The base model in the run's precision; quantized (--quantization_bit) and made ready for k-bit training."""
+    """The base model in the run's precision; quantized (--quantization_bit) and made ready for k-bit training.
+
+    Raises:
+        UserError: the model can't be loaded, or not with that quantization (glmtune.models.loading.load_model).
+    """
     logger.info(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
     model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype(),
                        quantization_bit=model_args.quantization_bit)
@@ -214,8 +243,15 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
     """What the run trains, seeded first (seed_run): an earlier run's adapter trained further (`start_adapter`: its own
     rank and targets, the LoRA options don't apply), or else a new LoRA adapter from the LoRA options.
 
-    Full and freeze tuning, when they come, are a third branch here: no adapter, the model's own weights (all, or
-    the chosen layers) set trainable, the rest frozen.
+    Full and freeze tuning would be a third branch here: no adapter, the model's own weights (all, or the chosen
+    layers) set trainable, the rest frozen.
+
+    Args:
+        resume: the checkpoint the run resumes from, whose adapter must have the shape the LoRA options give.
+        start_adapter: an earlier run's adapter directory to train further (dpo's --peft_path).
+    Raises:
+        UserError: LoRA targets the model lacks, a checkpoint's adapter of another shape, or a starting adapter
+            that does not fit the model.
     """
     seed_run(seed)
     if start_adapter is not None:
@@ -300,11 +336,10 @@ def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args
 @contextlib.contextmanager
 def long_lived_objects_frozen() -> Iterator[None]:
     """Everything loaded before training (libraries, tokenizer, model, dataset index) lives for the whole run: kept
-    out of the cyclic garbage collector's sight (gc.freeze), it is not rescanned by every full collection. The
-    Trainer calls gc.collect() when training starts (accelerate's free_memory): 0.35 s for a loaded run's objects
-    here, 3% of bench/train_speed.py's whole training run; Python's own full collections during training scan them
-    too. Reference counting still frees them; only cycles among them (and garbage cycles not yet collected when
-    training starts: no collection is run first, it would cost the same 0.35 s) wait until training ends."""
+    out of the cyclic garbage collector's sight (gc.freeze), it is not rescanned by every full collection, such as
+    the Trainer's gc.collect() at the start (accelerate's free_memory; measured: 0.35 s, 3% of
+    bench/train_speed.py's run). Reference counting still frees them; only cycles among them wait until training
+    ends."""
     gc.freeze()
     try:
         yield
