@@ -1,27 +1,19 @@
 """How a batch of prepared samples reaches the model: packed end to end without padding, or padded.
 
-Models with plain causal attention (packed_attention.can_use_packed_sdpa: the GLM family, Llama, Qwen) get the whole
-batch in ONE row (OneRowCollator) and an attention that computes each sample on its own: no padding, no mask, no
-attention across samples computed and thrown away. On bench/train_speed.py's model and data, one thread, CPU time of
-15 training steps: 15.0-15.7 s against 18.4-21.7 s for the rows below. Other models that keep samples apart by
-their position ids get rows:
-
-Packing: the batch's samples are laid end to end in rows (first-fit, longest first) no longer than its longest
-sample, or up to twice that when the model's width says the padding saved outweighs the wider attention
-(PackedRowsCollator.choose_rows), position ids restarting at each sample, the first label of each sample ignored
-(so no loss crosses a boundary), no attention mask; a row's padding tail continues its last sample's positions.
-Models built on transformers' attention interface turn restarting positions into a block-diagonal causal mask
-(masking_utils' packed-sequence detection: sdpa, eager, flex) or variable-length kernels (flash attention), so the
-result is exactly that of the samples run one by one.
-
-Rows rather than one row: transformers' DataCollatorWithFlattening puts the whole batch in a single row, and
-without a variable-length kernel (CPU) attention then costs (total tokens)^2 instead of the sum of (row tokens)^2;
-measured on a 15M GLM, 8 alpaca samples (2,420 tokens): 13.9 s/step in one row, 9.2 s in rows of at most the
-longest sample (5 rows of 495), 15.4 s padded (8 x 495).
-
-Models that derive their own masks from the ids (the first ChatGLM-6B, remote code) would let samples see each
-other: they get padded batches, which length grouping keeps short. Which models keep samples apart is their
-family's `packing` (glmtune.models.families), checked against the loaded class.
+- One row (OneRowCollator): models with plain causal attention (packed_attention.can_use_packed_sdpa: the GLM
+  family, Llama, Qwen) get the whole batch in one row and an attention that computes each sample on its own: no
+  padding, no mask, no attention across samples computed and thrown away.
+- Rows (PackedRowsCollator): other models that keep samples apart by their position ids get the samples laid end
+  to end (first-fit, longest first) in rows no longer than the longest sample, or up to twice that when the model's
+  width says the padding saved outweighs the wider attention (choose_rows). Position ids restart at each sample and
+  the first label of each sample is ignored (no loss crosses a boundary); transformers turns restarting positions
+  into a block-diagonal causal mask (masking_utils: sdpa, eager, flex) or variable-length kernels (flash attention),
+  so the result is exactly that of the samples run one by one. Several rows rather than transformers' single-row
+  DataCollatorWithFlattening: with a mask, one row costs (total tokens)^2 in attention instead of the sum of
+  (row tokens)^2 (measured: 13.9 s/step in one masked row, 9.2 s in rows; docs/benchmarks.md).
+- Padded: models that derive their own masks from the ids (the first ChatGLM-6B, remote code) would let packed
+  samples see each other; length grouping keeps their batches short. Which models keep samples apart is their
+  family's `packing` (glmtune.models.families), checked against the loaded class.
 """
 
 from __future__ import annotations
