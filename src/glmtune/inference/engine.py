@@ -31,8 +31,21 @@ class GenerationSettings:
 
 
 class Engine:
+    """A loaded model (base, or base + adapter), its tokenizer and stop ids: what infer, chat, serve and eval ask."""
+
     def __init__(self, model: str | None, peft_path: str | None = None, trust_remote_code: bool = False,
                  quantization_bit: int | None = None):
+        """Load the tokenizer, then the model in eval mode, with the adapter on it when one is given.
+
+        Args:
+            model: --model; None for the base model the adapter's config names.
+            peft_path: a LoRA adapter directory (a training run's output or one of its checkpoints).
+            trust_remote_code: run the checkpoint's own code instead of glmtune's loaders.
+            quantization_bit: 8 or 4 to load the base quantized (bitsandbytes).
+        Raises:
+            UserError: no model named, the model or adapter can't be loaded, the adapter was trained with another
+                tokenizer, or the model defines no stop token.
+        """
         from peft import PeftModel
 
         adapter_base = adapter_base_model(Path(peft_path)) if peft_path else None
@@ -59,13 +72,23 @@ class Engine:
 
     def generate(self, conversations: list[Conversation], settings: GenerationSettings,
                  batch_size: int = 8, progress: bool = True) -> list[str]:
-        """One answer per conversation, in order."""
+        """One answer per conversation, in order: complete()'s texts (same arguments and errors)."""
         return [c.text for c in self.complete(conversations, settings, batch_size, progress)]
 
     def complete(self, conversations: list[Conversation], settings: GenerationSettings,
                  batch_size: int = 8, progress: bool = True) -> list[Completion]:
         """One answer per conversation, in order, with its token counts. Batches hold prompts of similar length
-        (less padding)."""
+        (less padding).
+
+        Args:
+            conversations: each answered after its last message (a trailing assistant answer is left out).
+            settings: the answer's budget and sampling (temperature 0: greedy).
+            batch_size: prompts generated together.
+            progress: show a progress bar (unless --quiet turned bars off).
+        Raises:
+            UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves
+                a prompt no room; checked for every conversation before anything is generated.
+        """
         prompts = [encode_prompt(self.tokenizer, c.prompt_part()) for c in conversations]
         budgets = [self._answer_budget(settings, prompt, c) for prompt, c in zip(prompts, conversations, strict=True)]
         return generate_batched(self.model, self.tokenizer, self.stop_ids, prompts, budgets, settings, batch_size,
@@ -76,7 +99,12 @@ class Engine:
         """One answer, as text pieces while it is generated (see TextStream). The prompt is checked now;
         generation starts when iteration does. `stop_strings` end generation at the token that completes one of
         them (transformers' StopStringCriteria); the text still holds it, for the caller to cut, and the
-        completion's finish_reason stays "length" unless a stop token came first."""
+        completion's finish_reason stays "length" unless a stop token came first.
+
+        Raises:
+            UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves it
+                no room.
+        """
         prompt = encode_prompt(self.tokenizer, conversation.prompt_part())
         budget = self._answer_budget(settings, prompt, conversation)
         input_ids, attention_mask = left_pad([prompt], self.tokenizer.pad_token_id)  # (1, prompt)

@@ -28,15 +28,12 @@ PROBES = ["Hello! Who are you?", "什么是股票？请简要回答。", "Explai
 DATASET_PROBES = 4  # rows of the adapter's training data (prompt and answer: where the adapter acts most)
 PROBE_MAX_TOKENS = 256
 
-# The proof's tolerance, as a fraction of the largest |logit| of base + adapter on the probes, so that it holds
-# whatever the model's logit scale. Merging changes only the order of floating-point operations (W x + s B(A x)
-# against (W + s B A) x) and, below fp32, rounds W + s B A to the saved precision; in bf16/fp16 that rounding, and
-# the low-precision arithmetic of both sides, compound over the layers. Measured (largest difference / largest
-# |logit|) on random tiny GLMs with all-linear LoRA, on CPU: 4 layers (the tests' model, trained adapter):
-# fp32 1.1e-6, fp16 1.6e-3, bf16 1.5e-2; 16 layers: 4.6e-6, 5.3e-3, 5.3e-2; 32 layers: 7.7e-6, 1.3e-2, 1.1e-1.
-# Below fp32 the noise grows with depth (and with the mantissa: bf16 8x fp16), so those tolerances are coarse:
-# they catch a wrong base model or a broken merge, not one unmerged module (which moved the tests' logits by
-# 0.76-3.4 of 13, caught in fp32, not in bf16). fp32 keeps >10x headroom over 32 layers and catches it.
+# The proof's tolerance, as a fraction of the largest |logit| of base + adapter on the probes (whatever the model's
+# logit scale). Merging reorders floating-point operations (W x + s B(A x) against (W + s B A) x) and, below fp32,
+# rounds W + s B A to the saved precision: noise that compounds over the layers. Measured on random tiny GLMs with
+# all-linear LoRA, up to 32 layers: at most 7.7e-6 in fp32, 1.3e-2 in fp16, 1.1e-1 in bf16 (docs/benchmarks.md).
+# So fp32 keeps >10x headroom and catches one unmerged module; the 16-bit tolerances are coarse and catch a wrong
+# base model or a broken merge only.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 1.5e-1}
 
 logger = logging.getLogger(__name__)
@@ -57,8 +54,25 @@ class MergeReport:
 def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, dtype: str = "auto",
                   tolerance: float | None = None, overwrite: bool = False, trust_remote_code: bool = False,
                   config: dict[str, Any] | None = None) -> MergeReport:
-    """Write the merged model to output_dir once its logits are proven; raise UserError (and write nothing)
-    when they are not."""
+    """Fold the adapter into its base model and write the result to output_dir once its logits are proven.
+
+    Args:
+        peft_path: the LoRA adapter directory.
+        output_dir: where the merged model goes (staged beside it, moved into place after the proof).
+        model: the base model; None for the one adapter_config.json names.
+        dtype: "auto" (the base checkpoint's), "fp32", "bf16" or "fp16": the merge's and the saved weights'.
+        tolerance: the largest allowed logit difference; None for RELATIVE_TOLERANCE of the dtype times the
+            logits' scale.
+        overwrite: replace an existing output_dir.
+        trust_remote_code: load the base with its own code instead of glmtune's loaders.
+        config: the command's resolved options, recorded in the output's manifest.
+    Returns:
+        The output directory, dtype, architecture and the proof's figures.
+    Raises:
+        UserError: not an adapter directory, no base model named, an output_dir that may not be written, a base
+            or tokenizer that doesn't match the adapter, an adapter that isn't LoRA, merged weights that are not
+            finite, or logits that differ by more than the tolerance (nothing is written then).
+    """
     import torch
     from peft import PeftModel
 

@@ -161,18 +161,11 @@ def keep_training_layout(model: Any) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for inference, so that an evaluation (or a generation) during
     training can't break the training steps after it. Returns the number of layers changed.
 
-    What happens in bitsandbytes 0.50.2 without this (bitsandbytes/nn/modules.py, Linear4bit.forward): each
-    Linear4bit records at construction `support_avx512bf16_for_cpu = has_avx512bf16()`. A forward on CPU with that
-    flag, the module in eval mode and an input that doesn't require grad (any evaluation or generation) calls
-    `_convert_weight_packed_for_cpu` once, IN PLACE: `weight.data` becomes the [out, in/2] layout of its AVX512-BF16
-    inference kernel, and the shared quant_state changes (double quantization undone, absmax transposed to bf16,
-    `packing_format_for_cpu = True`). Nothing converts it back when training resumes: `matmul_4bit` then sends every
-    forward to `gemv_4bit`, an inference op with no autograd formula, so the next training step fails ("a view of a
-    leaf Variable that requires grad is being used in an in-place operation") or, where it runs, gets wrong gradients
-    for the layers below (measured here with the flag forced on: the input gradient off by 1.56). bitsandbytes'
-    inverse (`_convert_weight_packed_for_cpu_inverse`) is only "best-effort": it re-quantizes the scales, so undoing
-    the repack after each evaluation would drift the frozen weights. Turning the flag off keeps the training layout;
-    the cost is the slower generic 4-bit kernel in evaluations on CPUs with AVX512-BF16.
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's Linear4bit.forward (bitsandbytes/nn/modules.py) repacks its weight
+    in place for an inference kernel (`_convert_weight_packed_for_cpu`) on the first forward in eval mode without
+    grad, and never back: the training steps after it then fail, or get wrong gradients (measured with the flag
+    forced on: the input gradient off by 1.56). Its inverse re-quantizes the scales, so undoing the repack would
+    drift the frozen weights. The cost: the slower generic 4-bit kernel in evaluations on those CPUs.
     """
     count = 0
     for module in model.modules():

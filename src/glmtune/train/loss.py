@@ -41,7 +41,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, 
     keep = targets != IGNORE_INDEX
     states, targets = states[keep], targets[keep]  # only where a loss is taken
     # out_features, not weight.shape: under DeepSpeed ZeRO-3 the weight is partitioned (shape [0]) outside the
-    # layer's own forward, which made this 0 and always chose the one-pass branch.
+    # layer's own forward.
     vocabulary = getattr(output_layer, "out_features", None) or output_layer.weight.shape[0]
     if targets.numel() * vocabulary * 4 <= logits_budget_bytes:
         total = _chunk_loss_sum(states, targets, output_layer)
