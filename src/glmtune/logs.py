@@ -39,8 +39,13 @@ def add_logging_arguments(parser: Any, declared: set[str] | frozenset[str] = fro
 
 
 def configure_logging(log_level: str = "info", quiet: bool = False) -> None:
-    """Apply --log_level / --quiet to this process (every call replaces the previous settings).
+    """Apply --log_level / --quiet to this process (every call replaces the previous settings): glmtune's logger,
+    transformers' and datasets' verbosity and the progress bars. Processes other than the main one of a
+    torchrun / accelerate run log warnings and errors only.
 
+    Args:
+        log_level: "debug", "info", "warning" or "error" (also TrainingArguments' "critical" and "passive").
+        quiet: warnings and errors only, and no progress bars.
     Raises:
         UserError: log_level is not a level name (a YAML config file is not checked by argparse's choices).
     """

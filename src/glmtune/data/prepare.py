@@ -33,9 +33,16 @@ def prepare_dataset(model_args: ModelArguments, args: PrepareArguments) -> Prepa
     `args.save_path` (nothing written with `args.dry_run`), printing the report; `glmtune prepare` and a training
     run's data file (glmtune.data.prepared) both go through it.
 
+    Args:
+        model_args: --model, whose tokenizer and chat template decide the tokens, and --trust_remote_code.
+        args: prepare's options: the data files, their format, save_path, max_seq_length and truncation,
+            val_size, the cache, dry_run.
+    Returns:
+        The report: rows read, kept, cut and dropped, lengths, and the first samples with their trained spans.
     Raises:
-        UserError: a missing option, bad rows (unless `args.skip_bad_rows`), an existing `save_path` without
-            `args.overwrite_output_dir`, or no row left to train on.
+        UserError: a missing option, a file or model that can't be read, bad rows (unless `args.skip_bad_rows`),
+            an existing `save_path` without `args.overwrite_output_dir`, no row left to train on, or a --val_size
+            that leaves no rows on one side.
     """
     if not args.data or (not args.save_path and not args.dry_run):
         raise UserError("--data and --save_path are required (--save_path not with --dry_run)",
@@ -86,8 +93,20 @@ class LoadedData:
 
 def load_data(sources: list[str], format_name: str | None, need_answer: bool = True,
               columns: dict[str, str] | None = None, skip_bad_rows: bool = False) -> LoadedData:
-    """Read and validate data files into conversations. Each file's format is detected unless given; columns
-    maps a file's field names to the format's ({"question": "instruction"})."""
+    """Read and validate data files into conversations.
+
+    Args:
+        sources: data files (JSON, JSON lines, CSV, Parquet) or hub dataset names.
+        format_name: the format every file is in; None to detect each file's.
+        need_answer: rows must carry the answer (training and eval; not infer).
+        columns: a file's field names mapped to the format's ({"question": "instruction"}).
+        skip_bad_rows: keep going past malformed rows (returned in `bad`) instead of refusing them.
+    Returns:
+        The conversations, the rows they came from, the bad rows, each file's format and content hash.
+    Raises:
+        UserError: a file that can't be read, a format that can't be detected, or bad rows without
+            `skip_bad_rows`.
+    """
     conversations, rows, bad, formats, rows_read, inputs = [], [], [], [], 0, {}
     for source in sources:
         file_rows, inputs[source] = read_source(source)

@@ -35,14 +35,20 @@ PREPARE_TIMEOUT = datetime.timedelta(hours=24)
 
 def prepared_dataset_dir(dataset_path: str | None, model_name: str | None, training_args: TrainingArguments,
                          tokenize_args: TokenizeArguments | None = None, trust_remote_code: bool = False) -> Path:
-    """The prepared dataset directory for --dataset_path, in every process of the run.
+    """The prepared dataset directory for --dataset_path, in every process of the run (a collective call: every
+    process must make it).
 
-    dataset_path: a directory written by `glmtune prepare` (returned unchanged, and then `tokenize_args` must be
-    left at their defaults: the directory's own options hold), or a data file in any format prepare reads.
-    model_name: whose tokenizer and chat template tokenize a data file (required for one).
-    training_args: transformers' TrainingArguments: which process prepares (`should_save`: the main process, or one
-    per machine with --save_on_each_node, when machines don't share storage) and the seed of the validation split.
-    tokenize_args: prepare's options for a data file (max_seq_length, truncation, format, val_size...).
+    Args:
+        dataset_path: a directory written by `glmtune prepare` (returned unchanged, and then `tokenize_args` must be
+            left at their defaults: the directory's own options hold), or a data file in any format prepare reads.
+        model_name: whose tokenizer and chat template tokenize a data file (required for one).
+        training_args: which process prepares (`should_save`: the main process, or one per machine with
+            --save_on_each_node, when machines don't share storage) and the seed of the validation split.
+        tokenize_args: prepare's options for a data file (max_seq_length, truncation, format, val_size...).
+        trust_remote_code: load the model's own tokenizer code.
+    Raises:
+        UserError: no dataset_path, a data file without model_name, tokenizing options given with a directory, or
+            whatever prepare_dataset refuses in the file.
     """
     if not dataset_path:
         raise UserError("--dataset_path is required", hint="make one with `glmtune prepare`, or pass a data file")

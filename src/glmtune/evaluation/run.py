@@ -39,7 +39,14 @@ class EvalResult:
 
 def samples_from_conversations(tokenizer: Any, stop_ids: list[int],
                                conversations: list[Conversation]) -> list[EvalSample]:
-    """The last assistant message of each conversation is the reference; only it is scored for perplexity."""
+    """Evaluation samples from conversations (`glmtune eval`'s data file): the last assistant message of each is
+    the reference, and only it is scored for perplexity.
+
+    Args:
+        stop_ids: the model's stop tokens; the first one the template writes ends the scored answer.
+    Raises:
+        UserError: rows with no assistant answer to compare with (every such row is listed, up to 20).
+    """
     samples, problems = [], []
     for c in conversations:
         if c.text is not None or not c.messages or c.messages[-1].role != "assistant":

@@ -62,6 +62,14 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
+    """Peak memory of one LoRA training step, as the bytes of each term alive at the peak (see the module docstring).
+
+    Args:
+        shape: the model's dimensions (shape_from_config).
+        setup: the run's settings: batch, sequence length, precision, quantization, LoRA rank and targets, device.
+    Returns:
+        The bytes of each component, in the order `glmtune plan` prints them, and the parameter counts.
+    """
     params = parameter_count(shape)
     lora = lora_parameter_count(shape, list(setup.targets), setup.lora_rank)
     lines = {

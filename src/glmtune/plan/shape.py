@@ -57,8 +57,15 @@ class ModelShape:
 
 
 def shape_from_config(config: dict[str, Any], source: str = "config.json") -> ModelShape:
-    """Read a model's config.json with its family's reader (glmtune.models.families); a UserError naming the
-    missing fields when it isn't a decoder we know."""
+    """Read a model's config.json with its family's reader (glmtune.models.families).
+
+    Args:
+        config: the parsed config.json.
+        source: where it came from, for error messages.
+    Raises:
+        UserError: a config that is not a decoder glmtune knows, or one missing the fields its reader needs
+            (named in the message).
+    """
     from glmtune.models.families import family_of
 
     reader = family_of(config).shape

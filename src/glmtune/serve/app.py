@@ -59,8 +59,15 @@ class APIError(Exception):
 
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64) -> FastAPI:
-    """The API over `engine`: a glmtune Engine, or a stand-in with its `tokenizer`, `model.config` and `stream`
-    (the tests inject a slow one)."""
+    """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
+
+    Args:
+        engine: a glmtune Engine, or a stand-in with its `tokenizer`, `model.config` and `stream` (the tests inject
+            a slow one).
+        model_name: the model id /v1/models lists and answers carry.
+        api_key: the bearer key every request must send; None for none.
+        max_queue: requests that may wait while one is answered; one more answers 429.
+    """
     worker = Worker(engine, max_queue)
     context = context_length(engine.model.config)
     created = int(time.time())
