@@ -79,7 +79,7 @@ def test_two_process_run_prepares_a_data_file_once_and_resumes_to_the_uninterrup
                    "--output_dir", str(output_dir), *extra]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         assert done.returncode == 0, failure(done)
-        return done.stdout
+        return done.stdout + done.stderr  # the report on stdout, notices (the main process's alone) on stderr
 
     def tokenize_entries():
         return sorted(p.name for p in (hf_home / "glmtune" / "prepare").iterdir() if p.name != "datasets")
