@@ -193,6 +193,11 @@ def test_a_command_words_a_shared_option_in_its_own_terms(cli):
     assert "to fold into the base model" in cli("merge", "--help").out
     assert "go on training" in " ".join(cli("dpo", "--help").out.split())
     assert "checkpoint-*" in cli("infer", "--help").out
+    # A wording given by a base (SamplingArguments' --seed) survives a command's own (chat's --prompt).
+    chat = " ".join(cli("chat", "--help").out.split())
+    assert "Random seed for sampling." in chat and "answer several in turn, as one conversation" in chat
+    assert "--seed SEED Seed of the validation split's shuffle." in " ".join(cli("prepare", "--help").out.split())
+    assert "Start afresh in a non-empty --output_dir." in " ".join(cli("dpo", "--help").out.split())
 
 
 def test_data_and_its_seed_name_jsonl_path_are_one_option(tmp_path):
