@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
+import inspect
+from typing import Any
 
 import pytest
 from conftest import ROOT
 
 import glmtune.arguments as arguments
 from glmtune.arguments.options import Options, declared_choices
+from glmtune.cli import COMMANDS
 from glmtune.config import parse_arguments
 from glmtune.errors import UserError
 
@@ -57,11 +61,67 @@ def option_classes() -> list[type]:
     return [c for c in vars(arguments).values() if isinstance(c, type) and issubclass(c, Options) and c is not Options]
 
 
-@pytest.mark.parametrize("name", ["peft_path", "max_new_tokens", "temperature", "top_p", "format", "data",
-                                  "precision", "quantization_bit", "model"])
-def test_shared_options_are_declared_in_one_dataclass(name):
-    declaring = [c.__name__ for c in option_classes() if name in c.__dict__.get("__annotations__", {})]
-    assert len(declaring) == 1, declaring
+def command_dataclasses(verb: str, monkeypatch: pytest.MonkeyPatch) -> list[type]:
+    """The dataclasses `glmtune VERB` parses its options with, caught on the way to its help page (which every
+    command renders from them, through parse_arguments or, for train and dpo, command_help directly)."""
+    module = importlib.import_module(COMMANDS[verb][0])
+    caught: list[type] = []
+
+    def parse_arguments(prog: str, dataclass_types: list[type], *args: Any, **kwargs: Any) -> None:
+        caught.extend(dataclass_types)
+        raise SystemExit(0)
+
+    def command_help(prog: str, description: str | None, dataclass_types: list[type], *args: Any,
+                     **kwargs: Any) -> None:
+        parse_arguments(prog, dataclass_types)
+
+    for catch in (parse_arguments, command_help):
+        if hasattr(module, catch.__name__):
+            monkeypatch.setattr(module, catch.__name__, catch)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert caught, verb
+    return caught
+
+
+def declarations(classes: list[type], package: str = "glmtune") -> dict[str, set[str]]:
+    """Each option (an init field of the package's dataclasses among `classes` and their bases) -> the classes that
+    declare it themselves (a field in their own body, not one they inherit). transformers' and TRL's don't count."""
+    found: dict[str, set[str]] = {}
+    own = {c for cls in classes for c in cls.__mro__ if dataclasses.is_dataclass(c) and c.__module__.startswith(
+        package)}
+    for cls in own:
+        options = {f.name for f in dataclasses.fields(cls) if f.init}
+        for name in inspect.get_annotations(cls).keys() & options:
+            found.setdefault(name, set()).add(f"{cls.__module__}.{cls.__qualname__}")
+    return found
+
+
+def test_the_declaration_check_sees_an_option_declared_twice():
+    @dataclasses.dataclass
+    class Sampling(Options):
+        seed: int = 1
+
+    @dataclasses.dataclass
+    class Split(Options):
+        seed: int = 2
+
+    @dataclasses.dataclass
+    class Command(Sampling):
+        help_overrides = {"seed": "reworded, not redeclared"}
+
+    assert [len(found) for found in declarations([Command, Split], __name__).values()] == [2]
+    assert [len(found) for found in declarations([Command], __name__).values()] == [1]
+
+
+def test_every_option_of_every_command_is_declared_by_one_dataclass(monkeypatch):
+    classes = {verb: command_dataclasses(verb, monkeypatch) for verb in COMMANDS}
+    assert {"PlanArguments", "ConvertArguments", "DemoArguments", "DpoArguments"} <= {
+        c.__name__ for found in classes.values() for c in found}  # the walk reached every kind of command
+    found = declarations([*option_classes(), *(c for found in classes.values() for c in found)])
+    assert {"peft_path", "seed", "overwrite_output_dir", "output_dir", "batch_size", "dataset_path", "prompt",
+            "model", "precision", "lora_rank", "max_seq_length"} <= set(found)
+    assert {name: sorted(where) for name, where in found.items() if len(where) > 1} == {}
 
 
 def test_infer_chat_eval_serve_merge_and_dpo_take_the_one_adapter_option():
@@ -133,6 +193,11 @@ def test_a_command_words_a_shared_option_in_its_own_terms(cli):
     assert "to fold into the base model" in cli("merge", "--help").out
     assert "go on training" in " ".join(cli("dpo", "--help").out.split())
     assert "checkpoint-*" in cli("infer", "--help").out
+    # A wording given by a base (SamplingArguments' --seed) survives a command's own (chat's --prompt).
+    chat = " ".join(cli("chat", "--help").out.split())
+    assert "Random seed for sampling." in chat and "answer several in turn, as one conversation" in chat
+    assert "--seed SEED Seed of the validation split's shuffle." in " ".join(cli("prepare", "--help").out.split())
+    assert "Start afresh in a non-empty --output_dir." in " ".join(cli("dpo", "--help").out.split())
 
 
 def test_data_and_its_seed_name_jsonl_path_are_one_option(tmp_path):

@@ -65,6 +65,16 @@ def test_one_shot_prompt_answers_like_infer(cli, adapter, demo_rows):
     assert chat.out == json.loads(infer.out)["response"] + "\n"
 
 
+def test_several_prompts_are_answered_in_turn_as_one_conversation(cli, adapter, demo_rows, asked):
+    q1, q2 = (row["instruction"] for row in demo_rows[:2])
+    result = cli("chat", "--peft_path", adapter, "--prompt", q1, "--prompt", q2, *GREEDY)
+    assert result.code == 0, result.err
+    assert len(asked) == 2 and [(m.role, m.content) for m in asked[0].messages] == [("user", q1)]
+    a1 = asked[1].messages[1].content  # the first answer, as the history holds it
+    assert [(m.role, m.content) for m in asked[1].messages] == [("user", q1), ("assistant", a1), ("user", q2)]
+    assert result.out.startswith(f"{a1}\n") and result.out.count("\n") >= 2  # both answers, the first first
+
+
 def test_piped_session_keeps_the_history_until_reset(cli, adapter, demo_rows, monkeypatch, asked, tmp_path):
     q1, q2, q3 = (row["instruction"] for row in demo_rows[:3])
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{q1}\n{q2}\n/reset\n{q3}\n/exit\nnever asked\n"))

@@ -204,7 +204,7 @@ def test_quantized_weights_are_the_decoder_linears_in_4_bits_and_the_rest_in_fp3
     assert result.code == 0, result.err
     assert "bf16, 4bit weights" in result.out
     refused = cli("plan", "--model", directory, "--quantization_bit", "3")
-    assert refused.code == 2 and "--quantization_bit 3" in refused.err
+    assert refused.code == 2 and "--quantization_bit must be 4 or 8, got 3" in refused.err
 
 
 def test_cli_errors_on_missing_or_unsupported_configs(cli, tmp_path):
@@ -218,3 +218,15 @@ def test_cli_errors_on_missing_or_unsupported_configs(cli, tmp_path):
     assert result.code == 2 and "expected positive integers for num_hidden_layers" in result.err
     result = cli("plan", "--model", write_config(tmp_path / "ok", native("glm")), "--target_modules", "qkv")
     assert result.code == 2 and "--target_modules qkv: no such linear layer" in result.err
+
+
+def test_plan_estimates_fp32_unless_told_and_refuses_auto_whose_choice_it_cannot_see(cli, tmp_path):
+    model = write_config(tmp_path / "m", native("glm"))
+    result = cli("plan", "--model", model, "--device", "cpu", "--device_memory_gib", "8")
+    assert result.code == 0, result.err
+    assert "tokens, fp32, gradient checkpointing off" in result.out
+    refused = cli("plan", "--model", model, "--device", "cpu", "--precision", "auto")
+    assert refused.code == 2 and "auto's depends on the hardware the run finds" in refused.err
+    assert "fp32, bf16, fp16" in refused.err
+    negative = cli("plan", "--model", model, "--device_memory_gib", "-1")
+    assert negative.code == 2 and "--device_memory_gib must be positive, got -1.0" in negative.err

@@ -95,9 +95,9 @@ def parse_command(argv: list[str]) -> tuple[Any, ...]:
 
             return parse_arguments("glmtune prepare", [ModelArguments, PrepareArguments], args)
         if verb == "plan":
-            from glmtune.commands.plan import PlanArguments
+            from glmtune.commands.plan import PLAN_DEFAULTS, PlanArguments
 
-            return parse_arguments("glmtune plan", [PlanArguments], args)
+            return parse_arguments("glmtune plan", [PlanArguments], args, PLAN_DEFAULTS)
     raise AssertionError(f"no parser here for `glmtune {verb}`")
 
 
@@ -185,7 +185,7 @@ def test_recipe_trains_on_the_dataset_its_prepare_step_writes_with_the_same_mode
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)
 def test_the_data_files_the_header_prepares_exist(recipe):
     for argv in commands(recipe, "prepare"):
-        for path in values(parse_command(argv))["jsonl_path"]:
+        for path in values(parse_command(argv))["data"]:
             if path.startswith("../shared/") and not SHARED.is_dir():
                 pytest.skip(f"the shared folder {SHARED} is absent")
             assert (ROOT / path).is_file(), f"{_name(recipe)}: {path} does not exist"

@@ -11,7 +11,9 @@ from glmtune.arguments.data import (
     DataFormatArguments,
     DatasetArguments,
     PrepareArguments,
+    SequenceLengthArguments,
     TokenizeArguments,
+    TrainingDataArguments,
     Truncation,
 )
 from glmtune.arguments.generation import GenerationArguments, SamplingArguments
@@ -22,6 +24,7 @@ from glmtune.arguments.inference import (
     EvalArguments,
     InferenceArguments,
     MergeArguments,
+    PromptArguments,
     ServeArguments,
 )
 from glmtune.arguments.model import (
@@ -29,10 +32,13 @@ from glmtune.arguments.model import (
     SEED_MODEL,
     AdapterArguments,
     ModelArguments,
+    ModelNameArguments,
     Precision,
     PrecisionArguments,
 )
 from glmtune.arguments.options import Options, option
+from glmtune.arguments.output import OutputDirArguments, OverwriteArguments
+from glmtune.arguments.run import BatchArguments, SeedArguments
 from glmtune.arguments.training import (
     DPO_REFERENCES,
     EVAL_METRICS,
@@ -45,9 +51,10 @@ from glmtune.arguments.training import (
 
 __all__ = [
     "API_KEY_ENV", "DPO_REFERENCES", "EVAL_METRICS", "MERGE_DTYPES", "PRECISIONS", "SEED_MODEL",
-    "AdapterArguments", "ChatArguments", "ComputeArguments", "DataFilesArguments", "DataFormat",
+    "AdapterArguments", "BatchArguments", "ChatArguments", "ComputeArguments", "DataFilesArguments", "DataFormat",
     "DataFormatArguments", "DatasetArguments", "DpoArguments", "EvalArguments", "EvalMetric", "GenerationArguments",
-    "GenerationEvalArguments", "InferenceArguments", "LoraArguments", "MergeArguments", "ModelArguments", "Options",
-    "Precision", "PrecisionArguments", "PrepareArguments", "SamplingArguments", "ServeArguments", "TokenizeArguments",
-    "Truncation", "option",
+    "GenerationEvalArguments", "InferenceArguments", "LoraArguments", "MergeArguments", "ModelArguments",
+    "ModelNameArguments", "Options", "OutputDirArguments", "OverwriteArguments", "Precision", "PrecisionArguments",
+    "PrepareArguments", "PromptArguments", "SamplingArguments", "SeedArguments", "SequenceLengthArguments",
+    "ServeArguments", "TokenizeArguments", "TrainingDataArguments", "Truncation", "option",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from glmtune.arguments.options import Options, check_at_least_one, option
+from glmtune.arguments.output import OverwriteArguments
+from glmtune.arguments.run import SeedArguments
 from glmtune.errors import UserError
 
 # glmtune.data.formats.FORMATS and glmtune.data.tokenize.TRUNCATION_RULES, as types (a test keeps them equal).
@@ -22,10 +24,21 @@ class DataFormatArguments(Options):
 
 
 @dataclass
-class TokenizeArguments(DataFormatArguments):
-    """How data files' rows become training samples."""
+class SequenceLengthArguments(Options):
+    """The samples' length, alone: what `plan` estimates with; prepare, train and dpo take `TokenizeArguments`."""
 
     max_seq_length: int = option("Longest sample in tokens (see --truncation).", default=512)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_seq_length < 2:
+            raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
+
+
+@dataclass
+class TokenizeArguments(SequenceLengthArguments, DataFormatArguments):  # in this order, --format is listed first
+    """How data files' rows become training samples."""
+
     truncation: Truncation = option("Rows longer than --max_seq_length: 'right' cuts the end, 'left' drops the "
                                     "oldest turns (then cuts the start) to keep the last answer, 'drop' leaves the "
                                     "row out.", default="right")
@@ -39,8 +52,6 @@ class TokenizeArguments(DataFormatArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_seq_length < 2:
-            raise UserError(f"--max_seq_length must be at least 2, got {self.max_seq_length}")
         self.column_map()  # validates
         if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
             raise UserError(f"--val_size must be a fraction below 1 or a whole count, got {self.val_size}")
@@ -67,21 +78,32 @@ class DataFilesArguments(Options):
 
 
 @dataclass
-class PrepareArguments(TokenizeArguments, DataFilesArguments):  # in this order, --data is listed first
+class PrepareArguments(OverwriteArguments, SeedArguments, TokenizeArguments, DataFilesArguments):  # --data first
+    help_overrides = {"seed": "Seed of the validation split's shuffle.",
+                      "overwrite_output_dir": "Replace --save_path if it exists."}
+
     save_path: str | None = option("Directory to write the tokenized dataset to.")
     dry_run: bool = option("Print the report and write nothing.", default=False)
-    seed: int = option("Seed of the validation split's shuffle.", default=42)
     use_cache: bool = option("Reuse the result of an identical earlier run (same data, tokenizer, template and "
                              "options), kept under HF_HOME/glmtune/prepare.", default=True)
-    overwrite_output_dir: bool = option("Replace --save_path if it exists.", default=False)
 
 
 @dataclass
-class DatasetArguments(TokenizeArguments):
+class TrainingDataArguments(OverwriteArguments, TokenizeArguments):
+    """A training method's data (train's, dpo's): a prepared dataset or a data file tokenized on the fly with the
+    tokenize options; and whether the run may start afresh in an output directory that holds an earlier one."""
+
+    help_overrides = {"overwrite_output_dir": "Start afresh in a non-empty --output_dir."}
+
     dataset_path: str | None = option(
         "Dataset directory written by `glmtune prepare`, or a data file (any format prepare reads), tokenized here "
         "with the options above by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare).")
-    overwrite_output_dir: bool = option("Start afresh in a non-empty --output_dir.", default=False)
+
+
+@dataclass
+class DatasetArguments(TrainingDataArguments):
+    """train's data."""
+
     packing: bool = option("Put a batch's samples end to end in one row, positions restarting at each, with no "
                            "padding (on for models whose attention keeps packed samples apart; others pad, grouped "
                            "by length).", default=True)

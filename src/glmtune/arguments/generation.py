@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glmtune.arguments.options import Options, check_at_least_one, option
+from glmtune.arguments.run import SeedArguments
 from glmtune.errors import UserError
 
 
@@ -21,12 +22,13 @@ class GenerationArguments(Options):
 
 
 @dataclass
-class SamplingArguments(Options):
+class SamplingArguments(SeedArguments):
     """How each answer's tokens are picked: greedy by default."""
+
+    help_overrides = {"seed": "Random seed for sampling."}
 
     temperature: float = option("Sampling temperature; 0 means greedy decoding.", default=0.0)
     top_p: float = option("Nucleus sampling probability mass (with temperature > 0).", default=1.0)
-    seed: int = option("Random seed for sampling.", default=42)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from glmtune.arguments.data import DataFormatArguments
 from glmtune.arguments.generation import GenerationArguments, SamplingArguments
 from glmtune.arguments.model import AdapterArguments, Precision
-from glmtune.arguments.options import check_at_least_one, option
+from glmtune.arguments.options import Options, check_at_least_one, option
+from glmtune.arguments.output import OutputDirArguments, OverwriteArguments
+from glmtune.arguments.run import BatchArguments
 from glmtune.errors import UserError
 
 API_KEY_ENV = "GLMTUNE_API_KEY"
@@ -16,33 +18,46 @@ MERGE_DTYPES: dict[Precision, str | None] = {"auto": None, "fp32": "float32", "b
 
 
 @dataclass
-class InferenceArguments(SamplingArguments, GenerationArguments, DataFormatArguments, AdapterArguments):
+class PromptArguments(Options):
     # action "extend": `--prompt A --prompt B` and `--prompt A B` both give [A, B] (argparse would keep only B).
     prompt: list[str] | None = option("A prompt to answer; repeat the flag for several.", action="extend")
-    input: str | None = option("Data file whose rows' prompts to answer (any format prepare reads).")
-    output: str | None = option("JSON-lines file to write: each input row plus 'response'. Default: print to "
-                                "standard output.")
-    overwrite_output_dir: bool = option("Replace --output if it exists.", default=False)
-    max_length: int | None = option("Longest prompt + answer in tokens.")
-    batch_size: int = option("Prompts generated together.", default=8)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_at_least_one(self, "batch_size", "max_length")
+        if isinstance(self.prompt, str):  # one prompt given from Python
+            self.prompt = [self.prompt]
 
 
 @dataclass
-class ChatArguments(SamplingArguments, GenerationArguments, AdapterArguments):
+class InferenceArguments(BatchArguments, OverwriteArguments, PromptArguments, SamplingArguments, GenerationArguments,
+                         DataFormatArguments, AdapterArguments):
+    help_overrides = {"overwrite_output_dir": "Replace --output if it exists.",
+                      "batch_size": "Prompts generated together."}
+
+    input: str | None = option("Data file whose rows' prompts to answer (any format prepare reads).")
+    output: str | None = option("JSON-lines file to write: each input row plus 'response'. Default: print to "
+                                "standard output.")
+    max_length: int | None = option("Longest prompt + answer in tokens.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least_one(self, "max_length")
+
+
+@dataclass
+class ChatArguments(PromptArguments, SamplingArguments, GenerationArguments, AdapterArguments):
+    # Several prompts are one conversation, as lines piped into chat are: chat keeps the history, infer does not.
+    help_overrides = {"prompt": "Answer this prompt and exit (no interaction; for scripts); repeat the flag to "
+                                "answer several in turn, as one conversation."}
+
     system: str | None = option("System prompt, at the start of every conversation.")
-    prompt: str | None = option("Answer this one prompt and exit (no interaction; for scripts).")
 
 
 @dataclass
-class MergeArguments(AdapterArguments):
-    help_overrides = {"peft_path": "LoRA adapter directory to fold into the base model (required)."}
+class MergeArguments(OverwriteArguments, OutputDirArguments, AdapterArguments):
+    help_overrides = {"peft_path": "LoRA adapter directory to fold into the base model (required).",
+                      "output_dir": "Directory to write the merged model to (required)."}
 
-    output_dir: str | None = option("Directory to write the merged model to (required).")
-    overwrite_output_dir: bool = option("Replace --output_dir if it exists and is not empty.", default=False)
     dtype: Precision = option("Precision of the saved weights: auto (the base checkpoint's, else fp32), fp32, bf16 "
                                "or fp16.", default="auto")
     tolerance: float | None = option("Largest absolute logit difference the proof accepts between the merged model "
@@ -55,19 +70,20 @@ class MergeArguments(AdapterArguments):
 
 
 @dataclass
-class EvalArguments(GenerationArguments, DataFormatArguments, AdapterArguments):
+class EvalArguments(BatchArguments, OverwriteArguments, OutputDirArguments, GenerationArguments, DataFormatArguments,
+                    AdapterArguments):
     """Greedy decoding: eval has no sampling options. Its --max_new_tokens default (256) is the command's."""
+
+    help_overrides = {"output_dir": "Directory to write predictions.jsonl and metrics.json to (required).",
+                      "batch_size": "Rows generated (and scored for perplexity) together."}
 
     dataset: str | None = option("Data file to evaluate on (any format prepare reads): each row's last answer is "
                                  "the reference, what comes before it the prompt (required).")
-    output_dir: str | None = option("Directory to write predictions.jsonl and metrics.json to (required).")
-    overwrite_output_dir: bool = option("Replace --output_dir if it exists and is not empty.", default=False)
-    batch_size: int = option("Rows generated (and scored for perplexity) together.", default=8)
     max_samples: int | None = option("Evaluate only the first N rows.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_at_least_one(self, "batch_size", "max_samples")
+        check_at_least_one(self, "max_samples")
 
 
 @dataclass

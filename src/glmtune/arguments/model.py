@@ -14,9 +14,15 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass
-class ModelArguments(Options):
+class ModelNameArguments(Options):
+    """Which model, alone: what convert reads; the commands that load a model take `ModelArguments`."""
+
     model: str | None = option("Name or path of the base model (a hub name or a local directory). Defaults to the "
                                "model the dataset or adapter was made with.")
+
+
+@dataclass
+class ModelArguments(ModelNameArguments):
     trust_remote_code: bool = option("Run the model repository's own Python code.", default=False)
     quantization_bit: Literal[4, 8] | None = option(
         "Load the base model's linear layers quantized with bitsandbytes: 8 (LLM.int8) or 4 (QLoRA: NF4, double "

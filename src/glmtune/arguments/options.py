@@ -54,6 +54,14 @@ class Options:
 
     help_overrides: ClassVar[dict[str, str]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A composed class keeps the wordings of the classes it is made of; its own and its nearer bases' win."""
+        super().__init_subclass__(**kwargs)
+        merged: dict[str, str] = {}
+        for base in reversed(cls.__mro__):
+            merged.update(base.__dict__.get("help_overrides", {}))
+        cls.help_overrides = merged
+
     def __post_init__(self) -> None:
         for name, allowed in declared_choices(type(self)).items():
             value = getattr(self, name)

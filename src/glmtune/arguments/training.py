@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from glmtune.arguments.data import TokenizeArguments
+from glmtune.arguments.data import TrainingDataArguments
 from glmtune.arguments.model import AdapterArguments, PrecisionArguments
 from glmtune.arguments.options import Options, check_at_least_one, option
 from glmtune.errors import UserError
@@ -64,18 +64,19 @@ class GenerationEvalArguments(Options):
 
 
 @dataclass
-class DpoArguments(TokenizeArguments, AdapterArguments):
+class DpoArguments(TrainingDataArguments, AdapterArguments):
     """`glmtune dpo`'s own options. beta, loss_type and the other preference options are TRL's DPOConfig fields,
     taken from it as they are (declaring them here too would give the parser two --beta)."""
 
-    help_overrides = {"peft_path": "LoRA adapter to start from and go on training (a `glmtune train` output, e.g. "
-                                   "the SFT run); default: a new adapter from the LoRA options."}
+    help_overrides = {
+        "peft_path": "LoRA adapter to start from and go on training (a `glmtune train` output, e.g. the SFT run); "
+                     "default: a new adapter from the LoRA options.",
+        "dataset_path": "Dataset directory of preference pairs written by `glmtune prepare`, or a data file of pairs, "
+                        "tokenized here with the options above by the main process alone, into prepare's cache "
+                        "(HF_HOME/glmtune/prepare).",
+    }
 
-    dataset_path: str | None = option(
-        "Dataset directory of preference pairs written by `glmtune prepare`, or a data file of pairs, tokenized here "
-        "with the options above by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare).")
     reference: DpoReference = option("The reference model the rewards are measured against: 'start' (the model as "
                                      "DPO starts: the base, plus a frozen copy of --peft_path's adapter if given; "
                                      "standard DPO) or 'base' (the base model without any adapter). Neither loads a "
                                      "second copy of the base weights.", default="start")
-    overwrite_output_dir: bool = option("Start afresh in a non-empty --output_dir.", default=False)

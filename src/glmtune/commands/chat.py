@@ -1,6 +1,7 @@
 """glmtune chat: talk in the terminal to a base model with an optional LoRA adapter, or to a merged model.
 Answers stream as they are generated and the conversation is kept: /reset clears it, /exit or Ctrl-D leaves,
-Ctrl-C stops an answer. --prompt TEXT answers once and exits (for scripts)."""
+Ctrl-C stops an answer. --prompt TEXT answers once and exits (for scripts); several --prompt are answered in turn,
+as one conversation."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def run(model_args: ModelArguments, args: ChatArguments) -> None:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     session = ChatSession(engine, settings, args.system)
     if args.prompt is not None:
-        session.ask(args.prompt, sys.stdout)
+        for prompt in args.prompt:
+            session.ask(prompt, sys.stdout)
         return
     interact(session)
 

@@ -7,16 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from glmtune.arguments import Options, option
+from glmtune.arguments import ModelNameArguments, OutputDirArguments, OverwriteArguments, option
 from glmtune.config import parse_arguments, to_plain_dict
 
 
 @dataclass
-class ConvertArguments(Options):
-    model: str | None = option("The checkpoint directory (SRC).")
-    output_dir: str | None = option("The directory to write (DST).")
+class ConvertArguments(OverwriteArguments, OutputDirArguments, ModelNameArguments):
+    help_overrides = {"model": "The checkpoint directory (SRC).", "output_dir": "The directory to write (DST).",
+                      "overwrite_output_dir": "Replace DST if it exists."}
+
     tokenizer: str | None = option("Where the tokenizer files are, if not beside the weights.")
-    overwrite_output_dir: bool = option("Replace DST if it exists.", default=False)
 
 
 def main(argv: list[str]) -> None:

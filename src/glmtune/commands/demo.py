@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmtune.arguments import DatasetArguments, LoraArguments, ModelArguments, PrepareArguments
+from glmtune.arguments import (
+    DatasetArguments,
+    LoraArguments,
+    ModelArguments,
+    OutputDirArguments,
+    OverwriteArguments,
+    PrepareArguments,
+    option,
+)
 from glmtune.artifacts import check_writable_output, empty_directory
 from glmtune.config import parse_arguments
 from glmtune.demo import demo_data_path
@@ -19,16 +27,21 @@ from glmtune.logs import progress_bars_enabled
 logger = logging.getLogger(__name__)
 
 
+# The shared --output_dir has no default (merge and eval require one); the demo writes here unless told.
+DEMO_DEFAULTS: dict[str, Any] = {"output_dir": "glmtune-demo"}
+
+
 @dataclass
-class DemoArguments:
-    output_dir: str = field(default="glmtune-demo", metadata={"help": "Where the demo writes everything."})
-    max_steps: int = field(default=150, metadata={"help": "Training steps (batch 16)."})
-    show: int = field(default=6, metadata={"help": "How many questions to show before/after."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists."})
+class DemoArguments(OverwriteArguments, OutputDirArguments):
+    help_overrides = {"output_dir": "Where the demo writes everything.",
+                      "overwrite_output_dir": "Replace --output_dir if it exists."}
+
+    max_steps: int = option("Training steps (batch 16).", default=150)
+    show: int = option("How many questions to show before/after.", default=6)
 
 
 def main(argv: list[str]) -> None:
-    (args,) = parse_arguments("glmtune demo", [DemoArguments], argv, description=__doc__)
+    (args,) = parse_arguments("glmtune demo", [DemoArguments], argv, DEMO_DEFAULTS, description=__doc__)
     run(args)
 
 

@@ -4,9 +4,12 @@ loaded), print where it goes, whether it fits the device, and what to change if 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
+from glmtune.arguments import ComputeArguments, LoraArguments, ModelArguments, SequenceLengthArguments
+from glmtune.arguments.options import check_at_least_one, option
 from glmtune.config import parse_arguments
 from glmtune.errors import UserError
 from glmtune.plan.memory import DTYPE_BYTES, GIB, Estimate, Setup, estimate
@@ -15,61 +18,48 @@ from glmtune.plan.shape import ModelShape, resolve_targets, shape_from_config
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_BITS = {8: "8bit", 4: "4bit"}  # --quantization_bit -> the estimate's name for it
-
-
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
+# train's --precision defaults to auto, which it resolves on the hardware it finds; plan, which sees none, plans fp32
+# unless told (auto's choice on a CPU without bf16 units).
+PLAN_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
 
 
 @dataclass
-class PlanArguments:
-    model: str | None = field(**_help("A local model directory or a cached hub name; only config.json is read.",
-                                      default=None))
-    max_seq_length: int = field(**_help("Tokens per sample (as `glmtune prepare`'s --max_seq_length).", default=512))
-    per_device_train_batch_size: int = field(**_help("Samples per step and device.", default=8))
-    gradient_accumulation_steps: int = field(**_help("Steps summed per update (no memory: kept in suggestions).",
-                                                     default=1))
-    lora_rank: int = field(**_help("LoRA rank r.", default=8))
-    lora_dropout: float = field(**_help("Dropout on the LoRA input (each adapted layer then keeps a copy).",
-                                        default=0.1))
-    target_modules: str | None = field(**_help("Comma-separated module names, or 'all-linear'. Default: glmtune "
-                                               "train's choice for the architecture.", default=None))
-    gradient_checkpointing: bool = field(**_help("Recompute activations in backward.", default=False))
-    chunked_loss: bool = field(**_help("glmtune's chunked loss (default) rather than transformers' whole logits.",
-                                       default=True))
-    precision: str = field(**_help("Precision of the base weights and the computation, as glmtune train's "
-                                   "--precision: fp32 (what auto means on a CPU without bf16 units), bf16 or fp16.",
-                                   default="fp32"))
-    quantization_bit: int | None = field(**_help("As glmtune train's: load the decoder's linear weights in 8 or 4 "
-                                                 "bits (bitsandbytes).", default=None))
-    attn_implementation: str = field(**_help("sdpa (transformers' default) or eager (keeps the score matrix).",
-                                             default="sdpa"))
-    device: str | None = field(**_help("cpu or cuda. Default: cuda when nvidia-smi finds a GPU, else cpu.",
-                                       default=None))
-    device_memory_gib: float | None = field(**_help("The memory to plan for, in GiB. Default: the GPU's total "
-                                                    "memory, or on CPU the memory available now.", default=None))
+class PlanArguments(ComputeArguments, LoraArguments, SequenceLengthArguments, ModelArguments):
+    """train's options that decide the memory, declared where train takes them from, and plan's own. The
+    TrainingArguments ones are mirrored here: importing TrainingArguments imports torch, which plan never needs."""
+
+    help_overrides = {
+        "model": "A local model directory or a cached hub name; only config.json is read.",
+        "max_seq_length": "Tokens per sample (as `glmtune prepare`'s --max_seq_length).",
+        "lora_dropout": "Dropout on the LoRA input (each adapted layer then keeps a copy).",
+        "target_modules": "Comma-separated module names, or 'all-linear'. Default: glmtune train's choice for the "
+                          "architecture.",
+        "chunked_loss": "glmtune's chunked loss (default) rather than transformers' whole logits.",
+        "precision": "Precision of the base weights and the computation, as glmtune train's --precision: fp32 (what "
+                     "auto means on a CPU without bf16 units), bf16 or fp16; auto depends on the hardware, which "
+                     "plan does not see.",
+        "quantization_bit": "As glmtune train's: load the decoder's linear weights in 8 or 4 bits (bitsandbytes).",
+    }
+
+    per_device_train_batch_size: int = option("Samples per step and device.", default=8)
+    gradient_accumulation_steps: int = option("Steps summed per update (no memory: kept in suggestions).", default=1)
+    gradient_checkpointing: bool = option("Recompute activations in backward.", default=False)
+    attn_implementation: Literal["sdpa", "eager"] = option("sdpa (transformers' default) or eager (keeps the score "
+                                                           "matrix).", default="sdpa")
+    device: Literal["cpu", "cuda"] | None = option("cpu or cuda. Default: cuda when nvidia-smi finds a GPU, else "
+                                                   "cpu.")
+    device_memory_gib: float | None = option("The memory to plan for, in GiB. Default: the GPU's total memory, or on "
+                                             "CPU the memory available now.")
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_rank"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
-        choices = {"precision": DTYPE_BYTES, "quantization_bit": QUANTIZATION_BITS,
-                   "attn_implementation": ("sdpa", "eager"), "device": ("cpu", "cuda")}
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                problems.append(f"--{name} {value}: expected one of {', '.join(map(str, allowed))}")
-        if not 0 <= self.lora_dropout < 1:
-            problems.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        super().__post_init__()
+        check_at_least_one(self, "per_device_train_batch_size", "gradient_accumulation_steps")
         if self.device_memory_gib is not None and self.device_memory_gib <= 0:
-            problems.append(f"--device_memory_gib must be positive, got {self.device_memory_gib}")
-        if problems:
-            raise UserError("invalid plan options", problems=problems, hint="see glmtune plan --help")
+            raise UserError(f"--device_memory_gib must be positive, got {self.device_memory_gib}")
 
 
 def main(argv: list[str]) -> None:
-    (args,) = parse_arguments("glmtune plan", [PlanArguments], argv, description=__doc__)
+    (args,) = parse_arguments("glmtune plan", [PlanArguments], argv, PLAN_DEFAULTS, description=__doc__)
     run(args)
 
 
@@ -80,6 +70,9 @@ def run(args: PlanArguments) -> Estimate:
 
     if not args.model:
         raise UserError("--model is required", hint="glmtune plan --model DIR_OR_HUB_NAME")
+    if args.precision not in DTYPE_BYTES:  # auto: the shared option's default, when PlanArguments is built in Python
+        raise UserError(f"--precision {args.precision}: plan estimates one precision, and auto's depends on the "
+                        "hardware the run finds", hint=f"pass the one the run will use: {', '.join(DTYPE_BYTES)}")
     path = Path(resolve_model(args.model)) / "config.json"
     if not path.is_file():
         raise UserError(f"{args.model} has no config.json (looked for {path})",
