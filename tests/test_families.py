@@ -82,7 +82,9 @@ def test_any_other_causal_lm_is_the_fallback():
     assert family_of({"model_type": "t5"}) is family_of(None) is ANY_CAUSAL_LM
     assert FAMILIES[-1] is ANY_CAUSAL_LM
     assert (ANY_CAUSAL_LM.converter, ANY_CAUSAL_LM.tokenizer, ANY_CAUSAL_LM.lora_targets) == (None, None, "all-linear")
-    assert not ANY_CAUSAL_LM.plain_causal and ANY_CAUSAL_LM.end_of_turn == ()
+    assert not ANY_CAUSAL_LM.plain_causal
+    # As for every family, the role tokens end a turn where the vocabulary has them (Phi-3 marks turns with <|user|>).
+    assert ANY_CAUSAL_LM.end_of_turn == LLAMA_STYLE.end_of_turn == ("<|user|>", "<|observation|>")
 
 
 def test_only_converted_layouts_refuse_quantization():

@@ -154,9 +154,12 @@ CHATGLM6B_CONVERTED = replace(CHATGLM6B, name="ChatGLM-6B (glmtune's class)",
                               recognise=_model_type(CHATGLM6B_MODEL_TYPE), converter=None)
 
 # Not GLM: transformers' decoders whose attention is plain causal attention (one-row packing applies).
+# They stop on the role tokens too where their vocabulary has them (Phi-3's chat template marks turns with
+# <|user|>): a turn ends where the next one begins. A vocabulary without them gets no extra stop id.
 LLAMA_STYLE = Family("Llama-style decoders", _model_type("llama", "mistral", "qwen2", "qwen3", "qwen3_moe"),
-                     plain_causal=True, shape=llama_like)
-ANY_CAUSAL_LM = Family("any other causal LM", lambda config, directory: True, shape=llama_like)
+                     end_of_turn=ROLE_TURN_ENDS, plain_causal=True, shape=llama_like)
+ANY_CAUSAL_LM = Family("any other causal LM", lambda config, directory: True, end_of_turn=ROLE_TURN_ENDS,
+                       shape=llama_like)
 
 FAMILIES: tuple[Family, ...] = (CHATGLM6B, CHATGLM6B_CONVERTED, GLM4_9B_CHAT, CHATGLM3, CHATGLM2, GLM, GLM4, GLM4_MOE,
                                 LLAMA_STYLE, ANY_CAUSAL_LM)
