@@ -123,7 +123,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
             best = generation_eval.restore_best(trainer.model, output_dir)
         if best is not None:
             logger.info(f"best checkpoint by {best['metric']}: step {best['best_step']} ({best['best_value']:.4f}); "
-                  "its adapter is the final one")
+                        "its adapter is the final one")
     # With a validation split, the run always ends with an evaluation (and evaluates periodically too when
     # --eval_strategy asks for it).
     eval_loss = trainer.evaluate()["eval_loss"] if splits.validation is not None else None
