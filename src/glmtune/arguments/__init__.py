@@ -16,7 +16,7 @@ from glmtune.arguments.data import (
     TrainingDataArguments,
     Truncation,
 )
-from glmtune.arguments.generation import GenerationArguments, SamplingArguments
+from glmtune.arguments.generation import GenerationArguments, SamplingArguments, ThinkingArguments
 from glmtune.arguments.inference import (
     API_KEY_ENV,
     MERGE_DTYPES,
@@ -56,5 +56,5 @@ __all__ = [
     "GenerationEvalArguments", "InferenceArguments", "LoraArguments", "MergeArguments", "ModelArguments",
     "ModelNameArguments", "Options", "OutputDirArguments", "OverwriteArguments", "Precision", "PrecisionArguments",
     "PrepareArguments", "PromptArguments", "SamplingArguments", "SeedArguments", "SequenceLengthArguments",
-    "ServeArguments", "TokenizeArguments", "TrainingDataArguments", "Truncation", "option",
+    "ServeArguments", "ThinkingArguments", "TokenizeArguments", "TrainingDataArguments", "Truncation", "option",
 ]

@@ -36,3 +36,13 @@ class SamplingArguments(SeedArguments):
             raise UserError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class ThinkingArguments(Options):
+    """The chat template's thinking switch (GLM-4.5/4.6/4.7, GLM-Z1): one option for prepare and the commands that
+    generate."""
+
+    enable_thinking: bool | None = option("Think before answering (true) or answer at once (false: the template "
+                                          "writes /nothink and an empty think block), for models whose chat "
+                                          "template has this switch; others refuse it. Default: the template's own.")

@@ -36,7 +36,16 @@ class AnswerNotLocated(RowNotRenderable):
     an empty message)."""
 
 
-def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bool) -> str:
+def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bool,
+           enable_thinking: bool | None = None) -> str:
+    """The conversation as the tokenizer's chat template writes it (with the generation prompt when asked).
+
+    Args:
+        enable_thinking: the template's thinking switch (--enable_thinking); None leaves the template's default.
+    Raises:
+        UserError: no chat template, or a thinking switch the template does not have.
+        RowNotRenderable: the template refused the conversation.
+    """
     from jinja2 import TemplateError
 
     if not getattr(tokenizer, "chat_template", None):
@@ -46,13 +55,29 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
     try:
         messages, extra = chat_inputs(tokenizer.chat_template, conversation)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra)
+                                             **extra, **thinking_switch(tokenizer, enable_thinking))
     except TemplateError as e:  # templates refuse what their model can't take (e.g. a system message)
         where = f"{conversation.location}: " if conversation.location else ""
         raise RowNotRenderable(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: "
                                f"{e}", reason=f"refused by the chat template ({e})",
                                hint="change the data (for example drop the system prompt), or use another model"
                                ) from None
+
+
+def has_thinking_switch(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template reads `enable_thinking` (GLM-4.5/4.6/4.7's does)."""
+    return "enable_thinking" in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def thinking_switch(tokenizer: Any, enable_thinking: bool | None) -> dict[str, bool]:
+    """apply_chat_template's keyword for --enable_thinking: nothing when not given; a template without the switch
+    refuses it rather than ignoring it (the user would believe thinking was off)."""
+    if enable_thinking is None:
+        return {}
+    if not has_thinking_switch(tokenizer):
+        raise UserError(f"--enable_thinking: the chat template of {tokenizer.name_or_path} has no thinking switch",
+                        hint="leave --enable_thinking out for this model")
+    return {"enable_thinking": enable_thinking}
 
 
 def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -84,12 +109,13 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
     return messages, {}
 
 
-def encode_prompt(tokenizer: Any, conversation: Conversation) -> list[int]:
+def encode_prompt(tokenizer: Any, conversation: Conversation, enable_thinking: bool | None = None) -> list[int]:
     """The ids that inference feeds the model: the conversation so far plus the generation prompt."""
     if conversation.text is not None:
         return tokenizer.encode(conversation.text, add_special_tokens=True)
     # The template writes the special tokens (e.g. [gMASK]<sop>) itself, as apply_chat_template(tokenize=True).
-    return tokenizer.encode(render(tokenizer, conversation, add_generation_prompt=True), add_special_tokens=False)
+    return tokenizer.encode(render(tokenizer, conversation, add_generation_prompt=True,
+                                   enable_thinking=enable_thinking), add_special_tokens=False)
 
 
 def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: list[int],
