@@ -9,10 +9,12 @@ from typing import Any
 
 @dataclass
 class Message:
-    role: str  # "user", "assistant" (later: "observation"/"tool")
+    role: str  # "user", "assistant", "observation" (a tool's result)
     content: str
     train: bool = False  # take the loss on this message (assistant turns only)
     tool_call: dict[str, Any] | None = None  # an assistant's call: {"name": ..., "arguments": ...}
+    reasoning: str | None = None  # an assistant's thinking before its answer (<think>...</think>)
+    tool_call_id: str | None = None  # a tool result's: the id of the call it answers (OpenAI's form)
 
 
 @dataclass
@@ -43,14 +45,15 @@ class Conversation:
     def to_record(self) -> dict[str, Any]:
         """A flat form for an Arrow table (tools as JSON text: their schemas differ from row to row)."""
         return {"messages": [{"role": m.role, "content": m.content, "train": m.train,
-                              "tool_call": json.dumps(m.tool_call) if m.tool_call else None} for m in self.messages],
+                              "tool_call": json.dumps(m.tool_call) if m.tool_call else None,
+                              "reasoning": m.reasoning, "tool_call_id": m.tool_call_id} for m in self.messages],
                 "system": self.system, "tools": json.dumps(self.tools) if self.tools else None,
                 "text": self.text, "location": self.location}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Conversation:
-        messages = [Message(m["role"], m["content"], m["train"], json.loads(m["tool_call"]) if m["tool_call"] else None)
-                    for m in record["messages"] or []]
+        messages = [Message(m["role"], m["content"], m["train"], json.loads(m["tool_call"]) if m["tool_call"] else None,
+                            m.get("reasoning"), m.get("tool_call_id")) for m in record["messages"] or []]
         return cls(messages=messages, system=record["system"],
                    tools=json.loads(record["tools"]) if record["tools"] else None, text=record["text"],
                    location=record["location"])
