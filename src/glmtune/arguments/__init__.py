@@ -46,15 +46,17 @@ from glmtune.arguments.training import (
     DpoArguments,
     EvalMetric,
     GenerationEvalArguments,
+    HealthArguments,
     LoraArguments,
 )
 
 __all__ = [
-    "API_KEY_ENV", "DPO_REFERENCES", "EVAL_METRICS", "MERGE_DTYPES", "PRECISIONS", "SEED_MODEL",
-    "AdapterArguments", "BatchArguments", "ChatArguments", "ComputeArguments", "DataFilesArguments", "DataFormat",
-    "DataFormatArguments", "DatasetArguments", "DpoArguments", "EvalArguments", "EvalMetric", "GenerationArguments",
-    "GenerationEvalArguments", "InferenceArguments", "LoraArguments", "MergeArguments", "ModelArguments",
-    "ModelNameArguments", "Options", "OutputDirArguments", "OverwriteArguments", "Precision", "PrecisionArguments",
-    "PrepareArguments", "PromptArguments", "SamplingArguments", "SeedArguments", "SequenceLengthArguments",
-    "ServeArguments", "ThinkingArguments", "TokenizeArguments", "TrainingDataArguments", "Truncation", "option",
+    "API_KEY_ENV", "DPO_REFERENCES", "EVAL_METRICS", "MERGE_DTYPES", "PRECISIONS", "SEED_MODEL", "AdapterArguments",
+    "BatchArguments", "ChatArguments", "ComputeArguments", "DataFilesArguments", "DataFormat", "DataFormatArguments",
+    "DatasetArguments", "DpoArguments", "EvalArguments", "EvalMetric", "GenerationArguments",
+    "GenerationEvalArguments", "HealthArguments", "InferenceArguments", "LoraArguments", "MergeArguments",
+    "ModelArguments", "ModelNameArguments", "Options", "OutputDirArguments", "OverwriteArguments", "Precision",
+    "PrecisionArguments", "PrepareArguments", "PromptArguments", "SamplingArguments", "SeedArguments",
+    "SequenceLengthArguments", "ServeArguments", "ThinkingArguments", "TokenizeArguments", "TrainingDataArguments",
+    "Truncation", "option",
 ]

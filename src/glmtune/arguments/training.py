@@ -80,3 +80,22 @@ class DpoArguments(TrainingDataArguments, AdapterArguments):
                                      "DPO starts: the base, plus a frozen copy of --peft_path's adapter if given; "
                                      "standard DPO) or 'base' (the base model without any adapter). Neither loads a "
                                      "second copy of the base weights.", default="start")
+
+
+NanPolicy = Literal["stop", "skip"]
+
+
+@dataclass
+class HealthArguments(Options):
+    """What a training run does when its loss or gradients stop being finite numbers (train/health.py)."""
+
+    nan_policy: NanPolicy = option("On a NaN or infinite gradient: 'stop' the run there with a diagnosis (the "
+                                   "checkpoints saved before it are kept), or 'skip' that update and go on (counted "
+                                   "in the manifest; the run stops after --nan_max_skips of them).", default="stop")
+    nan_max_skips: int = option("With --nan_policy skip (and in fp16, whose loss scaler skips overflowing updates "
+                                "itself): how many non-finite updates in a row are tolerated before the run stops.",
+                                default=10)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least_one(self, "nan_max_skips")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from glmtune.arguments import DpoArguments, LoraArguments, ModelArguments, PrecisionArguments
+from glmtune.arguments import DpoArguments, HealthArguments, LoraArguments, ModelArguments, PrecisionArguments
 from glmtune.help import add_option, asks_for_help, command_help
 
 # glmtune's defaults where TRL's don't suit a LoRA run on glmtune's pipeline; YAML and flags override them.
@@ -26,7 +26,7 @@ DPO_DEFAULTS: dict[str, Any] = {
     "max_length": None,
 }
 
-OWN_ARGUMENTS = [ModelArguments, DpoArguments, LoraArguments, PrecisionArguments]
+OWN_ARGUMENTS = [ModelArguments, DpoArguments, LoraArguments, PrecisionArguments, HealthArguments]
 
 # The DPOConfig options most runs set, for the help page (which answers without importing TRL): (name, default,
 # help). A test checks them against the installed DPOConfig.
@@ -58,10 +58,10 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     from glmtune.train.dpo import GlmtuneDPOConfig, run_dpo
     from glmtune.train.processes import end_process_group, is_main_process
 
-    model_args, dpo_args, lora_args, precision_args, training_args = parse_training_options(
+    model_args, dpo_args, lora_args, precision_args, health_args, training_args = parse_training_options(
         "glmtune dpo", [*OWN_ARGUMENTS, GlmtuneDPOConfig], argv, {**DPO_DEFAULTS, **(defaults or {})},
         description=__doc__)
-    result = run_dpo(model_args, dpo_args, lora_args, training_args, precision_args)
+    result = run_dpo(model_args, dpo_args, lora_args, training_args, precision_args, health_args)
     end_process_group()  # after the main process's final writes, on every process
     if not is_main_process():  # under torchrun / accelerate launch: said once
         return

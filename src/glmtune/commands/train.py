@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
+from glmtune.arguments import (
+    ComputeArguments,
+    DatasetArguments,
+    GenerationEvalArguments,
+    HealthArguments,
+    LoraArguments,
+    ModelArguments,
+)
 from glmtune.help import asks_for_help, command_help
 
 # glmtune's defaults where transformers' suit full fine-tuning rather than LoRA; YAML and flags override them.
@@ -21,7 +28,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-OWN_ARGUMENTS = [ModelArguments, DatasetArguments, LoraArguments, ComputeArguments, GenerationEvalArguments]
+OWN_ARGUMENTS = [ModelArguments, DatasetArguments, LoraArguments, ComputeArguments, GenerationEvalArguments,
+                 HealthArguments]
 
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
@@ -37,10 +45,10 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     from glmtune.train.processes import end_process_group, is_main_process
     from glmtune.train.sft import run_sft
 
-    model_args, data_args, lora_args, compute_args, eval_args, training_args = parse_training_options(
+    model_args, data_args, lora_args, compute_args, eval_args, health_args, training_args = parse_training_options(
         "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv, {**TRAIN_DEFAULTS, **(defaults or {})},
         description=__doc__)
-    result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args)
+    result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args, health_args)
     end_process_group()  # after the main process's final writes, on every process
     if not is_main_process():  # under torchrun / accelerate launch: said once
         return

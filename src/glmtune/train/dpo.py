@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from trl import DPOConfig, DPOTrainer
 
-from glmtune.arguments import DpoArguments, LoraArguments, ModelArguments, PrecisionArguments
+from glmtune.arguments import DpoArguments, HealthArguments, LoraArguments, ModelArguments, PrecisionArguments
 from glmtune.data.preference import PREFERENCE_COLUMNS
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
 from glmtune.models.loading import tokenizer_fingerprint
@@ -82,7 +82,8 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
 
 def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraArguments,
-            training_args: GlmtuneDPOConfig, precision_args: PrecisionArguments | None = None) -> DpoResult:
+            training_args: GlmtuneDPOConfig, precision_args: PrecisionArguments | None = None,
+            health_args: HealthArguments | None = None) -> DpoResult:
     """Preference-tune a LoRA adapter (a new one, or --peft_path's) on prepared pairs and save the run.
 
     Args:
@@ -91,6 +92,7 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
         lora_args: the new adapter's rank, alpha, dropout and targets (ignored with --peft_path).
         training_args: TRL's DPOConfig as glmtune declares it (TrainingArguments plus beta, loss_type...).
         precision_args: --precision; None for auto.
+        health_args: what a non-finite gradient does (--nan_policy); None for the defaults (stop).
     Returns:
         The run directory, the steps taken, the last logged loss and reward metrics.
     Raises:
@@ -117,7 +119,8 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
     model = attach_adapter(model, model_name, lora_args, training_args.seed, resume, start_adapter)
     clear_output(training_args, resume)
 
-    trainer = build_trainer(PretokenizedDPOTrainer, model, training_args, splits, tokenizer, ref_model=None)
+    trainer = build_trainer(PretokenizedDPOTrainer, model, training_args, splits, tokenizer, health_args,
+                            ref_model=None)
     reference = _settle_reference(trainer.model, start_adapter, dpo_args.reference)
     logger.info(f"reference model: {reference}")
     result = run_training(trainer, resume)

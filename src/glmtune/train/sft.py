@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from glmtune.arguments import ComputeArguments, DatasetArguments, GenerationEvalArguments, LoraArguments, ModelArguments
+from glmtune.arguments import (
+    ComputeArguments,
+    DatasetArguments,
+    GenerationEvalArguments,
+    HealthArguments,
+    LoraArguments,
+    ModelArguments,
+)
 from glmtune.errors import UserError
 from glmtune.models.loading import stop_token_ids, tokenizer_fingerprint
 from glmtune.models.lora import base_model
@@ -56,7 +63,8 @@ class TrainResult:
 
 def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: LoraArguments,
             training_args: TrainingArguments, compute_args: ComputeArguments | None = None,
-            eval_args: GenerationEvalArguments | None = None) -> TrainResult:
+            eval_args: GenerationEvalArguments | None = None, health_args: HealthArguments | None = None
+            ) -> TrainResult:
     """Fine-tune a LoRA adapter on a prepared dataset (or a data file, tokenized first) and save the run.
 
     Args:
@@ -66,6 +74,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         training_args: transformers' TrainingArguments (output_dir, steps, batch, resume, DeepSpeed/FSDP...).
         compute_args: precision and the chunked loss; None for their defaults.
         eval_args: --eval_generate, scoring each saved checkpoint by generation; None for off.
+        health_args: what a non-finite gradient does (--nan_policy); None for the defaults (stop).
     Returns:
         The run directory, the steps taken and the last logged training loss.
     Raises:
@@ -111,7 +120,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     if one_row:
         use_packed_sdpa(model)
     trainer = build_trainer(
-        ChunkedLossTrainer if chunked else Trainer, model, training_args, splits, tokenizer,
+        ChunkedLossTrainer if chunked else Trainer, model, training_args, splits, tokenizer, health_args,
         data_collator=make_collator(tokenizer, packing, getattr(model.config, "hidden_size", None), one_row),
         callbacks=[generation_eval] if generation_eval else None,
     )

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import yaml
 
-from glmtune.arguments import LoraArguments, ModelArguments, PrecisionArguments, TokenizeArguments
+from glmtune.arguments import HealthArguments, LoraArguments, ModelArguments, PrecisionArguments, TokenizeArguments
 from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, write_manifest
 from glmtune.config import to_plain_dict
 from glmtune.data.preference import read_prepared_manifest
@@ -319,15 +319,19 @@ def clear_output(training_args: TrainingArguments, resume: Path | None) -> None:
 
 
 def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args: TrainingArguments, splits: Splits,
-                  tokenizer: PreTrainedTokenizerBase, **method_options: Any) -> TrainerT:
-    """The method's Trainer (transformers' or TRL's) on the run's model, splits and tokenizer; `method_options` are
-    the rest of its constructor's arguments (a collator, callbacks, a reference model...)."""
+                  tokenizer: PreTrainedTokenizerBase, health: HealthArguments | None = None,
+                  **method_options: Any) -> TrainerT:
+    """The method's Trainer (transformers' or TRL's) on the run's model, splits and tokenizer, with the numerical
+    health guard (train/health.py, `health`: its policy; None for the defaults); `method_options` are the rest of
+    its constructor's arguments (a collator, callbacks, a reference model...)."""
     from transformers.trainer_callback import PrinterCallback
 
     from glmtune.logs import progress_bars_enabled
+    from glmtune.train.health import NumericalHealthCallback
 
     trainer = trainer_class(model=model, args=training_args, train_dataset=splits.train,
                             eval_dataset=splits.validation, processing_class=tokenizer, **method_options)
+    trainer.add_callback(NumericalHealthCallback(health or HealthArguments()))
     if not progress_bars_enabled():  # --quiet: the Trainer would print every logged dict instead of its bar
         trainer.remove_callback(PrinterCallback)
     return trainer
@@ -375,6 +379,12 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
         command: the verb that wrote the run ("train", "dpo"): the config file's name and the manifest's command.
         fields: the manifest's other fields (base model, dataset, step, losses, metrics...).
     """
+    from glmtune.train.health import check_finite_weights, health_callback
+
+    check_finite_weights(trainer.model)  # never an adapter of NaNs saved as a success
+    guard = health_callback(trainer)
+    if guard is not None and guard.skipped:
+        fields["nonfinite_updates_skipped"] = guard.skipped
     staging = output_dir / STAGING
     trainer.save_model(str(staging))  # the adapter (adapter_config.json + adapter_model.safetensors), the tokenizer
     if not trainer.is_world_process_zero():
