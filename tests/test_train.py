@@ -50,10 +50,46 @@ def test_resume_true_continues_from_the_last_checkpoint(cli, small, tmp_path):
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("damage", ["trainer state missing", "trainer state cut short"])
+def test_resume_passes_over_a_checkpoint_cut_short_and_ends_where_an_uninterrupted_run_ends(cli, small, tmp_path,
+                                                                                            damage):
+    """A run killed while writing checkpoint-4 (the Trainer writes the trainer state last): resume takes checkpoint-2,
+    says so, and trains to the adapter of the run never interrupted."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    _, data = small
+    flags = ("--max_steps", "6", "--save_steps", "2", "--precision", "fp32")
+    assert train(cli, data, tmp_path / "full", *flags).code == 0
+    run = tmp_path / "killed"
+    for step in (2, 4):
+        shutil.copytree(tmp_path / "full" / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    state = run / "checkpoint-4" / "trainer_state.json"
+    if damage == "trainer state missing":
+        state.unlink()
+    else:
+        state.write_text(state.read_text(encoding="utf-8")[:40], encoding="utf-8")
+    result = train(cli, data, run, *flags, "--resume_from_checkpoint", "true")
+    assert result.code == 0, result.err
+    assert "checkpoint-4: incomplete" in result.err and "resuming from checkpoint-2" in result.err
+    full, resumed = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "full", run))
+    assert full.keys() == resumed.keys()
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
+    assert not torch.equal(full[next(iter(full))], torch.zeros_like(full[next(iter(full))]))
+    # Named explicitly, a checkpoint cut short is refused, saying why.
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").write_text("{", encoding="utf-8")
+    cut = tmp_path / "cut" / "checkpoint-2"
+    refused = train(cli, data, tmp_path / "again", *flags, "--resume_from_checkpoint", cut)
+    assert refused.code == 2 and "trainer_state.json is cut short" in refused.err
+
+
 def test_resume_without_checkpoints_is_a_clear_error(cli, small, tmp_path):
     _, data = small
     result = train(cli, data, tmp_path / "run", "--max_steps", "2", "--resume_from_checkpoint", "true")
-    assert result.code == 2 and "no checkpoint-* directory" in result.err
+    assert result.code == 2 and "no complete checkpoint-* directory" in result.err
 
 
 def test_non_empty_output_dir_needs_overwrite_flag(cli, small, tmp_path):

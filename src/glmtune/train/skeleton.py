@@ -90,26 +90,61 @@ def check_output(training_args: TrainingArguments, overwrite: bool, inputs: tupl
 
 
 def resolve_resume(value: str | None, output_dir: Path) -> Path | None:
-    """--resume_from_checkpoint: a checkpoint path, or true/false (true: the latest one in --output_dir).
+    """--resume_from_checkpoint: a checkpoint path, or true/false (true: the latest complete one in --output_dir).
+
+    A run killed while writing a checkpoint leaves it incomplete (the Trainer writes into checkpoint-N directly, the
+    trainer state last): `true` passes over such a checkpoint to the one before it, saying so, since resuming from
+    it would restart the schedule or the data order and silently end elsewhere.
 
     Raises:
-        UserError: true with no checkpoint in output_dir, or a path that is not a checkpoint directory.
+        UserError: true with no complete checkpoint in output_dir, or a path that is not a complete checkpoint.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     if value is None or str(value).lower() in {"", "false", "no", "0"}:
         return None
     if str(value).lower() in {"true", "yes", "1"}:
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            raise UserError(f"--resume_from_checkpoint true: no checkpoint-* directory in {output_dir}",
-                            hint="check --output_dir, or pass the checkpoint's path")
-        return Path(last)
+        checkpoints = sorted(output_dir.glob("checkpoint-*") if output_dir.is_dir() else [],
+                             key=_checkpoint_step, reverse=True)
+        checkpoints = [c for c in checkpoints if c.is_dir() and _checkpoint_step(c) >= 0]
+        incomplete = []
+        for checkpoint in checkpoints:
+            if checkpoint_problem(checkpoint) is None:
+                if incomplete:
+                    logger.warning(f"{', '.join(incomplete)}: incomplete (the run stopped while writing it); "
+                                   f"resuming from {checkpoint.name}")
+                return checkpoint
+            incomplete.append(checkpoint.name)
+        raise UserError(f"--resume_from_checkpoint true: no complete checkpoint-* directory in {output_dir}"
+                        + (f" ({', '.join(incomplete)} incomplete)" if incomplete else ""),
+                        hint="check --output_dir, or start afresh with --overwrite_output_dir")
     path = Path(value)
-    if not (path / "trainer_state.json").is_file() or not (path / "adapter_config.json").is_file():
-        raise UserError(f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json "
-                        "and adapter_config.json)", hint="pass a checkpoint-* directory of an earlier run, or true")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"--resume_from_checkpoint {value}: not a complete checkpoint directory ({problem})",
+                        hint="pass a complete checkpoint-* directory of an earlier run, or true")
     return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a checkpoint a run can resume from, or None. The Trainer writes a checkpoint's trainer state
+    after its weights, optimizer, scheduler and random states: a readable one means the rest was written."""
+    import json
+
+    if not (path / "adapter_config.json").is_file():
+        return "no adapter_config.json"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError):
+        return "trainer_state.json is cut short"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json is cut short"
+    return None
+
+
+def _checkpoint_step(path: Path) -> int:
+    suffix = path.name.removeprefix("checkpoint-")
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def choose_run_precision(model_args: ModelArguments, precision_args: PrecisionArguments,
