@@ -86,6 +86,39 @@ def test_resume_passes_over_a_checkpoint_cut_short_and_ends_where_an_uninterrupt
     assert refused.code == 2 and "trainer_state.json is cut short" in refused.err
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_resume_ends_where_an_uninterrupted_run_ends(cli, small, tmp_path,
+                                                                                     signal_name):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    _, data = small
+    flags = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_steps", "12", "--save_strategy",
+             "no", "--precision", "fp32", "--disable_tqdm", "true"]
+    assert train(cli, data, tmp_path / "full", *flags).code == 0
+    run = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, "-m", "glmtune", "train", "--dataset_path", str(data),
+                                "--output_dir", str(run), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:  # the Trainer prints each step's logged loss
+        if "'loss'" in line:
+            process.send_signal(getattr(signal, signal_name))
+            break
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-2000:]
+    step = int(err.split(f"stopped by {signal_name} at step ")[1].split(":")[0])
+    assert 1 <= step < 12 and (run / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (run / "manifest.json").exists() and not (run / "adapter_model.safetensors").exists()
+    resumed = train(cli, data, run, *flags, "--resume_from_checkpoint", "true")
+    assert resumed.code == 0, resumed.err
+    full, after = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "full", run))
+    assert max((full[k] - after[k]).abs().max().item() for k in full) <= 1e-6
+
+
 def test_resume_without_checkpoints_is_a_clear_error(cli, small, tmp_path):
     _, data = small
     result = train(cli, data, tmp_path / "run", "--max_steps", "2", "--resume_from_checkpoint", "true")

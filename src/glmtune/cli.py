@@ -58,7 +58,7 @@ def run_command(command: Callable[..., Any], argv: list[str], defaults: dict[str
         command(argv, defaults) if defaults else command(argv)
     except UserError as e:
         print(e.render(), file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

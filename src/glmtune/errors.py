@@ -8,8 +8,11 @@ MAX_PROBLEMS = 20  # how many problems of one input are collected before stoppin
 class UserError(Exception):
     """A mistake in the user's input or command line, with what was wrong and how to fix it.
 
-    `problems` lists individual findings (e.g. one per bad row), each already naming where it is.
+    `problems` lists individual findings (e.g. one per bad row), each already naming where it is. `exit_code` is
+    what the command exits with (2, a usage error, unless a subclass says otherwise).
     """
+
+    exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None, problems: list[str] | None = None):
         super().__init__(message)

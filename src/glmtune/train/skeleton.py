@@ -363,10 +363,12 @@ def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args
 
     from glmtune.logs import progress_bars_enabled
     from glmtune.train.health import NumericalHealthCallback
+    from glmtune.train.interrupt import StopOnSignalCallback
 
     trainer = trainer_class(model=model, args=training_args, train_dataset=splits.train,
                             eval_dataset=splits.validation, processing_class=tokenizer, **method_options)
     trainer.add_callback(NumericalHealthCallback(health or HealthArguments()))
+    trainer.add_callback(StopOnSignalCallback())
     if not progress_bars_enabled():  # --quiet: the Trainer would print every logged dict instead of its bar
         trainer.remove_callback(PrinterCallback)
     return trainer
@@ -387,9 +389,18 @@ def long_lived_objects_frozen() -> Iterator[None]:
 
 
 def run_training(trainer: Trainer, resume: Path | None) -> TrainOutput:
-    """Train (from the checkpoint `resume`, if any) with the long-lived objects frozen."""
+    """Train (from the checkpoint `resume`, if any) with the long-lived objects frozen.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C or SIGTERM stopped the run after saving a checkpoint (train/interrupt.py).
+        TrainingDiverged: non-finite gradients (train/health.py).
+    """
+    from glmtune.train.interrupt import stop_if_interrupted
+
     with long_lived_objects_frozen():
-        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stop_if_interrupted(trainer)
+    return result
 
 
 def resolved_config(arguments: tuple[object, ...], model_name: str, precision: Precision, model: PeftModel,
