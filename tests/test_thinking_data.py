@@ -31,7 +31,8 @@ TOOL_USE = {"tools": TOOLS, "messages": [
     {"role": "assistant", "reasoning_content": "Ask the tool.", "content": None, "tool_calls": [CALL]},
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     {"role": "assistant", "reasoning_content": "It said sunny.", "content": "Sunny."},
-    {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "<think>Be polite.</think>You're welcome."}]}
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "<think>Be polite.</think>You're welcome."}]}
 # (row, the supervised text of each assistant turn, whether the row is split into one sample per turn)
 CASES = {
     "plain": (PLAIN, ["\n<think></think>\nHello.<|user|>", "\n<think></think>\nGoodbye.<|endoftext|>"], False),
@@ -177,3 +178,17 @@ def test_reasoning_on_a_user_message_is_refused(cli, tmp_path, tiny_model):
     assert result.code == 2
     assert "data.jsonl:2: field 'messages[0].reasoning_content': expected reasoning only on assistant messages" \
         in result.err
+
+
+def test_glm45_stops_on_its_three_tokens_and_its_template_says_it_thinks(glm45, glm45_tokenizer_dir):
+    from glmtune.data.templates import has_thinking_switch, reasoning_form
+    from glmtune.models.families import GLM4, GLM4_MOE, family_of_source
+
+    tokenizer, stops = glm45
+    assert family_of_source(str(glm45_tokenizer_dir)) is GLM4_MOE
+    assert tokenizer.convert_ids_to_tokens(stops) == ["<|endoftext|>", "<|user|>", "<|observation|>"]
+    for family in (GLM4, GLM4_MOE):  # named by the entry too, for a generation config that lists fewer
+        assert set(family.end_of_turn) == {"<|endoftext|>", "<|user|>", "<|observation|>"}
+    # Thinking is the template's to say, not the entry's (GLM-4-0414 shares glm4 with the thinking GLM-Z1).
+    assert has_thinking_switch(tokenizer) and reasoning_form(tokenizer.chat_template) == "field"
+    assert reasoning_form("{{ messages[0]['content'] }}") is None

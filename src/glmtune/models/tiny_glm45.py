@@ -29,7 +29,7 @@ def build_glm45_test_tokenizer(output_dir: Path, ranks_dir: Path, chat_template:
         output_dir, loadable with AutoTokenizer and usable as --model for prepare.
     """
     from tokenizers import AddedToken, processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import Glm4MoeConfig, PreTrainedTokenizerFast
 
     backend = _backend(ranks_dir / RANKS_FILE)
     backend.post_processor = processors.ByteLevel(trim_offsets=False)  # GLM-4.5's template writes [gMASK]<sop>
@@ -40,7 +40,7 @@ def build_glm45_test_tokenizer(output_dir: Path, ranks_dir: Path, chat_template:
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(output_dir)
     stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
-    (output_dir / "config.json").write_text(json.dumps({"model_type": "glm4_moe", "eos_token_id": stops}),
+    (output_dir / "config.json").write_text(json.dumps({"model_type": Glm4MoeConfig.model_type, "eos_token_id": stops}),
                                             encoding="utf-8")
     (output_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}), encoding="utf-8")
     return output_dir
