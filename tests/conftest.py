@@ -49,6 +49,19 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def glm45_tokenizer_dir(tmp_path_factory) -> Path:
+    """A GLM-4.5 tokenizer directory (GLM-4-9B-chat's ranks + GLM-4.5's special tokens, a glm4_moe config naming
+    its stop ids) carrying the official GLM-4.6 chat template: usable as --model for prepare."""
+    template, ranks = SHARED / "templates" / "glm-4.6.jinja", SHARED / "tokenizers" / "glm-4-9b-chat"
+    if not (template.is_file() and ranks.is_dir()):
+        pytest.skip(f"the reference template or GLM-4-9B-chat's tokenizer is absent from {SHARED}")
+    from glmtune.models.tiny_glm45 import build_glm45_test_tokenizer
+
+    return build_glm45_test_tokenizer(tmp_path_factory.mktemp("glm45") / "tokenizer", ranks,
+                                      template.read_text(encoding="utf-8"))
+
+
 @pytest.fixture
 def shared() -> Path:
     if not (SHARED / "data").is_dir():

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from glmtune.arguments.generation import ThinkingArguments
 from glmtune.arguments.options import Options, check_at_least_one, option
 from glmtune.arguments.output import OverwriteArguments
 from glmtune.arguments.run import SeedArguments
@@ -36,8 +37,13 @@ class SequenceLengthArguments(Options):
 
 
 @dataclass
-class TokenizeArguments(SequenceLengthArguments, DataFormatArguments):  # in this order, --format is listed first
+class TokenizeArguments(ThinkingArguments, SequenceLengthArguments, DataFormatArguments):  # --format listed first
     """How data files' rows become training samples."""
+
+    help_overrides = {"enable_thinking": "The chat template's thinking switch when rendering the rows, as inference "
+                                         "will pass it (false: the template writes /nothink and an empty think "
+                                         "block; rows with reasoning are then refused). Models whose template has "
+                                         "no switch refuse it. Default: the template's own."}
 
     truncation: Truncation = option("Rows longer than --max_seq_length: 'right' cuts the end, 'left' drops the "
                                     "oldest turns (then cuts the start) to keep the last answer, 'drop' leaves the "

@@ -12,9 +12,17 @@ class Message:
     role: str  # "user", "assistant", "observation" (a tool's result)
     content: str
     train: bool = False  # take the loss on this message (assistant turns only)
-    tool_call: dict[str, Any] | None = None  # an assistant's call: {"name": ..., "arguments": ...}
+    # An assistant's call {"name": ..., "arguments": ...} (ShareGPT's function_call turn, whose content is the call's
+    # own text), or the list of its calls in OpenAI's form ({"name", "arguments", "id"?} each, content beside them).
+    tool_call: dict[str, Any] | list[dict[str, Any]] | None = None
     reasoning: str | None = None  # an assistant's thinking before its answer (<think>...</think>)
     tool_call_id: str | None = None  # a tool result's: the id of the call it answers (OpenAI's form)
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The assistant's tool calls, as a list whatever form they came in."""
+        if self.tool_call is None:
+            return []
+        return self.tool_call if isinstance(self.tool_call, list) else [self.tool_call]
 
 
 @dataclass

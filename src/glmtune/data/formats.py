@@ -6,6 +6,7 @@ the first thing wrong with a row; `to_conversations` collects them with the row'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,31 +47,75 @@ def _history(row: dict[str, Any]) -> list[Message]:
     if not (isinstance(value, list) and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in value)):
         raise RowProblem("history", "a list of [question, answer] string pairs", value)
-    return [m for question, answer in value for m in _exchange(question, answer)]
+    messages = []
+    for i, (question, answer) in enumerate(value):
+        reasoning, answer = split_think(answer, f"history[{i}][1]")
+        messages += _exchange(question, answer, reasoning)
+    return messages
 
 
-def _exchange(prompt: str, answer: str | None) -> list[Message]:
-    """A question and its trained answer; an inference row may have no answer."""
-    return [Message("user", prompt), *([Message("assistant", answer, train=True)] if answer is not None else [])]
+def _exchange(prompt: str, answer: str | None, reasoning: str | None = None) -> list[Message]:
+    """A question and its trained answer (with the reasoning before it, if any); an inference row may have no
+    answer."""
+    answers = [Message("assistant", answer, train=True, reasoning=reasoning)] if answer is not None else []
+    return [Message("user", prompt), *answers]
+
+
+REASONING_COLUMNS = ("reasoning", "think")
+
+
+def _reasoning_column(row: dict[str, Any]) -> str | None:
+    """The answer's reasoning from a `reasoning` or `think` column (an empty CSV cell: none)."""
+    given = [key for key in REASONING_COLUMNS if row.get(key) not in (None, "")]
+    if len(given) > 1:
+        raise RowProblem(given[1], f"one reasoning column, not both {' and '.join(given)}", row[given[1]])
+    return _text(row, given[0]) if given else None
+
+
+def split_think(content: str, where: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of an assistant's text that opens with <think>...</think>, as thinking models write it;
+    (None, text) for any other."""
+    opened = content.lstrip()
+    if not opened.startswith("<think>"):
+        return None, content
+    reasoning, closed, answer = opened[len("<think>"):].partition("</think>")
+    if not closed:
+        raise RowProblem(where, "a <think> block closed by </think> before the answer", content)
+    return reasoning.strip(), answer.lstrip()
+
+
+def _answer_with_reasoning(row: dict[str, Any], key: str, optional: bool,
+                           think_in_text: bool = False) -> tuple[str | None, str | None]:
+    """(answer, reasoning) of a column format's row: the answer column, the reasoning column or, with
+    `think_in_text`, a <think> block opening the answer (not both)."""
+    answer, reasoning = _text(row, key, optional=optional), _reasoning_column(row)
+    if answer is not None and think_in_text:
+        found, answer = split_think(answer, key)
+        if found is not None and reasoning is not None:
+            raise RowProblem(key, "the reasoning in one place: a <think> block or a reasoning column",
+                             row[key])
+        reasoning = reasoning if found is None else found
+    return answer, reasoning
 
 
 def read_alpaca(row: dict[str, Any], need_answer: bool) -> Conversation:
     instruction, extra = _text(row, "instruction"), _text(row, "input", optional=True)
     prompt = instruction + ("\n" + extra if extra else "")
-    messages = _history(row) + _exchange(prompt, _text(row, "output", optional=not need_answer))
+    messages = _history(row) + _exchange(prompt, *_answer_with_reasoning(row, "output", not need_answer, True))
     return Conversation(messages=messages, system=_text(row, "system", optional=True) or None)
 
 
 def read_prompt_response(row: dict[str, Any], need_answer: bool) -> Conversation:
     """ChatGLM2's P-Tuning format: prompt/response plus history [[q, a], ...]."""
-    messages = _history(row) + _exchange(_text(row, "prompt"), _text(row, "response", optional=not need_answer))
+    messages = _history(row) + _exchange(_text(row, "prompt"), *_answer_with_reasoning(row, "response",
+                                                                                         not need_answer))
     return Conversation(messages=messages)
 
 
 def pair_reader(prompt_key: str, answer_key: str) -> Callable[[dict[str, Any], bool], Conversation]:
     def read(row: dict[str, Any], need_answer: bool) -> Conversation:
         return Conversation(messages=_exchange(_text(row, prompt_key),
-                                               _text(row, answer_key, optional=not need_answer)))
+                                               *_answer_with_reasoning(row, answer_key, not need_answer)))
     return read
 
 
@@ -105,7 +150,10 @@ def read_sharegpt(row: dict[str, Any], need_answer: bool) -> Conversation:
     for where, turn, role in _turns(row, "conversations", "from", SHAREGPT_ROLES):
         value = _text(turn, "value", where=f"{where}.value")
         call = _tool_call(value) if turn["from"] == "function_call" else None
-        messages.append(Message(role, value, train=role == "assistant", tool_call=call))
+        reasoning = None
+        if role == "assistant" and turn["from"] != "function_call":
+            reasoning, value = split_think(value, f"{where}.value")
+        messages.append(Message(role, value, train=role == "assistant", tool_call=call, reasoning=reasoning))
     return _conversation(messages, row, _text(row, "system", optional=True))
 
 
@@ -133,8 +181,58 @@ def read_messages(row: dict[str, Any], need_answer: bool) -> Conversation:
             if not isinstance(turn["train"], bool):
                 raise RowProblem(f"{where}.train", "true or false", turn["train"])
             train = train and turn["train"]
-        messages.append(Message(role, _content(turn.get("content"), f"{where}.content"), train=train))
+        messages.append(_message(turn, where, role, train))
     return _conversation(messages, row, None)
+
+
+def _message(turn: dict[str, Any], where: str, role: str, train: bool) -> Message:
+    """One OpenAI message: an assistant's reasoning (`reasoning_content`, or a <think> block opening its content)
+    and `tool_calls` (its content may then be null), a tool result's `tool_call_id`."""
+    calls = _openai_calls(turn, where, role)
+    content = "" if turn.get("content") is None and calls else _content(turn.get("content"), f"{where}.content")
+    reasoning = None
+    for key in ("reasoning_content", "reasoning"):
+        if turn.get(key) is None:
+            continue
+        if role != "assistant":
+            raise RowProblem(f"{where}.{key}", "reasoning only on assistant messages", turn[key])
+        reasoning = _text(turn, key, where=f"{where}.{key}")
+    if role == "assistant" and reasoning is None:
+        reasoning, content = split_think(content, f"{where}.content")
+    call_id = _text(turn, "tool_call_id", optional=True, where=f"{where}.tool_call_id") if role == "observation" \
+        else None
+    return Message(role, content, train=train, tool_call=calls or None, reasoning=reasoning, tool_call_id=call_id)
+
+
+def _openai_calls(turn: dict[str, Any], where: str, role: str) -> list[dict[str, Any]]:
+    """An assistant's `tool_calls` ([{id, type: function, function: {name, arguments}}]) as {"name", "arguments",
+    "id"} each, the arguments a JSON object (given as one, or as a string holding one, as OpenAI writes them)."""
+    value = turn.get("tool_calls")
+    if value is None or value == []:
+        return []
+    expected = "a list of calls {type: function, function: {name, arguments}}"
+    if role != "assistant":
+        raise RowProblem(f"{where}.tool_calls", "tool calls only on assistant messages", value)
+    if not isinstance(value, list):
+        raise RowProblem(f"{where}.tool_calls", expected, value)
+    calls = []
+    for j, call in enumerate(value):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function", call) if isinstance(call, dict) else None  # a bare {name, arguments} too
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise RowProblem(at, "a call {type: function, function: {name, arguments}}", call)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                pass  # refused just below, as any other non-object
+        if not isinstance(arguments, dict):
+            raise RowProblem(f"{at}.function.arguments", "a JSON object (or a string holding one)",
+                             function.get("arguments"))
+        call_id = call.get("id") if isinstance(call.get("id"), str) else None
+        calls.append({"name": function["name"], "arguments": arguments, **({"id": call_id} if call_id else {})})
+    return calls
 
 
 def _content(value: Any, where: str) -> str:
@@ -194,7 +292,7 @@ def read_preference(row: dict[str, Any], need_answer: bool) -> Conversation:
                          "a prompt that ends with the turn the answers reply to", "an assistant turn last")
     chosen = _answer(row, "chosen", optional=not need_answer)
     rejected = _answer(row, "rejected", optional=not need_answer)
-    history = [Message(m.role, m.content, False, m.tool_call) for m in prompt.messages]
+    history = [dataclasses.replace(m, train=False) for m in prompt.messages]
     answer = [Message("assistant", chosen, train=True)] if chosen is not None else []
     return PreferenceConversation(messages=history + answer, system=prompt.system or None, tools=prompt.tools,
                                   rejected=rejected)

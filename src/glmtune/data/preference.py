@@ -79,14 +79,15 @@ def _refuse_kind(dataset_dir: Path, preference: bool) -> None:
                     "row", hint=f"tune on it with `glmtune dpo --dataset_path {dataset_dir}`")
 
 
-def encode_pair(tokenizer: Any, pair: PreferenceConversation,
-                stop_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+def encode_pair(tokenizer: Any, pair: PreferenceConversation, stop_ids: list[int],
+                enable_thinking: bool | None = None) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids). Each answer is rendered in its conversation as SFT renders it (so its
     first tokens, e.g. GLM-4's newline after <|assistant|>, and its end-of-turn token are the same); the prompt is
     what both renderings share before their answers: the conversation through the generation prompt."""
     sequences = []
     for answer in (pair.messages[-1].content, pair.rejected or ""):
-        ids, labels = encode_for_training(tokenizer, pair.with_answer(answer), stop_ids)
+        ids, labels = encode_for_training(tokenizer, pair.with_answer(answer), stop_ids,
+                                          enable_thinking=enable_thinking)
         trained = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
         if not trained:
             raise RowNotRenderable(f"{pair.location}: an answer renders to no token", reason="empty answer")
@@ -107,7 +108,7 @@ def process_pair(pair: PreferenceConversation, tokenizer: Any, stop_ids: list[in
     from glmtune.data.tokenize import TOO_LONG
 
     try:
-        prompt, chosen, rejected = encode_pair(tokenizer, pair, stop_ids)
+        prompt, chosen, rejected = encode_pair(tokenizer, pair, stop_ids, options.enable_thinking)
     except RowNotRenderable as problem:
         return _stats([], [], [], length=0, supervised_before=0, cut=False, dropped=problem.reason)
     limit = options.max_seq_length
@@ -117,7 +118,8 @@ def process_pair(pair: PreferenceConversation, tokenizer: Any, stop_ids: list[in
         prompt, chosen, rejected, dropped = [], [], [], TOO_LONG
     elif cut:
         if options.truncation == "left":
-            prompt, chosen, rejected = _drop_oldest_exchanges(tokenizer, pair, stop_ids, limit)
+            prompt, chosen, rejected = _drop_oldest_exchanges(tokenizer, pair, stop_ids, limit,
+                                                              options.enable_thinking)
         room = limit - len(prompt)
         chosen, rejected = chosen[:room], rejected[:room]
         if room < 1:
@@ -127,17 +129,18 @@ def process_pair(pair: PreferenceConversation, tokenizer: Any, stop_ids: list[in
     return _stats(prompt, chosen, rejected, length, supervised_before, cut, dropped)
 
 
-def _drop_oldest_exchanges(tokenizer: Any, pair: PreferenceConversation, stop_ids: list[int],
-                           limit: int) -> tuple[list[int], list[int], list[int]]:
+def _drop_oldest_exchanges(tokenizer: Any, pair: PreferenceConversation, stop_ids: list[int], limit: int,
+                           enable_thinking: bool | None = None) -> tuple[list[int], list[int], list[int]]:
     """The pair with whole exchanges dropped from the start of its prompt (the system prompt stays) until it fits,
     or down to the last question."""
     messages = pair.messages
     starts = [i for i, m in enumerate(messages[:-1]) if m.role == "user" and i > 0]
-    encoded = encode_pair(tokenizer, pair, stop_ids)
+    encoded = encode_pair(tokenizer, pair, stop_ids, enable_thinking)
     for start in starts:
         if len(encoded[0]) + max(len(encoded[1]), len(encoded[2])) <= limit:
             break
-        encoded = encode_pair(tokenizer, dataclasses.replace(pair, messages=messages[start:]), stop_ids)
+        encoded = encode_pair(tokenizer, dataclasses.replace(pair, messages=messages[start:]), stop_ids,
+                              enable_thinking)
     return encoded
 
 

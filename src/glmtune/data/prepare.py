@@ -17,6 +17,7 @@ from glmtune.data.files import Row, read_source
 from glmtune.data.formats import FORMATS, BadRow, detect_format, to_conversations
 from glmtune.data.preference import PREFERENCE_COLUMNS, is_preference_data, pair_samples, tokenize_preferences
 from glmtune.data.report import PrepareReport, build_report
+from glmtune.data.templates import check_reasoning
 from glmtune.data.tokenize import TokenizeOptions, tokenize_dataset
 from glmtune.errors import UserError
 
@@ -62,7 +63,9 @@ def prepare_dataset(model_args: ModelArguments, args: PrepareArguments) -> Prepa
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
     stop_ids = stop_token_ids(model_args.model, tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    options = TokenizeOptions(args.max_seq_length, args.truncation, args.last_turn_only, args.train_on_prompt)
+    check_reasoning(tokenizer, data.conversations, args.enable_thinking)
+    options = TokenizeOptions(args.max_seq_length, args.truncation, args.last_turn_only, args.train_on_prompt,
+                              args.enable_thinking)
     key = cache_key(data, tokenizer=fingerprint, stop_ids=stop_ids, options=asdict(options),
                     columns=args.column_map(), skip_bad_rows=args.skip_bad_rows)
     kept, report = tokenize_with_cache(data, tokenizer, stop_ids, options, args.num_proc,

@@ -26,6 +26,8 @@ class PrepareReport:
     length_percentiles: dict[str, int] = field(default_factory=dict)  # before truncation
     rows_over_max: int = 0
     history_untrained: int = 0  # rows whose template writes earlier answers as history: only the last one trained
+    rows_split: int = 0  # rows trained as one sample per assistant turn (data/turns.py)
+    split_samples: int = 0  # the samples those rows became (counted in kept/dropped as rows)
     tokens: int = 0
     supervised_tokens: int = 0
     validation_rows: int = 0
@@ -54,6 +56,10 @@ class PrepareReport:
         if self.history_untrained:
             lines.append(f"last answer only:  {self.history_untrained} rows (the chat template writes their earlier "
                          "answers as history, so only the last one is trained)")
+        if self.rows_split:
+            lines.append(f"split by turn:     {self.rows_split} rows into {self.split_samples} samples, one per "
+                         "assistant turn (the chat template drops earlier turns' reasoning from history, so each "
+                         "turn is trained as the model generates it); counted as rows above")
         if self.reused_cache:
             lines.append("tokenized:         reused from the cache (same data, tokenizer, template and options)")
         if self.samples:
@@ -65,9 +71,8 @@ class PrepareReport:
 def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncation: str) -> PrepareReport:
     """Fill the counts from the per-row columns that tokenizing wrote (see data/tokenize.py)."""
     # Plain lists: indexing a dataset column item by item is slow.
-    stats = tokenized.select_columns(["length", "tokens", "dropped", "cut", "supervised", "supervised_before",
-                                      "history_untrained"])
-    stats = stats.to_dict()
+    columns = ["length", "tokens", "dropped", "cut", "supervised", "supervised_before", "history_untrained"]
+    stats = tokenized.select_columns(columns + (["split"] if "split" in tokenized.column_names else [])).to_dict()
     lengths, dropped, cut, supervised = stats["length"], stats["dropped"], stats["cut"], stats["supervised"]
     kept = [i for i, reason in enumerate(dropped) if not reason]
     report.kept = len(kept)
@@ -81,6 +86,8 @@ def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncati
     report.rows_over_max = sum(n > report.max_seq_length for n in measured)
     report.tokens = sum(stats["tokens"][i] for i in kept)
     report.history_untrained = sum(stats["history_untrained"][i] for i in kept)
+    report.rows_split = sum(n > 0 for n in stats.get("split", []))
+    report.split_samples = sum(stats.get("split", []))
     samples = tokenized.select(kept[:SAMPLES_IN_REPORT])
     report.samples = [render_trained_spans(tokenizer, row["input_ids"], row["labels"]) for row in samples]
     return report

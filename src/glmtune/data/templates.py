@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
 from typing import Any
 
-from glmtune.data.conversation import Conversation
-from glmtune.errors import UserError
+from glmtune.data.conversation import Conversation, Message
+from glmtune.errors import MAX_PROBLEMS, UserError
 
 IGNORE_INDEX = -100  # label of a token that takes no loss (transformers' convention)
 
@@ -80,24 +81,50 @@ def thinking_switch(tokenizer: Any, enable_thinking: bool | None) -> dict[str, b
     return {"enable_thinking": enable_thinking}
 
 
+def reasoning_form(template: str | None) -> str | None:
+    """Where a chat template takes an assistant's reasoning: "field" (it reads `reasoning_content`, as GLM-4.5+'s and
+    Qwen3's do), "content" (it knows <think> blocks only inside the content, as templates that strip them from
+    history do), or None (it has no place for reasoning: ChatGLM3, GLM-4-9B-chat, most others)."""
+    if "reasoning_content" in (template or ""):
+        return "field"
+    return "content" if "</think>" in (template or "") else None
+
+
+# A template that compares a message's role with 'tool' and never with 'observation' (GLM-4.5+, Qwen) reads tool
+# results as `tool` messages; GLM-4's and ChatGLM3's write the role itself (`<|observation|>`).
+_TOOL_ROLE = re.compile(r"""role\W{0,3}\s*==\s*["']tool["']""")
+_OBSERVATION_ROLE = re.compile(r"""role\W{0,3}\s*==\s*["']observation["']""")
+
+
 def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The messages (and keyword arguments) for apply_chat_template. Tools and tool calls go where the template
     reads them: GLM-4's official template reads tools from a message (`item['tools']`) and writes a call as
-    `<|assistant|>NAME\n{arguments}` (`metadata`); transformers' convention is `tools=` and `tool_calls`. A
-    template that knows neither gets the call as the message's text."""
-    glm_style, hf_style = "['metadata']" in template, "tool_calls" in template
-    messages: list[dict[str, Any]] = conversation.to_chat_messages()
-    offset = 1 if conversation.system else 0
-    for i, m in enumerate(conversation.messages):
-        if not (m.tool_call and (glm_style or hf_style)):
-            continue  # plain text: as to_chat_messages wrote it
-        arguments = m.tool_call["arguments"]
-        if glm_style:
-            text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-            messages[offset + i] = {"role": "assistant", "metadata": m.tool_call["name"], "content": text}
-        else:
-            messages[offset + i] = {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": m.tool_call["name"], "arguments": arguments}}]}
+    `<|assistant|>NAME\n{arguments}` (`metadata`); transformers' convention is `tools=` and `tool_calls` (GLM-4.5+
+    reads each call's arguments as a mapping). A template that knows neither gets the call as the message's text.
+    Reasoning goes where `reasoning_form` says; a template with no place for it refuses it.
+
+    Raises:
+        UserError: reasoning in a conversation whose template has no place for it.
+        RowNotRenderable: several calls, or text beside a call, in one turn of a template that writes one call per
+            turn (GLM-4-9B-chat's).
+    """
+    styles = ("['metadata']" in template, "tool_calls" in template)
+    form = reasoning_form(template)
+    tool_role = "tool" if _TOOL_ROLE.search(template) and not _OBSERVATION_ROLE.search(template) else "observation"
+    messages: list[dict[str, Any]] = [{"role": "system", "content": conversation.system}] if conversation.system \
+        else []
+    for m in conversation.messages:
+        message = _chat_message(m, styles, tool_role, conversation.location)
+        if m.reasoning:
+            if form is None:
+                raise UserError(f"{conversation.location + ': ' if conversation.location else ''}an assistant turn "
+                                "carries reasoning, and this chat template has no place for it",
+                                hint=REASONING_HINT)
+            if form == "field":
+                message["reasoning_content"] = m.reasoning
+            else:
+                message["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{message['content']}"
+        messages.append(message)
     if not conversation.tools:
         return messages, {}
     if "['tools']" not in template:
@@ -107,6 +134,56 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
     else:
         messages.insert(0, {"role": "system", "content": "", "tools": conversation.tools})
     return messages, {}
+
+
+REASONING_HINT = ("use a model whose chat template writes reasoning (GLM-4.5/4.6/4.7, Qwen3, ...), or drop the "
+                  "reasoning (reasoning_content, <think>...</think>, the reasoning column) from the data")
+
+
+def check_reasoning(tokenizer: Any, conversations: list[Conversation], enable_thinking: bool | None) -> None:
+    """Refuse, before tokenizing, a thinking switch the template lacks, and reasoning it can't train: a template with
+    no place for it, or --enable_thinking false (the model then answers at once, so no turn is generated with it).
+
+    Raises:
+        UserError: naming the rows (file:line) that carry reasoning.
+    """
+    thinking_switch(tokenizer, enable_thinking)
+    template = getattr(tokenizer, "chat_template", None)
+    rows = [c.location or "a row" for c in conversations if any(m.reasoning for m in c.messages)]
+    if not (rows and template):  # no template: render says so
+        return
+    if reasoning_form(template) is None:
+        problem, hint = "has no place for reasoning", REASONING_HINT
+    elif enable_thinking is False:
+        problem, hint = "is told not to think (--enable_thinking false)", "leave --enable_thinking out (or true)"
+    else:
+        return
+    raise UserError(f"{len(rows)} row(s) carry reasoning, and the chat template of {tokenizer.name_or_path} "
+                    f"{problem}", problems=[f"{where}: an assistant turn carries reasoning" for where in
+                                            rows[:MAX_PROBLEMS]], hint=hint)
+
+
+def _chat_message(m: Message, styles: tuple[bool, bool], tool_role: str, location: str | None) -> dict[str, Any]:
+    """One message for the template, without its reasoning."""
+    glm_style, hf_style = styles
+    if m.role == "observation":
+        result = {"role": tool_role, "content": m.content}
+        return {**result, "tool_call_id": m.tool_call_id} if m.tool_call_id and tool_role == "tool" else result
+    calls = m.calls()
+    if not (calls and (glm_style or hf_style)):
+        return {"role": m.role, "content": m.content}  # plain text (a call as its text, for a template without tools)
+    text = "" if isinstance(m.tool_call, dict) else m.content  # a function_call turn's content is the call itself
+    if glm_style:
+        if len(calls) > 1 or text.strip():
+            raise RowNotRenderable(f"{location + ': ' if location else ''}GLM-4's chat template writes one tool call "
+                                   "per assistant turn, without text beside it",
+                                   reason="several tool calls, or text beside a call, in one turn (GLM-4 template)")
+        arguments = calls[0]["arguments"]
+        return {"role": "assistant", "metadata": calls[0]["name"],
+                "content": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}
+    return {"role": "assistant", "content": text, "tool_calls": [
+        {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]},
+         **({"id": c["id"]} if c.get("id") else {})} for c in calls]}
 
 
 def encode_prompt(tokenizer: Any, conversation: Conversation, enable_thinking: bool | None = None) -> list[int]:
@@ -119,37 +196,42 @@ def encode_prompt(tokenizer: Any, conversation: Conversation, enable_thinking: b
 
 
 def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: list[int],
-                        train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+                        train_on_prompt: bool = False, enable_thinking: bool | None = None,
+                        next_token: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a whole conversation; labels are IGNORE_INDEX except on trained answers
-    (everywhere with train_on_prompt)."""
+    (everywhere with train_on_prompt).
+
+    Args:
+        enable_thinking: the template's thinking switch, as inference will pass it.
+        next_token: the stop token appended when the conversation ends on a trained answer (by default the eos,
+            or the first stop id): what the template writes after it where the conversation goes on.
+    """
     if conversation.text is not None:
         ids = tokenizer.encode(conversation.text, add_special_tokens=True)
         if not ids or ids[-1] not in stop_ids:
             ids.append(_end_token(tokenizer, stop_ids))
         return ids, list(ids)
 
-    text, char_spans = _render_with_answer_spans(tokenizer, conversation)
+    text, char_spans = _render_with_answer_spans(tokenizer, conversation, enable_thinking)
     ids, token_spans = _tokenize_with_spans(tokenizer, text, char_spans)
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in reversed(token_spans):  # reversed: an appended end token doesn't shift earlier spans
-        end = _end_at_stop_token(tokenizer, ids, start, end, stop_ids)
+        end = _end_at_stop_token(tokenizer, ids, start, end, stop_ids, next_token)
         labels[start:end] = ids[start:end]
     return ids, list(ids) if train_on_prompt else labels
 
 
-def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
+def _render_with_answer_spans(tokenizer: Any, conversation: Conversation,
+                              enable_thinking: bool | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The whole rendered conversation and, for each trained answer, its character range: from the end of the
     generation prompt before it to the end of the rendering through it."""
-    text = render(tokenizer, conversation, add_generation_prompt=False)
+    text = render(tokenizer, conversation, add_generation_prompt=False, enable_thinking=enable_thinking)
     spans: list[tuple[int, int]] = []
-    asked = False
-    for i, message in enumerate(conversation.messages):
-        asked = asked or message.role == "user"
-        if message.role != "assistant" or not message.train or not asked:
-            continue  # an opening assistant turn (a greeting) answers nothing: it stays context
-        prompt = render(tokenizer, conversation.upto(i), add_generation_prompt=True)
+    for i in trained_turns(conversation):
+        prompt = render(tokenizer, conversation.upto(i), add_generation_prompt=True, enable_thinking=enable_thinking)
         last = i + 1 == len(conversation.messages)  # the usual case: no need to render the whole again
-        through = text if last else render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False)
+        through = text if last else render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False,
+                                           enable_thinking=enable_thinking)
         if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
             raise AnswerNotLocated(
                 f"the chat template of {tokenizer.name_or_path} renders a conversation's turns differently depending "
@@ -159,6 +241,17 @@ def _render_with_answer_spans(tokenizer: Any, conversation: Conversation) -> tup
                 hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
         spans.append((len(prompt), len(through)))
     return text, spans
+
+
+def trained_turns(conversation: Conversation) -> list[int]:
+    """The indices of the trained assistant turns; an opening assistant turn (a greeting) answers nothing and stays
+    context."""
+    asked, turns = False, []
+    for i, message in enumerate(conversation.messages):
+        asked = asked or message.role == "user"
+        if message.role == "assistant" and message.train and asked:
+            turns.append(i)
+    return turns
 
 
 def _tokenize_with_spans(tokenizer: Any, text: str,
@@ -181,7 +274,8 @@ def _tokenize_with_spans(tokenizer: Any, text: str,
     return ids, [(first_token[a], first_token[b]) for a, b in char_spans]
 
 
-def _end_at_stop_token(tokenizer: Any, ids: list[int], start: int, end: int, stop_ids: list[int]) -> int:
+def _end_at_stop_token(tokenizer: Any, ids: list[int], start: int, end: int, stop_ids: list[int],
+                       next_token: int | None = None) -> int:
     """Where a trained answer's supervision ends, so that its last supervised token is one generation stops on:
     its own end-of-turn token (ChatML-style templates write a newline after it, which is not trained), the
     token the template writes next (GLM-4 writes "<|user|>" before the next question), or an appended one."""
@@ -191,7 +285,7 @@ def _end_at_stop_token(tokenizer: Any, ids: list[int], start: int, end: int, sto
     if end < len(ids) and ids[end] in stop_ids:
         return end + 1
     if end == len(ids):
-        ids.append(_end_token(tokenizer, stop_ids))
+        ids.append(next_token if next_token is not None else _end_token(tokenizer, stop_ids))
         return end + 1
     # A template that writes no stop token after an answer in history (ChatGLM2's "[Round i]" prompts): the
     # answer's text is trained as it is; the conversation's last answer still learns to stop.

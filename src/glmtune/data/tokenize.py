@@ -4,12 +4,14 @@ whole dataset (datasets.map with num_proc), with per-row statistics for the repo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from glmtune.data.conversation import Conversation, Message
+from glmtune.data.conversation import Conversation
 from glmtune.data.templates import IGNORE_INDEX, AnswerNotLocated, RowNotRenderable, encode_for_training
+from glmtune.data.turns import split_by_turn
 
 TRUNCATION_RULES = ("right", "left", "drop")
 NO_SUPERVISED = "no supervised token left"
@@ -22,57 +24,81 @@ class TokenizeOptions:
     truncation: str = "right"  # right: cut the end; left: drop the oldest turns, then cut the start; drop
     last_turn_only: bool = False  # train on the last assistant turn only
     train_on_prompt: bool = False  # take the loss on the prompts too
+    enable_thinking: bool | None = None  # the chat template's thinking switch (None: its default)
+
+
+def process_row(conversation: Conversation, tokenizer: Any, stop_ids: list[int],
+                options: TokenizeOptions) -> list[dict[str, Any]]:
+    """A row's training samples: one, or one per trained assistant turn where the chat template writes a turn
+    differently in history than when it is generated (data/turns.py; not with --last_turn_only). The first sample
+    of a split row says in `split` how many it became."""
+    turns = None if options.last_turn_only else split_by_turn(tokenizer, conversation, stop_ids,
+                                                              options.enable_thinking)
+    if turns is None:
+        return [process_conversation(conversation, tokenizer, stop_ids, options)]
+    samples = [process_conversation(turn, tokenizer, stop_ids, options, next_token=following)
+               for turn, following in turns]
+    samples[0]["split"] = len(samples)
+    return samples
 
 
 def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: list[int],
-                         options: TokenizeOptions) -> dict[str, Any]:
-    """One row's input_ids/labels after the truncation policy, and what happened to it."""
+                         options: TokenizeOptions, next_token: int | None = None) -> dict[str, Any]:
+    """One row's input_ids/labels after the truncation policy, and what happened to it. `next_token`: the stop
+    token after its last answer (see encode_for_training)."""
     if options.last_turn_only:
         conversation = _train_last_turn_only(conversation)
     history_untrained = False
+    encode = functools.partial(encode_for_training, tokenizer, stop_ids=stop_ids,
+                               train_on_prompt=options.train_on_prompt, enable_thinking=options.enable_thinking,
+                               next_token=next_token)
     try:
         try:
-            ids, labels = encode_for_training(tokenizer, conversation, stop_ids, options.train_on_prompt)
+            ids, labels = encode(conversation)
         except AnswerNotLocated:
             # Templates that write earlier answers as plain history, unlike the last one (ChatGLM-6B's "[Round i]"
-            # prompts, templates that strip earlier reasoning): the last answer is still trained, the earlier ones
-            # stay context, as the model's own training did. Counted in the report.
+            # prompts): the last answer is still trained, the earlier ones stay context, as the model's own training
+            # did. Counted in the report.
             last_only = _train_last_turn_only(conversation)
             if last_only == conversation:
                 raise
-            ids, labels = encode_for_training(tokenizer, last_only, stop_ids, options.train_on_prompt)
+            ids, labels = encode(last_only)
             conversation, history_untrained = last_only, True
     except RowNotRenderable as problem:  # this row only: it is dropped and counted, the run goes on
         return {"input_ids": [], "labels": [], "length": 0, "tokens": 0, "supervised_before": 0, "supervised": 0,
-                "cut": False, "dropped": problem.reason, "history_untrained": False}
+                "cut": False, "dropped": problem.reason, "history_untrained": False, "split": 0}
     length, supervised_before = len(ids), _supervised(labels)
     cut = length > options.max_seq_length
     dropped = ""
     if cut and options.truncation == "drop":
         ids, labels, dropped = [], [], TOO_LONG
     elif cut:
-        ids, labels = _truncate(tokenizer, conversation, stop_ids, options, ids, labels)
+        ids, labels = _truncate(encode, conversation, options, ids, labels)
     supervised = _supervised(labels)
     if not dropped and supervised == 0:  # nothing to learn from: never train on such a row silently
         dropped = NO_SUPERVISED + (" after truncation" if cut else "")
     return {"input_ids": ids, "labels": labels, "length": length, "tokens": len(ids),
             "supervised_before": supervised_before, "supervised": supervised, "cut": cut, "dropped": dropped,
-            "history_untrained": history_untrained}
+            "history_untrained": history_untrained, "split": 0}
 
 
 def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
                      options: TokenizeOptions, num_proc: int | None, fingerprint: str,
-                     process: Callable[..., dict[str, Any]] = process_conversation,
+                     process: Callable[..., dict[str, Any] | list[dict[str, Any]]] = process_row,
                      read: Callable[[dict[str, Any]], Conversation] = Conversation.from_record) -> Any:
     """All rows tokenized (kept and dropped, with their statistics), as a datasets.Dataset. `process` turns one row
-    into its columns, `read` rebuilds a row from its Arrow record (preference pairs have their own)."""
+    into its columns (or into several samples' columns), `read` rebuilds a row from its Arrow record (preference
+    pairs have their own)."""
     from datasets import Dataset
 
     records = Dataset.from_list([c.to_record() for c in conversations])
 
     def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        results = [process(read(r), tokenizer, stop_ids, options) for r in rows]
+        results = []
+        for r in rows:
+            processed = process(read(r), tokenizer, stop_ids, options)
+            results += processed if isinstance(processed, list) else [processed]
         return {key: [r[key] for r in results] for key in results[0]}
 
     # new_fingerprint: datasets would otherwise try to hash the tokenizer in the closure.
@@ -85,11 +111,11 @@ def _train_last_turn_only(conversation: Conversation) -> Conversation:
     if not trained:
         return conversation
     return dataclasses.replace(conversation, messages=[
-        Message(m.role, m.content, m.train and i == trained[-1]) for i, m in enumerate(conversation.messages)])
+        dataclasses.replace(m, train=m.train and i == trained[-1]) for i, m in enumerate(conversation.messages)])
 
 
-def _truncate(tokenizer: Any, conversation: Conversation, stop_ids: list[int], options: TokenizeOptions,
-              ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+def _truncate(encode: Callable[[Conversation], tuple[list[int], list[int]]], conversation: Conversation,
+              options: TokenizeOptions, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
     limit = options.max_seq_length
     if options.truncation == "right":
         return ids[:limit], labels[:limit]
@@ -104,7 +130,7 @@ def _truncate(tokenizer: Any, conversation: Conversation, stop_ids: list[int], o
     starts = [0] + [i for i, m in enumerate(messages) if m.role == "user" and 0 < i < last]
     for start in starts:
         shorter = dataclasses.replace(conversation, messages=messages[start: last + 1])
-        ids, labels = encode_for_training(tokenizer, shorter, stop_ids, options.train_on_prompt)
+        ids, labels = encode(shorter)
         if len(ids) <= limit:
             break
     return ids[:limit], labels[:limit]

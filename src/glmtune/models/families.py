@@ -114,14 +114,21 @@ GLM_DECODER = Decoder(fused_gate_up=True, qkv_bias=True, o_bias=False)
 # raises), so every linear layer of the decoder is named: attention q/k/v/o and the fused MLP.
 GLM = Family("GLM-4 (transformers' glm)", _model_type("glm"), end_of_turn=ROLE_TURN_ENDS, lora_targets=GLM_LINEARS,
              plain_causal=True, shape=GLM_DECODER)
+# GLM-4-0414 / GLM-Z1, GLM-4.5 / 4.6 / 4.7: they stop on <|user|>, <|observation|> (after a tool call) and
+# <|endoftext|>, named here too for a checkpoint whose generation config lists fewer. Whether a checkpoint thinks is
+# its tokenizer's chat template's to say (data/templates.py: has_thinking_switch, reasoning_form), not the entry's:
+# GLM-4-0414's does not, GLM-Z1's and GLM-4.5+'s do.
+THINKING_GLM_TURN_ENDS = (*ROLE_TURN_ENDS, "<|endoftext|>")
 # GLM-4-0414 / Z1: two more norms per layer.
-GLM4 = replace(GLM, name="GLM-4-0414 (transformers' glm4)", recognise=_model_type("glm4"),
+GLM4 = replace(GLM, name="GLM-4-0414 / GLM-Z1 (transformers' glm4)", recognise=_model_type("glm4"),
+               end_of_turn=THINKING_GLM_TURN_ENDS,
                shape=Decoder(fused_gate_up=True, norms_per_layer=4, qkv_bias=True, o_bias=False))
 # GLM-4.5 / 4.6 / 4.7. LoRA on attention only: peft 0.21 rewrites any gate_proj/up_proj/down_proj target of a
 # transformers-5 MoE model into an adapter on the fused routed experts and then adapts neither the dense layers' nor
 # the shared experts' MLP (peft issue #3711), so naming them would silently adapt something else than asked.
-GLM4_MOE = replace(GLM, name="GLM-4.5 (transformers' glm4_moe)", recognise=_model_type("glm4_moe"),
-                   lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), shape=Decoder(o_bias=False, moe=True))
+GLM4_MOE = replace(GLM, name="GLM-4.5 / 4.6 / 4.7 (transformers' glm4_moe)", recognise=_model_type("glm4_moe"),
+                   lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), shape=Decoder(o_bias=False, moe=True),
+                   end_of_turn=THINKING_GLM_TURN_ENDS)
 
 # THUDM's remote-code checkpoints (`model_type: chatglm` with multi_query_attention), converted on load into the
 # GlmForCausalLM above (models/chatglm/convert.py): after loading they are that model in everything.
