@@ -29,6 +29,16 @@ class Completion:
     reasoning: str | None = None  # the think block's text, when the answer had one
     tool_calls: list[ToolCall] = field(default_factory=list)
 
+    def extra_fields(self) -> dict[str, Any]:
+        """What infer and eval write beside the answer's text: `reasoning` and `tool_calls` (OpenAI's form), when
+        the model thought or called a tool."""
+        fields: dict[str, Any] = {}
+        if self.reasoning:
+            fields["reasoning"] = self.reasoning
+        if self.tool_calls:
+            fields["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        return fields
+
 
 def count_completion(parts: AnswerParts, prompt_tokens: int, new_ids: list[int], stop_ids: list[int]) -> Completion:
     """new_ids: what generate produced after the prompt, within the budget (a batch pads finished rows)."""
