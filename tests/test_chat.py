@@ -154,3 +154,44 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tiny_model):
     assert chat.returncode == 0, err
     assert "[answer stopped; it is left out of the history]" in err
     assert "Traceback" not in err
+
+
+class TerminalOut(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_reasoning_is_shown_dimmed_on_a_terminal_and_kept_off_piped_output(capsys):
+    from types import SimpleNamespace
+
+    from glmtune.commands.chat import DIM, RESET, ChatSession
+    from glmtune.inference.answers import AnswerParser
+    from glmtune.inference.engine import GenerationSettings
+    from glmtune.inference.streaming import count_completion
+
+    answer = "\n<think>Two and two.</think>\nFour."
+
+    class Stream:
+        def __init__(self):
+            self.parser, self.completion = AnswerParser("tagged"), None
+
+        def deltas(self):
+            splitter = self.parser.splitter()
+            yield from splitter.deltas(answer[i:i + 4] for i in range(0, len(answer), 4))
+            self.completion = count_completion(splitter.parts, 5, [1, 0], [0])
+
+    engine = SimpleNamespace(stream=lambda conversation, settings: Stream(),
+                             model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)))
+    session = ChatSession(engine, GenerationSettings(), None)
+    terminal = TerminalOut()
+    session.ask("2+2?", terminal)
+    assert terminal.getvalue() == f"{DIM}Two and two.{RESET}\nFour.\n"
+    assert session.history[-1].content == "Four." and session.history[-1].reasoning == "Two and two."
+    piped = io.StringIO()
+    session.ask("2+2?", piped)
+    assert piped.getvalue() == "Four.\n" and capsys.readouterr().err == "Two and two.\n"
+
+
+def test_enable_thinking_is_refused_at_start_for_a_template_without_the_switch(cli, tiny_model):
+    result = cli("chat", "--model", tiny_model, "--prompt", "hi", "--enable_thinking", "true")
+    assert result.code == 2 and "has no thinking switch" in result.err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import write_json
@@ -242,3 +243,35 @@ def test_eval_refuses_rows_without_an_answer_and_train_hook_without_validation(c
     result = cli("train", "--dataset_path", tmp_path / "data", "--output_dir", tmp_path / "run",
                  "--eval_generate_metric", "bleu")
     assert result.code == 2 and "--eval_generate_metric bleu is unknown" in result.err
+
+
+def test_eval_scores_the_answer_alone_and_writes_its_reasoning_beside_it(cli, tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from glmtune.inference.engine import Engine
+    from glmtune.inference.streaming import Completion
+
+    refused = cli("eval", "--model", tiny_model, "--dataset", write_json(tmp_path / "qa.json", [
+        {"prompt": "2+2?", "response": "4"}]), "--output_dir", tmp_path / "refused", "--enable_thinking", "false")
+    assert refused.code == 2 and "has no thinking switch" in refused.err
+    template = Path(__file__).resolve().parents[2] / "shared" / "templates" / "glm-4.6.jinja"
+    if not template.is_file():
+        pytest.skip(f"{template} is absent (../shared)")
+    model = tmp_path / "thinking"
+    shutil.copytree(tiny_model, model)
+    shutil.copy(template, model / "chat_template.jinja")
+    asked = []
+
+    def complete(self, conversations, settings, batch_size=8, progress=True):
+        asked.append(settings)
+        return [Completion("4", 10, 5, "stop", reasoning="Two and two.") for _ in conversations]
+
+    monkeypatch.setattr(Engine, "complete", complete)
+    result = cli("eval", "--model", model, "--dataset", tmp_path / "qa.json", "--output_dir", tmp_path / "out",
+                 "--enable_thinking", "false")
+    assert result.code == 0, result.err
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert (record["prediction"], record["reasoning"], record["metrics"]["exact_match"]) == ("4", "Two and two.", 100.0)
+    assert asked[0].enable_thinking is False
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["settings"]["enable_thinking"] is False and metrics["counts"]["stopped"] == 1

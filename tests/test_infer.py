@@ -79,3 +79,35 @@ def test_empty_prompt_row_is_refused_with_its_location(cli, tiny_model, tmp_path
     data = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}, {"text": ""}])
     result = cli("infer", "--model", tiny_model, "--input", data)
     assert result.code == 2 and f"{data}:2: the prompt is empty" in result.err
+
+
+def test_enable_thinking_reaches_the_prompt_and_a_template_without_the_switch_refuses_it(cli, tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    from glmtune.inference import engine
+
+    refused = cli("infer", "--model", tiny_model, "--prompt", "2+2?", "--enable_thinking", "false")
+    assert refused.code == 2 and "has no thinking switch" in refused.err
+    template = Path(__file__).resolve().parents[2] / "shared" / "templates" / "glm-4.6.jinja"
+    if not template.is_file():
+        pytest.skip(f"{template} is absent (../shared)")
+    model = tmp_path / "thinking"
+    shutil.copytree(tiny_model, model)
+    shutil.copy(template, model / "chat_template.jinja")
+    prompts = []
+
+    def encode_prompt(tokenizer, conversation, enable_thinking=None):
+        ids = original(tokenizer, conversation, enable_thinking)
+        prompts.append(tokenizer.decode(ids))
+        return ids
+
+    original = engine.encode_prompt
+    monkeypatch.setattr(engine, "encode_prompt", encode_prompt)
+    for flag, ending in (("false", "2+2?/nothink<|assistant|>\n<think></think>"), ("true", "2+2?<|assistant|>")):
+        result = cli("infer", "--model", model, "--prompt", "2+2?", "--enable_thinking", flag, "--max_new_tokens", "2")
+        assert result.code == 0, result.err
+        assert prompts[-1].endswith(ending)

@@ -4,6 +4,7 @@ included; the key; every malformed request's 4xx in OpenAI's error shape; concur
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import threading
@@ -163,7 +164,16 @@ BAD_REQUESTS = {
                               "messages.1.role"),
     "an assistant message last": ({"messages": [*user("hi"), {"role": "assistant", "content": "a"}]}, 400,
                                   "messages"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    "a tool that is not a function": ({"tools": [{"type": "retrieval"}]}, 400, "tools.0"),
+    "a tool_choice not served": ({"tools": [{"type": "function", "function": {"name": "f"}}],
+                                  "tool_choice": "required"}, 400, "tool_choice"),
+    "a call whose arguments are not JSON": ({"messages": [*user("hi"), {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1"}]}, 400, "messages.1.tool_calls"),
+    "thinking for a template without the switch": ({"chat_template_kwargs": {"enable_thinking": False}}, 400,
+                                                   "chat_template_kwargs.enable_thinking"),
+    "an unknown chat_template_kwargs key": ({"chat_template_kwargs": {"foo": 1}}, 400, "chat_template_kwargs"),
+    "functions": ({"functions": [{"name": "f"}]}, 400, "functions"),
     "an unknown model": ({"model": "gpt-4"}, 404, "model"),
     "bad JSON": (b'{"model": "tiny", "messages": [', 400, None),
     "not an object": (b"[1, 2]", 400, None),
@@ -210,9 +220,11 @@ class SlowEngine:
 
 class SlowStream:
     def __init__(self, engine: SlowEngine, budget: int):
-        self.engine, self.budget, self.completion = engine, budget, None
+        from glmtune.inference.answers import AnswerParser
 
-    def __iter__(self):
+        self.engine, self.budget, self.completion, self.parser = engine, budget, None, AnswerParser()
+
+    def pieces(self):
         from glmtune.inference.streaming import Completion
 
         self.engine.started.set()
@@ -325,3 +337,146 @@ def test_a_client_leaving_while_in_line_gives_up_its_place(slow):
             time.sleep(0.01)
         slow.engine.release.set()
         assert running_one.result().choices[0].message.content == "word word"
+
+
+class ScriptedEngine:
+    """Stands in for the Engine of a GLM-4.5-like model (the tiny tokenizer with the official GLM-4.6 template and
+    its markers as special tokens): answers every request with `answer`, the raw text the model would write, in
+    pieces of three characters; records what it was asked and the prompt it was given."""
+
+    def __init__(self, tokenizer, answer: str = ""):
+        self.tokenizer, self.answer, self.asked = tokenizer, answer, []
+        self.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
+
+    def stream(self, conversation, settings, stop_strings=None):
+        from glmtune.data.templates import encode_prompt
+        from glmtune.inference.engine import answer_parser
+
+        prompt = encode_prompt(self.tokenizer, conversation, settings.enable_thinking)
+        self.asked.append(SimpleNamespace(conversation=conversation, settings=settings,
+                                          prompt=self.tokenizer.decode(prompt)))
+        return ScriptedStream(self.answer, answer_parser(self.tokenizer, prompt, conversation.tools))
+
+
+class ScriptedStream:
+    def __init__(self, answer: str, parser):
+        self.answer, self.parser, self.completion = answer, parser, None
+
+    def pieces(self):
+        from glmtune.inference.streaming import count_completion
+
+        for i in range(0, len(self.answer), 3):
+            yield self.answer[i:i + 3]
+        self.completion = count_completion(self.parser.parse(self.answer), 10, [5, 6, 0], [0])
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
+THOUGHT_AND_CALL = ("\n<think>The user wants Paris.</think>\nLet me look.\n<tool_call>get_weather\n<arg_key>city"
+                    "</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n"
+                    "</tool_call>")
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    from pathlib import Path
+
+    from tokenizers import AddedToken
+
+    from glmtune.serve.app import create_app
+
+    template = Path(__file__).resolve().parents[2] / "shared" / "templates" / "glm-4.6.jinja"
+    if not template.is_file():
+        pytest.skip(f"{template} is absent (../shared)")
+    glm45 = copy.deepcopy(tokenizer)
+    glm45.add_tokens([AddedToken(m, special=True, normalized=False) for m in
+                      ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                       "</arg_value>"]])
+    glm45.chat_template = template.read_text(encoding="utf-8")
+    engine = ScriptedEngine(glm45)
+    with running(create_app(engine, MODEL)) as base:
+        yield SimpleNamespace(engine=engine, api=client(base))
+
+
+def test_reasoning_comes_apart_from_the_answer_whole_and_streamed(scripted):
+    scripted.engine.answer = "\n<think>Two and two.\nFour.</think>\n4"
+    answer = scripted.api.chat.completions.create(model=MODEL, messages=user("2+2?"))
+    message = answer.choices[0].message
+    assert (message.content, message.reasoning_content) == ("4", "Two and two.\nFour.")
+    assert answer.choices[0].finish_reason == "stop" and message.tool_calls is None
+    chunks = list(scripted.api.chat.completions.create(model=MODEL, messages=user("2+2?"), stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Two and two.\nFour."
+    assert "".join(d.content or "" for d in deltas) == "4"
+    assert not any("<" in (d.content or "") + (getattr(d, "reasoning_content", None) or "") for d in deltas)
+
+
+def test_a_tool_call_is_answered_as_tool_calls_whole_and_streamed(scripted):
+    scripted.engine.answer = THOUGHT_AND_CALL
+    answer = scripted.api.chat.completions.create(model=MODEL, messages=user("Weather in Paris?"), tools=[WEATHER])
+    choice = answer.choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.type == "function" and call.id.startswith("call_")
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris", "days": 2})
+    assert (choice.message.content, choice.message.reasoning_content) == ("Let me look.", "The user wants Paris.")
+    assert scripted.engine.asked[-1].conversation.tools == [WEATHER]
+    assert "get_weather" in scripted.engine.asked[-1].prompt  # the tools reached the template
+
+    chunks = list(scripted.api.chat.completions.create(model=MODEL, messages=user("Weather in Paris?"),
+                                                       tools=[WEATHER], stream=True))
+    streamed = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in streamed] == \
+           [(0, "get_weather", {"city": "Paris", "days": 2})]
+    assert streamed[0].id.startswith("call_") and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me look."
+
+
+def test_a_malformed_call_is_answered_as_text(scripted):
+    scripted.engine.answer = "<tool_call>get_weather\n<arg_key>city</arg_key> oops</tool_call>"
+    answer = scripted.api.chat.completions.create(model=MODEL, messages=user("Weather?"), tools=[WEATHER])
+    assert answer.choices[0].message.content == scripted.engine.answer
+    assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.tool_calls is None
+
+
+def test_a_tool_exchange_in_the_history_reaches_the_conversation_and_the_template(scripted):
+    scripted.engine.answer = "It is sunny."
+    history = [*user("Weather in Paris?"),
+               {"role": "assistant", "content": None, "reasoning_content": "Ask the tool.", "tool_calls": [
+                   {"id": "call_7", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_7", "content": "sunny, 21 C"}]
+    answer = scripted.api.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER])
+    assert answer.choices[0].message.content == "It is sunny."
+    asked = scripted.engine.asked[-1]
+    assistant, result = asked.conversation.messages[1:]
+    assert (assistant.reasoning, assistant.tool_call) == ("Ask the tool.", {"name": "get_weather",
+                                                                           "arguments": {"city": "Paris"}})
+    assert (result.role, result.tool_call_id, result.content) == ("observation", "call_7", "sunny, 21 C")
+    # The call as the template writes it in history (how a tool result is rendered is the template code's part).
+    assert "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>" in asked.prompt
+
+
+def test_chat_template_kwargs_switch_thinking_per_request_over_the_servers_flag(scripted):
+    from glmtune.serve.app import prepare
+    from glmtune.serve.schemas import ChatCompletionRequest
+
+    scripted.engine.answer = "4"
+    scripted.api.chat.completions.create(model=MODEL, messages=user("2+2?"),
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    asked = scripted.engine.asked[-1]
+    assert asked.settings.enable_thinking is False
+    assert asked.prompt.endswith("2+2?/nothink<|assistant|>\n<think></think>")
+    scripted.api.chat.completions.create(model=MODEL, messages=user("2+2?"))
+    assert not scripted.engine.asked[-1].prompt.endswith("</think>")
+
+    def thinking(kwargs, server_flag):
+        body = ChatCompletionRequest(model=MODEL, messages=user("2+2?"), chat_template_kwargs=kwargs)
+        return prepare(scripted.engine, body, 4096, server_flag)[2].enable_thinking
+
+    assert thinking(None, False) is False and thinking({"enable_thinking": True}, False) is True
+    assert thinking({"enable_thinking": False}, True) is False and thinking(None, None) is None
+
+
+def test_serve_refuses_enable_thinking_for_a_template_without_the_switch(cli, tiny_model):
+    result = cli("serve", "--model", tiny_model, "--port", "0", "--enable_thinking", "false")
+    assert result.code == 2 and "has no thinking switch" in result.err

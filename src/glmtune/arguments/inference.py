@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glmtune.arguments.data import DataFormatArguments
-from glmtune.arguments.generation import GenerationArguments, SamplingArguments
+from glmtune.arguments.generation import GenerationArguments, SamplingArguments, ThinkingArguments
 from glmtune.arguments.model import AdapterArguments, Precision
 from glmtune.arguments.options import Options, check_at_least_one, option
 from glmtune.arguments.output import OutputDirArguments, OverwriteArguments
@@ -29,8 +29,8 @@ class PromptArguments(Options):
 
 
 @dataclass
-class InferenceArguments(BatchArguments, OverwriteArguments, PromptArguments, SamplingArguments, GenerationArguments,
-                         DataFormatArguments, AdapterArguments):
+class InferenceArguments(BatchArguments, OverwriteArguments, PromptArguments, ThinkingArguments, SamplingArguments,
+                         GenerationArguments, DataFormatArguments, AdapterArguments):
     help_overrides = {"overwrite_output_dir": "Replace --output if it exists.",
                       "batch_size": "Prompts generated together."}
 
@@ -45,7 +45,7 @@ class InferenceArguments(BatchArguments, OverwriteArguments, PromptArguments, Sa
 
 
 @dataclass
-class ChatArguments(PromptArguments, SamplingArguments, GenerationArguments, AdapterArguments):
+class ChatArguments(PromptArguments, ThinkingArguments, SamplingArguments, GenerationArguments, AdapterArguments):
     # Several prompts are one conversation, as lines piped into chat are: chat keeps the history, infer does not.
     help_overrides = {"prompt": "Answer this prompt and exit (no interaction; for scripts); repeat the flag to "
                                 "answer several in turn, as one conversation."}
@@ -70,8 +70,8 @@ class MergeArguments(OverwriteArguments, OutputDirArguments, AdapterArguments):
 
 
 @dataclass
-class EvalArguments(BatchArguments, OverwriteArguments, OutputDirArguments, GenerationArguments, DataFormatArguments,
-                    AdapterArguments):
+class EvalArguments(BatchArguments, OverwriteArguments, OutputDirArguments, ThinkingArguments, GenerationArguments,
+                    DataFormatArguments, AdapterArguments):
     """Greedy decoding: eval has no sampling options. Its --max_new_tokens default (256) is the command's."""
 
     help_overrides = {"output_dir": "Directory to write predictions.jsonl and metrics.json to (required).",
@@ -87,7 +87,12 @@ class EvalArguments(BatchArguments, OverwriteArguments, OutputDirArguments, Gene
 
 
 @dataclass
-class ServeArguments(AdapterArguments):
+class ServeArguments(ThinkingArguments, AdapterArguments):
+    help_overrides = {"enable_thinking": "Think before answering (true) or answer at once (false), for models whose "
+                                         "chat template has this switch; others refuse it. A request's "
+                                         "chat_template_kwargs {\"enable_thinking\": ...} wins. Default: the "
+                                         "template's own."}
+
     host: str = option("Address to listen on; 0.0.0.0 opens the server to other machines.", default="127.0.0.1")
     port: int = option("Port to listen on (0: any free port, printed at start).", default=8000)
     api_key: str | None = option(f"Require 'Authorization: Bearer KEY' on every request (default: the {API_KEY_ENV} "

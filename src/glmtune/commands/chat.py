@@ -5,6 +5,7 @@ as one conversation."""
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import IO, TYPE_CHECKING, Any
 
@@ -14,11 +15,13 @@ from glmtune.data.conversation import Conversation, Message
 from glmtune.errors import UserError
 
 if TYPE_CHECKING:
+    from glmtune.inference.answers import AnswerDelta
     from glmtune.inference.engine import Engine, GenerationSettings
     from glmtune.inference.streaming import Completion
 
 MARKER = ">>> "
 EXIT_COMMANDS = {"/exit", "/quit"}
+DIM, RESET = "\033[2m", "\033[0m"  # ANSI: faint text, then back to normal
 HELP = "/reset clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an answer"
 
 
@@ -35,7 +38,8 @@ def run(model_args: ModelArguments, args: ChatArguments) -> None:
 
     set_seed(args.seed)
     engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  enable_thinking=args.enable_thinking)
     session = ChatSession(engine, settings, args.system)
     if args.prompt is not None:
         for prompt in args.prompt:
@@ -50,8 +54,8 @@ class ChatSession:
     def __init__(self, engine: Engine, settings: GenerationSettings, system: str | None):
         self.engine, self.settings, self.system = engine, settings, system
         self.history: list[Message] = []
-        if system:
-            self._check_system()
+        if system or settings.enable_thinking is not None:
+            self._check_prompt()
 
     def conversation(self, text: str) -> Conversation:
         """What the model is asked when the user says `text` next."""
@@ -61,25 +65,30 @@ class ChatSession:
         """Stream the answer to `out`; the exchange joins the history once the answer is complete (an answer
         stopped by Ctrl-C is left out: the model never finished it)."""
         stream = self.engine.stream(self.conversation(text), self.settings)
-        pieces = iter(stream)
+        view = AnswerView(out)
+        deltas = stream.deltas()
         try:
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
+            for delta in deltas:
+                view.show(delta)
         finally:
-            pieces.close()  # a KeyboardInterrupt between two pieces stops the generation too
-        out.write("\n")
-        out.flush()
-        self.history += [Message("user", text), Message("assistant", stream.completion.text)]
-        self._warn_if_context_full(stream.completion)
+            deltas.close()  # a KeyboardInterrupt between two pieces stops the generation too
+        view.end()
+        completion = stream.completion
+        call = completion.tool_calls[0] if completion.tool_calls else None
+        answer = Message("assistant", completion.text, reasoning=completion.reasoning,
+                         tool_call={"name": call.name, "arguments": json.loads(call.arguments)} if call else None)
+        self.history += [Message("user", text), answer]
+        self._warn_if_context_full(completion)
 
     def reset(self) -> None:
         self.history = []
 
-    def _check_system(self) -> None:
-        """Fail at start, not at the first question, when the chat template takes no system prompt."""
-        from glmtune.data.templates import encode_prompt
+    def _check_prompt(self) -> None:
+        """Fail at start, not at the first question, when the chat template takes no system prompt or has no
+        thinking switch."""
+        from glmtune.data.templates import encode_prompt, thinking_switch
 
+        thinking_switch(self.engine.tokenizer, self.settings.enable_thinking)
         try:
             encode_prompt(self.engine.tokenizer, self.conversation("?"))
         except UserError as e:
@@ -91,6 +100,47 @@ class ChatSession:
         if limit and used >= 0.9 * limit:
             print(f"[the conversation uses {used} of the model's {limit} positions: /reset to start afresh]",
                   file=sys.stderr)
+
+
+class AnswerView:
+    """Writes a streamed answer: its text to `out`; its reasoning before it, dimmed on a terminal, else to stderr
+    (so that piped output holds the answer alone); a tool call as one bracketed line."""
+
+    def __init__(self, out: IO[str]):
+        self.out, self.terminal = out, out.isatty()
+        self._in_reasoning, self._wrote = False, False
+
+    def show(self, delta: AnswerDelta) -> None:
+        if delta.reasoning:
+            if self.terminal:
+                self._write(("" if self._in_reasoning else DIM) + delta.reasoning)
+            else:
+                sys.stderr.write(delta.reasoning)
+            self._in_reasoning = True
+            return
+        self._close_reasoning()
+        if delta.tool_call:
+            call = delta.tool_call
+            self._write(("\n" if self._wrote else "") + f"[tool call {call.name} {call.arguments}]")
+        else:
+            self._write(delta.content)
+
+    def end(self) -> None:
+        self._close_reasoning()
+        self._write("\n")
+
+    def _close_reasoning(self) -> None:
+        if self._in_reasoning:
+            if self.terminal:
+                self._write(RESET + "\n")
+            else:
+                sys.stderr.write("\n")
+            self._in_reasoning = False
+
+    def _write(self, text: str) -> None:
+        self._wrote = True
+        self.out.write(text)
+        self.out.flush()
 
 
 def interact(session: ChatSession) -> None:

@@ -38,20 +38,24 @@ def run(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
     data = load_data([args.dataset], args.format)
     conversations = data.conversations[: args.max_samples]
     engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
-    samples = samples_from_conversations(engine.tokenizer, engine.stop_ids, conversations)
+    samples = samples_from_conversations(engine.tokenizer, engine.stop_ids, conversations, args.enable_thinking)
 
+    # The answer's text alone is scored; its reasoning and tool calls are written beside it.
     completions = engine.complete([c.prompt_part() for c in conversations],
-                                  GenerationSettings(max_new_tokens=max_new_tokens), args.batch_size)
+                                  GenerationSettings(max_new_tokens=max_new_tokens,
+                                                     enable_thinking=args.enable_thinking), args.batch_size)
     nll = reference_nll(engine.model, engine.tokenizer.pad_token_id, samples, args.batch_size)
     result = score(samples, [c.text for c in completions], nll)
     for record, completion in zip(result.records, completions, strict=True):
-        record.update(completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason)
-    stopped = sum(c.finish_reason == "stop" for c in completions)
+        record.update(completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason,
+                      **completion.extra_fields())
+    stopped = sum(c.finish_reason != "length" for c in completions)
     summary = {"metrics": result.metrics,
                "counts": {**result.counts, "rows_read": data.rows_read, "stopped": stopped,
                           "cut_at_max_new_tokens": len(completions) - stopped},
                "settings": {"model": engine.model_name, "peft_path": args.peft_path, "dataset": args.dataset,
                             "format": data.format, "decoding": "greedy", "max_new_tokens": max_new_tokens,
+                            "enable_thinking": args.enable_thinking,
                             "batch_size": args.batch_size, "max_samples": args.max_samples}}
 
     with atomic_directory(output_dir, args.overwrite_output_dir, inputs) as tmp:

@@ -32,9 +32,10 @@ def run(model_args: ModelArguments, args: InferenceArguments) -> list[dict[str, 
         check_writable_output(Path(args.output), args.overwrite_output_dir, "file", _inputs(args))
     set_seed(args.seed)
     engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
-    settings = GenerationSettings(args.max_new_tokens, args.max_length, args.temperature, args.top_p)
-    responses = engine.generate(conversations, settings, args.batch_size)
-    results = [{**row, "response": response} for row, response in zip(rows, responses, strict=True)]
+    settings = GenerationSettings(args.max_new_tokens, args.max_length, args.temperature, args.top_p,
+                                  args.enable_thinking)
+    completions = engine.complete(conversations, settings, args.batch_size)
+    results = [{**row, "response": c.text, **c.extra_fields()} for row, c in zip(rows, completions, strict=True)]
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
         with atomic_file(Path(args.output), args.overwrite_output_dir, _inputs(args)) as tmp:

@@ -37,13 +37,14 @@ class EvalResult:
     counts: dict[str, int]
 
 
-def samples_from_conversations(tokenizer: Any, stop_ids: list[int],
-                               conversations: list[Conversation]) -> list[EvalSample]:
+def samples_from_conversations(tokenizer: Any, stop_ids: list[int], conversations: list[Conversation],
+                               enable_thinking: bool | None = None) -> list[EvalSample]:
     """Evaluation samples from conversations (`glmtune eval`'s data file): the last assistant message of each is
     the reference, and only it is scored for perplexity.
 
     Args:
         stop_ids: the model's stop tokens; the first one the template writes ends the scored answer.
+        enable_thinking: the template's thinking switch for the prompts generation is given (--enable_thinking).
     Raises:
         UserError: rows with no assistant answer to compare with (every such row is listed, up to 20).
     """
@@ -58,8 +59,8 @@ def samples_from_conversations(tokenizer: Any, stop_ids: list[int],
                                                   for i, m in enumerate(c.messages)])
         input_ids, labels = encode_for_training(tokenizer, scored, stop_ids)
         question = next((m.content for m in reversed(c.messages) if m.role == "user"), "")
-        samples.append(EvalSample(question, c.messages[-1].content.strip(), encode_prompt(tokenizer, c.prompt_part()),
-                                  input_ids, labels, c.location))
+        prompt_ids = encode_prompt(tokenizer, c.prompt_part(), enable_thinking)
+        samples.append(EvalSample(question, c.messages[-1].content.strip(), prompt_ids, input_ids, labels, c.location))
     if problems:
         raise UserError(f"{len(problems)} row(s) have no reference answer", problems=problems[:20],
                         hint="evaluation needs rows with a prompt and an answer (`text` rows have neither)")

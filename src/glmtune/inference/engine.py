@@ -15,7 +15,10 @@ from glmtune.artifacts import MANIFEST, read_json_object
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
+from glmtune.inference.answers import AnswerParser
+from glmtune.inference.decoding import AnswerDecoder
 from glmtune.inference.streaming import Completion, TextStream, count_completion
+from glmtune.inference.tool_calls import tool_call_form
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 
@@ -28,6 +31,7 @@ class GenerationSettings:
     max_length: int | None = None  # prompt + answer; max_new_tokens wins when both are given
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    enable_thinking: bool | None = None  # the chat template's thinking switch; None: the template's default
 
 
 class Engine:
@@ -89,10 +93,12 @@ class Engine:
             UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves
                 a prompt no room; checked for every conversation before anything is generated.
         """
-        prompts = [encode_prompt(self.tokenizer, c.prompt_part()) for c in conversations]
+        prompts = [encode_prompt(self.tokenizer, c.prompt_part(), settings.enable_thinking) for c in conversations]
         budgets = [self._answer_budget(settings, prompt, c) for prompt, c in zip(prompts, conversations, strict=True)]
+        parsers = [answer_parser(self.tokenizer, prompt, c.tools) for prompt, c in zip(prompts, conversations,
+                                                                                      strict=True)]
         return generate_batched(self.model, self.tokenizer, self.stop_ids, prompts, budgets, settings, batch_size,
-                                progress)
+                                progress, parsers)
 
     def stream(self, conversation: Conversation, settings: GenerationSettings,
                stop_strings: list[str] | None = None) -> TextStream:
@@ -105,13 +111,14 @@ class Engine:
             UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves it
                 no room.
         """
-        prompt = encode_prompt(self.tokenizer, conversation.prompt_part())
+        prompt = encode_prompt(self.tokenizer, conversation.prompt_part(), settings.enable_thinking)
         budget = self._answer_budget(settings, prompt, conversation)
         input_ids, attention_mask = left_pad([prompt], self.tokenizer.pad_token_id)  # (1, prompt)
         config = generation_config(settings, budget, self.stop_ids, self.tokenizer.pad_token_id)
         if stop_strings:
             config.stop_strings = stop_strings
-        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids)
+        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids,
+                          answer_parser(self.tokenizer, prompt, conversation.tools))
 
     def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
         """New tokens allowed for one prompt; checked for every prompt before anything is generated."""
@@ -128,16 +135,26 @@ class Engine:
         return settings.max_length - len(prompt)
 
 
+def answer_parser(tokenizer: Any, prompt: list[int], tools: list[dict[str, Any]] | None = None) -> AnswerParser:
+    """How the answer to this prompt is split: the call form of the model's template, the tools offered, and
+    whether the prompt ends inside a think block (a template that opens it for the model)."""
+    tail = tokenizer.decode(prompt[-4:], skip_special_tokens=False).rstrip()
+    return AnswerParser(tool_call_form(getattr(tokenizer, "chat_template", None)), tools, tail.endswith("<think>"))
+
 
 def generate_batched(model: Any, tokenizer: Any, stop_ids: list[int], prompts: list[list[int]], budgets: list[int],
-                     settings: GenerationSettings, batch_size: int = 8, progress: bool = True) -> list[Completion]:
+                     settings: GenerationSettings, batch_size: int = 8, progress: bool = True,
+                     parsers: list[AnswerParser] | None = None) -> list[Completion]:
     """Answers to prompt ids, in order, each within its own budget of new tokens. Batches hold prompts of similar
-    length (less padding), left-padded. The engine's path, and train's evaluation hook's (which has only ids)."""
+    length (less padding), left-padded. The engine's path, and train's evaluation hook's (which has only ids).
+    `parsers` split each answer (default: by the tokenizer's template, no tools)."""
     import torch
     from tqdm.auto import tqdm
 
     from glmtune.logs import progress_bars_enabled
 
+    decoder = AnswerDecoder(tokenizer)
+    parsers = parsers or [answer_parser(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: dict[int, Completion] = {}
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
@@ -150,8 +167,8 @@ def generate_batched(model: Any, tokenizer: Any, stop_ids: list[int], prompts: l
         for row, index in enumerate(batch):
             # Each answer keeps its own budget, whatever it was batched with.
             new_tokens = output[row, input_ids.shape[1]:][: budgets[index]]
-            text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            answers[index] = count_completion(text, len(prompts[index]), new_tokens.tolist(), stop_ids)
+            parts = parsers[index].parse(decoder.decode(new_tokens.tolist()))
+            answers[index] = count_completion(parts, len(prompts[index]), new_tokens.tolist(), stop_ids)
     return [answers[i] for i in range(len(prompts))]
 
 

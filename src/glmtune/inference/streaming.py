@@ -9,47 +9,83 @@ criterion checks before each new token, so the worker ends within one token.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import StoppingCriteria
 
+from glmtune.inference.answers import AnswerDelta, AnswerParser, AnswerParts
+from glmtune.inference.decoding import AnswerDecoder
+from glmtune.inference.tool_calls import ToolCall
+
 
 @dataclass
 class Completion:
-    text: str  # decoded without special tokens, stripped (as `infer` writes it)
+    text: str  # the answer without its reasoning and tool calls, stripped (as `infer` writes it)
     prompt_tokens: int
     completion_tokens: int  # generated tokens up to and including the stop token
-    finish_reason: str  # "stop" (a stop token) or "length" (the budget ran out)
+    finish_reason: str  # "stop" (a stop token), "length" (the budget ran out) or "tool_calls" (the model called one)
+    reasoning: str | None = None  # the think block's text, when the answer had one
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def extra_fields(self) -> dict[str, Any]:
+        """What infer and eval write beside the answer's text: `reasoning` and `tool_calls` (OpenAI's form), when
+        the model thought or called a tool."""
+        fields: dict[str, Any] = {}
+        if self.reasoning:
+            fields["reasoning"] = self.reasoning
+        if self.tool_calls:
+            fields["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        return fields
 
 
-def count_completion(text: str, prompt_tokens: int, new_ids: list[int], stop_ids: list[int]) -> Completion:
+def count_completion(parts: AnswerParts, prompt_tokens: int, new_ids: list[int], stop_ids: list[int]) -> Completion:
     """new_ids: what generate produced after the prompt, within the budget (a batch pads finished rows)."""
     stops = set(stop_ids)
     end = next((i + 1 for i, token in enumerate(new_ids) if token in stops), None)
-    if end is None:
-        return Completion(text, prompt_tokens, len(new_ids), "length")
-    return Completion(text, prompt_tokens, end, "stop")
+    reason = "tool_calls" if parts.tool_calls else "length" if end is None else "stop"
+    return Completion(parts.content, prompt_tokens, len(new_ids) if end is None else end, reason, parts.reasoning,
+                      parts.tool_calls)
 
 
 class TextStream:
-    """Iterate for the answer's text pieces; once iteration ends, `completion` holds the whole answer and its
-    counts. Closing the iterator early (or an exception in the reader, such as KeyboardInterrupt) stops the
-    generation; `completion` then stays None."""
+    """Iterate for the answer's text pieces (its reasoning and tool calls left out), or `deltas()` for all of it;
+    `pieces()` gives the raw decoded text, markers included. Once iteration ends, `completion` holds the whole
+    answer and its counts. Closing the iterator early (or an exception in the reader, such as KeyboardInterrupt)
+    stops the generation; `completion` then stays None."""
 
     def __init__(self, model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, generation_config: Any,
-                 stop_ids: list[int]):
+                 stop_ids: list[int], parser: AnswerParser | None = None):
         self.completion: Completion | None = None
+        self.parser = parser or AnswerParser()
         self._model, self._tokenizer = model, tokenizer
         self._input_ids, self._attention_mask = input_ids, attention_mask  # (1, prompt)
         self._config, self._stop_ids = generation_config, stop_ids
         self._cancel = threading.Event()
 
     def __iter__(self) -> Iterator[str]:
+        deltas = self.deltas()
+        try:
+            for delta in deltas:
+                if delta.content:
+                    yield delta.content
+        finally:
+            deltas.close()  # closing this iterator stops the generation, as closing pieces() does
+
+    def deltas(self) -> Iterator[AnswerDelta]:
+        pieces = self.pieces()
+        try:
+            yield from self.parser.splitter().deltas(pieces)
+        finally:
+            pieces.close()
+
+    def pieces(self) -> Iterator[str]:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
+        decoder = AnswerDecoder(self._tokenizer)
+        # The decoder stands in for the tokenizer: the streamer only decodes.
+        streamer = TextIteratorStreamer(decoder, skip_prompt=True)
         result: dict[str, Any] = {}
 
         def work() -> None:
@@ -66,7 +102,7 @@ class TextStream:
         worker = threading.Thread(target=work, name="glmtune-generate", daemon=True)
         worker.start()
         try:
-            yield from strip_stream(streamer)
+            yield from streamer
         except BaseException:  # GeneratorExit (closed early), KeyboardInterrupt, ...
             self._cancel.set()
             raise
@@ -75,24 +111,8 @@ class TextStream:
         if "error" in result:
             raise result["error"]
         new_ids = result["output"][0, self._input_ids.shape[1]:].tolist()
-        text = self._tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        self.completion = count_completion(text, self._input_ids.shape[1], new_ids, self._stop_ids)
-
-
-def strip_stream(pieces: Iterable[str]) -> Iterator[str]:
-    """The pieces with the answer's leading and trailing whitespace left out, so that they join to the same text
-    as the batched answer (`.strip()`): GLM-4's answers start with the newline after `<|assistant|>`. Whitespace
-    is held back until something follows it."""
-    pending, started = "", False
-    for piece in pieces:
-        text = pending + piece
-        if not started:
-            text = text.lstrip()
-        body = text.rstrip()
-        pending = text[len(body):]
-        if body:
-            started = True
-            yield body
+        parts = self.parser.parse(decoder.decode(new_ids))
+        self.completion = count_completion(parts, self._input_ids.shape[1], new_ids, self._stop_ids)
 
 
 class _Cancelled(StoppingCriteria):

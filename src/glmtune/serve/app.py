@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from glmtune.data.conversation import Conversation
-from glmtune.data.formats import RowProblem, read_messages
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.inference.engine import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
-from glmtune.serve.scheduler import ChoiceEnd, Job, JobEnd, JobError, QueueFull, TextDelta, Worker
+from glmtune.serve.messages import BadRequest, request_conversation, request_thinking
+from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, Job, JobEnd, JobError, QueueFull, Worker
 from glmtune.serve.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -40,6 +40,8 @@ from glmtune.serve.schemas import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    StreamedToolCall,
+    ToolCallItem,
     Usage,
 )
 
@@ -58,7 +60,8 @@ class APIError(Exception):
         self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
 
 
-def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64) -> FastAPI:
+def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
+               enable_thinking: bool | None = None) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
 
     Args:
@@ -67,6 +70,8 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         model_name: the model id /v1/models lists and answers carry.
         api_key: the bearer key every request must send; None for none.
         max_queue: requests that may wait while one is answered; one more answers 429.
+        enable_thinking: the chat template's thinking switch (--enable_thinking), unless a request's
+            chat_template_kwargs sets it.
     """
     worker = Worker(engine, max_queue)
     context = context_length(engine.model.config)
@@ -103,7 +108,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model, model_name)
-        conversation, prompt_tokens, settings = prepare(engine, body, context)
+        conversation, prompt_tokens, settings = prepare(engine, body, context, enable_thinking)
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
 
         def deliver(event: Any) -> None:  # called from the worker thread
@@ -126,28 +131,20 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
     return app
 
 
-def prepare(engine: Any, body: ChatCompletionRequest, context: int | None) -> tuple[Conversation, int, Any]:
+def prepare(engine: Any, body: ChatCompletionRequest, context: int | None,
+            enable_thinking: bool | None = None) -> tuple[Conversation, int, Any]:
     """The conversation, its prompt length and the generation settings, or a 400 that says what is wrong."""
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise APIError(400, f"'{name}' is not supported by this server", param=name)
+    if body.functions:
+        raise APIError(400, "'functions' is not supported by this server: use 'tools'", param="functions")
     if body.logprobs:
         raise APIError(400, "'logprobs' is not supported by this server", param="logprobs")
-    turns = [{"role": "system" if m.role == "developer" else m.role,
-              "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
-             for m in body.messages]
-    for i, turn in enumerate(turns[1:], start=1):
-        if turn["role"] == "system":
-            raise APIError(400, f"messages.{i}: a system message may only come first", param=f"messages.{i}.role")
-    try:  # the same reader as `prepare` and `infer --input` use for OpenAI-style messages (tool -> observation)
-        conversation = read_messages({"messages": turns}, need_answer=False)
-    except RowProblem as e:
-        raise APIError(400, f"messages: {e.describe({'messages': turns})}", param="messages") from None
-    if not conversation.messages or conversation.messages[-1].role == "assistant":
-        raise APIError(400, "the last message must be a user or tool message: it is what the model answers",
-                       param="messages")
     try:
-        prompt_tokens = len(encode_prompt(engine.tokenizer, conversation))
+        conversation = request_conversation(body)
+        thinking = request_thinking(engine.tokenizer, body, enable_thinking)
+    except BadRequest as e:
+        raise APIError(400, e.message, param=e.param) from None
+    try:
+        prompt_tokens = len(encode_prompt(engine.tokenizer, conversation, thinking))
     except UserError as e:  # e.g. a chat template that takes no system prompt
         raise APIError(400, e.message, param="messages") from None
 
@@ -163,7 +160,8 @@ def prepare(engine: Any, body: ChatCompletionRequest, context: int | None) -> tu
     if max_tokens is None:  # glmtune's default answer length (as `infer` and `chat`), within the context
         max_tokens = min(DEFAULT_MAX_NEW_TOKENS, context - prompt_tokens) if context else DEFAULT_MAX_NEW_TOKENS
     temperature = 1.0 if body.temperature is None else body.temperature
-    settings = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0)
+    settings = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0,
+                                  enable_thinking=thinking)
     return conversation, prompt_tokens, settings
 
 
@@ -201,24 +199,32 @@ class Answer:
                      total_tokens=self.prompt_tokens + completion_tokens)
 
     async def whole(self, events: AsyncIterator[Any]) -> ChatCompletion | JSONResponse:
-        texts, ends = [""] * self.n, {}
+        texts, reasoning, calls = [""] * self.n, [""] * self.n, [[] for _ in range(self.n)]
+        ends = {}
         async for event in events:
-            if isinstance(event, TextDelta):
-                texts[event.index] += event.text
+            if isinstance(event, AnswerPiece):
+                texts[event.index] += event.delta.content
+                reasoning[event.index] += event.delta.reasoning
+                if event.delta.tool_call:
+                    calls[event.index].append(ToolCallItem(**event.delta.tool_call.to_openai()))
             elif isinstance(event, ChoiceEnd):
                 ends[event.index] = event
             elif isinstance(event, JobError):
                 return internal_error(event.error)
         if len(ends) < self.n:  # the client left; nobody reads this
             return error_response(APIError(499, "the client closed the request", code="client_closed"))
-        choices = [Choice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=ends[i].finish_reason)
-                   for i in range(self.n)]
+        # OpenAI's content is null when the answer is tool calls alone.
+        choices = [Choice(index=i, message=AssistantMessage(content=texts[i] or (None if calls[i] else ""),
+                                                            reasoning_content=reasoning[i] or None,
+                                                            tool_calls=calls[i] or None),
+                          finish_reason=ends[i].finish_reason) for i in range(self.n)]
         return ChatCompletion(id=self.id, created=self.created, model=self.model_name, choices=choices,
                               usage=self.usage(sum(e.completion_tokens for e in ends.values())))
 
     async def sse(self, events: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
         completion_tokens = 0
         started: set[int] = set()
+        calls = [0] * self.n  # each choice's calls so far: a streamed call's index
         async for event in events:
             if isinstance(event, JobError):
                 yield _data(internal_error(event.error).body.decode())
@@ -231,11 +237,22 @@ class Answer:
             if event.index not in started:  # OpenAI opens each choice with the role
                 started.add(event.index)
                 yield self._chunk([ChunkChoice(index=event.index, delta=Delta(role="assistant", content=""))])
-            if isinstance(event, TextDelta):
-                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+            if isinstance(event, AnswerPiece):
+                yield self._chunk([ChunkChoice(index=event.index, delta=self._delta(event, calls))])
             elif isinstance(event, ChoiceEnd):
                 completion_tokens += event.completion_tokens
                 yield self._chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.finish_reason)])
+
+    @staticmethod
+    def _delta(piece: AnswerPiece, calls: list[int]) -> Delta:
+        """A piece as OpenAI streams it: a call whole, with its id, name and arguments, in one delta."""
+        delta = piece.delta
+        if delta.tool_call:
+            calls[piece.index] += 1
+            return Delta(tool_calls=[StreamedToolCall(index=calls[piece.index] - 1, **delta.tool_call.to_openai())])
+        if delta.reasoning:
+            return Delta(reasoning_content=delta.reasoning)
+        return Delta(content=delta.content)
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model_name, choices=choices,

@@ -16,21 +16,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from glmtune.data.conversation import Conversation
+from glmtune.inference.answers import AnswerDelta
 
 if TYPE_CHECKING:
     from glmtune.inference.engine import GenerationSettings
 
 
 @dataclass
-class TextDelta:
+class AnswerPiece:
     index: int  # which choice
-    text: str
+    delta: AnswerDelta  # reasoning, text or a tool call
 
 
 @dataclass
 class ChoiceEnd:
     index: int
-    finish_reason: str  # "stop" (a stop token or stop string) or "length"
+    finish_reason: str  # "stop" (a stop token or stop string), "length" or "tool_calls"
     completion_tokens: int
 
 
@@ -44,7 +45,7 @@ class JobError:
     error: BaseException
 
 
-Event = TextDelta | ChoiceEnd | JobEnd | JobError
+Event = AnswerPiece | ChoiceEnd | JobEnd | JobError
 
 
 class QueueFull(Exception):
@@ -63,7 +64,8 @@ class Job:
 
 
 class Worker:
-    """Runs jobs one after another with `engine.stream` (an Engine, or a stand-in with the same method)."""
+    """Runs jobs one after another with `engine.stream` (an Engine, or a stand-in with the same method, whose
+    stream has `pieces()`, `parser` and `completion`)."""
 
     def __init__(self, engine: Any, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
@@ -127,20 +129,22 @@ class Worker:
             set_seed(job.seed)  # before the first choice: the n choices are n draws, reproducible together
         for index in range(job.n):
             stream = self.engine.stream(job.conversation, job.settings, job.stop or None)
-            cutter = StopCutter(job.stop)
-            pieces = iter(stream)
+            # Stop strings cut the raw text, then the answer is split (a stop string inside the reasoning ends it).
+            cutter, splitter = StopCutter(job.stop), stream.parser.splitter()
+            pieces = stream.pieces()
             try:
                 for piece in pieces:
                     if job.cancelled.is_set():
                         return  # the `finally` closes the stream, which stops generation within one token
-                    if text := cutter.feed(piece):
-                        job.deliver(TextDelta(index, text))
+                    for delta in splitter.feed(cutter.feed(piece)):
+                        job.deliver(AnswerPiece(index, delta))
             finally:
                 pieces.close()
-            if text := cutter.flush():
-                job.deliver(TextDelta(index, text))
+            for delta in splitter.feed(cutter.flush()) + splitter.finish():
+                job.deliver(AnswerPiece(index, delta))
             completion = stream.completion
-            reason = "stop" if cutter.stopped else completion.finish_reason
+            reason = "tool_calls" if splitter.parts.tool_calls else "stop" if cutter.stopped else \
+                completion.finish_reason
             job.deliver(ChoiceEnd(index, reason, completion.completion_tokens))
         job.deliver(JobEnd())
 

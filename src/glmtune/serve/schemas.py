@@ -16,12 +16,30 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text
+
+
+class ToolCallItem(BaseModel):
+    """A call an assistant made: in a request's history, and in an answer's message."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id, ... are accepted
+    model_config = ConfigDict(strict=True, extra="allow")  # name, ... are accepted
 
     # "developer" is OpenAI's newer name for "system"; "tool" is a tool's result (an observation turn).
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None  # an assistant's thinking, as glmtune (and vLLM) answer it
+    tool_calls: list[ToolCallItem] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool result's: the call it answers
 
 
 class StreamOptions(BaseModel):
@@ -44,8 +62,10 @@ class ChatCompletionRequest(BaseModel):
     stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
     n: int | None = Field(None, ge=1, le=128)  # 128: OpenAI's own limit
     seed: int | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by the server: {"type": "function", "function": {name...}}
+    tool_choice: str | dict[str, Any] | None = None  # "auto" and "none" are served
+    chat_template_kwargs: dict[str, Any] | None = None  # {"enable_thinking": bool}, as vLLM takes it
     # Refused when given: answering as if they were absent would mislead the client.
-    tools: list[Any] | None = None
     functions: list[Any] | None = None
     logprobs: bool | None = None
 
@@ -61,7 +81,9 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is tool calls alone
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallItem] | None = None
 
 
 class Choice(BaseModel):
@@ -80,9 +102,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class StreamedToolCall(ToolCallItem):
+    index: int  # which of the choice's calls
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[StreamedToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
