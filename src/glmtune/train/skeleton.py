@@ -292,7 +292,7 @@ def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, 
     from peft import LoraConfig, get_peft_model
 
     model_type = model.config.model_type
-    parameters = resolve_target_parameters(model_type, lora_args.target_modules)
+    parameters = unquantized_targets(model, resolve_target_parameters(model_type, lora_args.target_modules))
     dropout = lora_args.lora_dropout
     if parameters and dropout > 0:  # peft's parameter LoRA (lora.ParamWrapper) refuses dropout
         logger.warning(f"--lora_dropout {dropout}: LoRA on {model_type}'s expert and MLP weights (peft's "
@@ -312,6 +312,18 @@ def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, 
         raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
     log_trainable_parameters(peft_model)
     return peft_model
+
+
+def unquantized_targets(model: PreTrainedModel, parameters: list[str]) -> list[str]:
+    """The target parameters that are plain tensors: peft's parameter LoRA adds BA to the weight itself, which a
+    bitsandbytes-packed weight (a quantized base's dense and shared-expert MLP) can't take. Those go unadapted; the
+    fused 3-D experts bitsandbytes doesn't quantize stay targeted."""
+    packed = {target for name, weight in model.named_parameters() for target in parameters
+              if type(weight).__name__ in ("Params4bit", "Int8Params") and name.endswith(f".{target}")}
+    if packed:
+        logger.warning(f"LoRA leaves {', '.join(sorted(packed))} out: quantized weights can't be adapted as "
+                       "parameters (peft's target_parameters)")
+    return [target for target in parameters if target not in packed]
 
 
 def check_same_adapter_shape(checkpoint: Path, peft_config: LoraConfig) -> None:
