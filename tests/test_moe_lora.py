@@ -50,6 +50,10 @@ def experts_run(moe):
 
 
 def test_expert_adapter_weights_exist_and_are_trained(experts_run):
+    import json
+
+    config = json.loads((experts_run / "manifest.json").read_text())["config"]
+    assert config["packing"] and config["chunked_loss"]  # trained packed, with the chunked loss
     weights = load_file(experts_run / "adapter_model.safetensors")
     for part in ("layers.1.mlp.experts.lora_B", "layers.1.mlp.experts.base_layer.lora_B",  # down_proj, gate_up_proj
                  "layers.1.mlp.shared_experts.gate_proj.lora_B", "layers.0.mlp.down_proj.lora_B",
