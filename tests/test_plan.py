@@ -71,6 +71,44 @@ def test_lora_parameter_count_matches_peft(targets):
     assert lora_parameter_count(shape, resolve_targets(shape, targets), 4) == trainable
 
 
+MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+           first_k_dense_replace=1, n_group=1, topk_group=1)
+
+
+@pytest.mark.parametrize("targets", [None, "q_proj,v_proj"])
+def test_moe_counts_match_the_model_and_its_expert_adapter(targets):
+    """glm4_moe: total parameters as the model counts them, those a token uses (its top-k of the routed experts),
+    and the default adapter's size (attention, dense MLP, shared and fused routed experts) as peft builds it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from glmtune.models.lora import resolve_target_modules, resolve_target_parameters
+    from glmtune.plan.shape import active_parameter_count
+
+    config = native("glm4_moe", **MOE)
+    shape = shape_from_config(config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = sum(p[0].numel() for name, p in model.named_parameters() if ".experts." in name) // shape.moe_layers
+    assert parameter_count(shape) == total
+    assert active_parameter_count(shape) == total - shape.moe_layers * (8 - 2) * per_expert
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0,
+                                                  target_modules=resolve_target_modules("glm4_moe", targets),
+                                                  target_parameters=resolve_target_parameters("glm4_moe", targets)))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert lora_parameter_count(shape, resolve_targets(shape, targets), 4) == trainable
+
+
+def test_moe_expert_adapter_memory_is_counted_only_when_experts_are_adapted():
+    shape = shape_from_config(native("glm4_moe", **MOE))
+    with_experts = estimate(shape, Setup(seq_len=64, batch_size=2, lora_rank=8,
+                                         targets=tuple(resolve_targets(shape, None))))
+    attention = estimate(shape, Setup(seq_len=64, batch_size=2, lora_rank=8,
+                                      targets=tuple(resolve_targets(shape, "q_proj,k_proj,v_proj,o_proj"))))
+    assert with_experts.lines["adapted weights (parameter LoRA)"] > 0
+    assert "adapted weights (parameter LoRA)" not in attention.lines
+
+
 def test_breakdown_of_a_small_config_by_hand():
     shape = shape_from_config(native("glm"))
     setup = Setup(seq_len=128, batch_size=2, lora_rank=8, targets=tuple(resolve_targets(shape, None)))

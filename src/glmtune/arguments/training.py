@@ -33,6 +33,12 @@ class LoraArguments(Options):
     lora_dropout: float = option("Dropout on the LoRA input.", default=0.1)
     target_modules: str | None = option("Comma-separated module names to adapt, or 'all-linear'. Default: chosen per "
                                         "architecture.")
+    train_router: bool = option("Mixture-of-experts models (glm4_moe): train the router's weights too (saved whole "
+                                "with the adapter); by default the router is frozen.", default=False)
+    moe_aux_loss_coef: float | None = option("Mixture-of-experts models (glm4_moe): add this weight x a router "
+                                             "load-balancing loss (DeepSeek-V3's) to the gradients, to keep a "
+                                             "trained router (--train_router) spreading tokens over the experts. "
+                                             "Default: off.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,6 +46,9 @@ class LoraArguments(Options):
             raise UserError(f"--lora_rank must be a positive integer, got {self.lora_rank}")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.moe_aux_loss_coef is not None and self.moe_aux_loss_coef <= 0:
+            raise UserError(f"--moe_aux_loss_coef must be positive, got {self.moe_aux_loss_coef}",
+                            hint="leave it out to train without the balancing loss")
 
 
 @dataclass

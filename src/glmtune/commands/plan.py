@@ -94,7 +94,10 @@ def run(args: PlanArguments) -> Estimate:
 
 def render(model: str, shape: ModelShape, setup: Setup, result: Estimate, budget: float | None, where: str) -> str:
     targets = ",".join(t.name for t in setup.targets)
-    head = [f"model: {model} ({shape.model_type}, {result.parameters / 1e6:,.1f}M parameters; LoRA r{setup.lora_rank} "
+    active = (f", {result.active_parameters / 1e6:,.1f}M active per token"
+              if shape.moe_layers and result.active_parameters else "")
+    head = [f"model: {model} ({shape.model_type}, {result.parameters / 1e6:,.1f}M parameters{active}; "
+            f"LoRA r{setup.lora_rank} "
             f"on {targets}: {result.trainable_parameters / 1e6:,.2f}M trainable)",
             f"run: {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}"
             + (f", {setup.quantization} weights" if setup.quantization else "")

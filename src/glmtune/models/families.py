@@ -67,6 +67,10 @@ class Family:
     # the next one begins, as their official chat() stops (ChatGLM3's config lists only the eos).
     end_of_turn: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] | str = "all-linear"  # module names, or peft's "all-linear"
+    # Parameters LoRA adapts by default beside those modules (peft's target_parameters, matched by name suffix):
+    # weights that are no nn.Linear, such as a mixture of experts' fused expert tensors.
+    lora_parameters: tuple[str, ...] = ()
+    router: str | None = None  # a mixture of experts' router module (name suffix): frozen unless --train_router
     # Whether restarting position ids keep packed samples apart (transformers' attention interface does; a model
     # deriving its own masks from the ids would let them see each other: padded batches then).
     packing: bool = True
@@ -123,12 +127,19 @@ THINKING_GLM_TURN_ENDS = (*ROLE_TURN_ENDS, "<|endoftext|>")
 GLM4 = replace(GLM, name="GLM-4-0414 / GLM-Z1 (transformers' glm4)", recognise=_model_type("glm4"),
                end_of_turn=THINKING_GLM_TURN_ENDS,
                shape=Decoder(fused_gate_up=True, norms_per_layer=4, qkv_bias=True, o_bias=False))
-# GLM-4.5 / 4.6 / 4.7. LoRA on attention only: peft 0.21 rewrites any gate_proj/up_proj/down_proj target of a
-# transformers-5 MoE model into an adapter on the fused routed experts and then adapts neither the dense layers' nor
-# the shared experts' MLP (peft issue #3711), so naming them would silently adapt something else than asked.
+# GLM-4.5 / 4.6 / 4.7: LoRA on attention (modules), and on every MLP as parameters: the routed experts (transformers
+# 5 keeps them fused, one 3-D tensor per projection), the shared experts and the first layers' dense MLP. The MLP
+# linears are named as parameters because peft 0.21 rewrites any gate_proj/up_proj/down_proj *module* target of a
+# transformers-5 MoE model into one on the fused experts, and then adapts neither the dense nor the shared-expert
+# MLP (peft issue #3711); parameter targets are left as they are, when training and when loading. The router
+# (mlp.gate) stays frozen unless --train_router.
+GLM4_MOE_MLP_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                           "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight",
+                           "shared_experts.down_proj.weight")
 GLM4_MOE = replace(GLM, name="GLM-4.5 / 4.6 / 4.7 (transformers' glm4_moe)", recognise=_model_type("glm4_moe"),
-                   lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), shape=Decoder(o_bias=False, moe=True),
-                   end_of_turn=THINKING_GLM_TURN_ENDS)
+                   lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_parameters=GLM4_MOE_MLP_PARAMETERS,
+                   router="mlp.gate", shape=Decoder(o_bias=False, moe=True), end_of_turn=THINKING_GLM_TURN_ENDS)
 
 # THUDM's remote-code checkpoints (`model_type: chatglm` with multi_query_attention), converted on load into the
 # GlmForCausalLM above (models/chatglm/convert.py): after loading they are that model in everything.

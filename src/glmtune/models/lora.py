@@ -27,3 +27,16 @@ def resolve_target_modules(model_type: str, requested: str | None) -> Any:
 def base_model(model: Any) -> Any:
     """The model under a PEFT wrapper (the model itself when there is none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def resolve_target_parameters(model_type: str, requested_modules: str | None) -> list[str]:
+    """The `target_parameters` to give peft's LoraConfig: the family's (a mixture of experts' fused expert tensors
+    and its MLP weights), or none when the user named the modules (--target_modules wins)."""
+    if requested_modules:
+        return []
+    return list(family_of({"model_type": model_type}).lora_parameters)
+
+
+def router_module(model_type: str) -> str | None:
+    """The name (suffix) of a mixture of experts' router module, None for a model glmtune knows no router of."""
+    return family_of({"model_type": model_type}).router

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from glmtune.plan.shape import Linear, ModelShape, layer_linears, lora_parameter_count, parameter_count
+from glmtune.plan.shape import (
+    Linear,
+    ModelShape,
+    active_parameter_count,
+    is_moe_layer,
+    layer_linears,
+    lora_parameter_count,
+    parameter_count,
+)
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -55,6 +63,7 @@ class Estimate:
     lines: dict[str, float]  # component -> bytes, in the order they are printed
     trainable_parameters: int
     parameters: int
+    active_parameters: int = 0  # MoE: those one token uses (parameters for a dense model)
 
     @property
     def total(self) -> float:
@@ -80,21 +89,25 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         "gradients": 4.0 * lora,
         "optimizer states": 8.0 * lora,
         "activations": activation_bytes(shape, setup),
+        "adapted weights (parameter LoRA)": parameter_lora_bytes(shape, setup),
         "loss / logits": loss_bytes(shape, setup),
         "allocator slack": allocator_slack_bytes(shape, setup),
         "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
     }
-    return Estimate(lines, lora, params)
+    if not lines["adapted weights (parameter LoRA)"]:
+        del lines["adapted weights (parameter LoRA)"]
+    return Estimate(lines, lora, params, active_parameter_count(shape))
 
 
 def weight_bytes(shape: ModelShape, setup: Setup, params: int) -> float:
     width = DTYPE_BYTES[setup.dtype]
     if setup.quantization is None:
         return float(params * width)
-    # bitsandbytes quantizes the decoder's linear layers (and MoE experts); embeddings, norms and the output
-    # layer are loaded in the compute precision, then peft's prepare_model_for_kbit_training (glmtune train does
-    # it) casts them to fp32.
-    linear = parameter_count(replace(shape, vocab_size=0, norms_per_layer=0)) - _final_norm(shape)
+    # bitsandbytes quantizes the decoder's nn.Linear layers; embeddings, norms and the output layer are loaded in
+    # the compute precision, then peft's prepare_model_for_kbit_training (glmtune train does it) casts them to fp32,
+    # as it does the fused 3-D expert tensors of transformers 5's MoE models, which bitsandbytes can't quantize.
+    fused = replace(shape, linears=tuple(lin for lin in shape.linears if lin.copies == 1))
+    linear = parameter_count(replace(fused, vocab_size=0, norms_per_layer=0, extra_layer_params=0)) - _final_norm(shape)
     return linear * QUANT_BYTES[setup.quantization] + (params - linear) * DTYPE_BYTES["fp32"]
 
 
@@ -132,19 +145,34 @@ def lora_input_bytes(shape: ModelShape, setup: Setup, moe: bool = False) -> floa
     widths = {"attn_in": shape.hidden_size, "attn_out": shape.q_dim, "mlp_in": shape.hidden_size,
               "mlp_act": shape.moe_active_intermediate if moe else shape.intermediate_size}
     present = {lin.name for lin in layer_linears(shape, moe)}
-    targets = [t for t in setup.targets if t.name in present]
+    targets = [t for t in setup.targets if t.name in present and not t.as_parameter]
+    # peft's parameter LoRA refuses dropout, so an adapter with any parameter target has none (train/skeleton.py)
+    dropout = 0.0 if any(t.as_parameter for t in setup.targets) else setup.lora_dropout
     total = 4.0 * setup.lora_rank * len(targets)  # each A's output, read by B's backward
     for group, width in widths.items():
         n = sum(t.feeds_from == group for t in targets)
         if not n:
             continue
-        if setup.lora_dropout > 0:
+        if dropout > 0:
             total += n * width * (4 + (4 if setup.device == "cpu" else 1))
         elif w == 4:
             total += width * w  # the shared input, kept once
         else:
             total += n * width * 4
     return total
+
+
+def parameter_lora_bytes(shape: ModelShape, setup: Setup) -> float:
+    """LoRA on parameters (peft's ParamWrapper: a MoE's fused experts) materialises each adapted weight W + BA on
+    every forward, and the layer keeps it for backward (the expert matmuls read it): a copy of every adapted
+    layer's weights, in the compute precision, for every layer (one layer under gradient checkpointing), plus the
+    delta and its gradient of the widest layer while backward passes it."""
+    w = DTYPE_BYTES[setup.dtype]
+    per_layer = [sum(t.weights for t in setup.targets if t.as_parameter and t.name in
+                     {lin.name for lin in layer_linears(shape, is_moe_layer(shape, layer))})
+                 for layer in range(shape.num_layers)]
+    kept = max(per_layer) if setup.gradient_checkpointing else sum(per_layer)
+    return float((kept + 2 * max(per_layer)) * w)
 
 
 def activation_bytes(shape: ModelShape, setup: Setup) -> float:

@@ -8,7 +8,7 @@ THUDM's ChatGLM configs, which transformers has no class for. Which reader a con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from glmtune.errors import UserError
@@ -25,6 +25,15 @@ class Linear:
     bias: bool
     feeds_from: str
     dense_layers_only: bool = False  # MoE models: the dense MLP, present in the first dense layers only
+    moe_layers_only: bool = False  # MoE models: the routed and shared experts, present in the MoE layers only
+    copies: int = 1  # the routed experts: one fused tensor holding this layer once per expert
+    # Adapted as a parameter (peft's target_parameters, lora.ParamWrapper): each forward materialises the adapted
+    # weight W + BA, rather than running A and B on the layer's input.
+    as_parameter: bool = False
+
+    @property
+    def weights(self) -> int:
+        return self.d_in * self.d_out * self.copies
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,9 @@ class ModelShape:
     norm_bias: bool  # LayerNorm (ChatGLM-6B) rather than RMSNorm
     tie_embeddings: bool
     linears: tuple[Linear, ...]
-    extra_layer_params: int = 0  # MoE: routed experts, router and shared experts of one MoE layer
+    extra_layer_params: int = 0  # MoE: the router of one MoE layer (its experts are linears)
     moe_layers: int = 0
+    moe_top_k: int = 0  # MoE: routed experts a token passes through
     moe_active_intermediate: int = 0  # MoE: intermediate width a token passes through (top-k + shared experts)
     notes: tuple[str, ...] = field(default=())
 
@@ -125,15 +135,26 @@ class Decoder:
                    Linear("up_proj", hidden, inter, False, "mlp_in", self.moe),
                    Linear("down_proj", inter, hidden, False, "mlp_act", self.moe)]
         notes: list[str] = []
-        moe_layers = extra = active = 0
+        moe_layers = extra = active = top_k = 0
         if self.moe:
             experts, top_k, moe_inter = require_positive(config, ["n_routed_experts", "num_experts_per_tok",
                                                                   "moe_intermediate_size"], source)
             shared = config.get("n_shared_experts") or 0
             moe_layers = layers - min(layers, config.get("first_k_dense_replace") or 0)
-            # Fused routed experts (gate_up and down per expert), the router's weight (its correction bias is a
-            # buffer), and the shared experts' gate/up/down MLP (transformers' Glm4MoeMoE).
-            extra = experts * 3 * hidden * moe_inter + experts * hidden + 3 * hidden * moe_inter * shared
+            # transformers' Glm4MoeMoE: the routed experts fused (gate_up and down, one tensor each for all
+            # experts), the shared experts' gate/up/down MLP, and the router's weight (its correction bias is a
+            # buffer).
+            shared_inter = moe_inter * shared
+            mlp += [Linear("experts.gate_up_proj", hidden, 2 * moe_inter, False, "experts", moe_layers_only=True,
+                           copies=experts),
+                    Linear("experts.down_proj", moe_inter, hidden, False, "experts", moe_layers_only=True,
+                           copies=experts)]
+            if shared:
+                mlp += [Linear("shared_experts.gate_proj", hidden, shared_inter, False, "mlp_in", moe_layers_only=True),
+                        Linear("shared_experts.up_proj", hidden, shared_inter, False, "mlp_in", moe_layers_only=True),
+                        Linear("shared_experts.down_proj", shared_inter, hidden, False, "shared_act",
+                               moe_layers_only=True)]
+            extra = experts * hidden
             active = (top_k + shared) * moe_inter
             notes.append("MoE: activations assume each token's top-k experts (dense matmuls per expert); "
                          "the next-token-prediction layers of the checkpoint are not loaded by transformers")
@@ -143,7 +164,7 @@ class Decoder:
                           norms_per_layer=self.norms_per_layer, norm_bias=False,
                           tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                           linears=tuple(attention + mlp), extra_layer_params=extra, moe_layers=moe_layers,
-                          moe_active_intermediate=active, notes=tuple(notes))
+                          moe_top_k=top_k if self.moe else 0, moe_active_intermediate=active, notes=tuple(notes))
 
 
 # Decoders of other families laid out like Llama (separate gate/up/down projections, pre-norm RMSNorm).
@@ -161,8 +182,12 @@ def llama_like(config: dict[str, Any], source: str = "config.json") -> ModelShap
 
 
 def layer_linears(shape: ModelShape, moe: bool) -> list[Linear]:
-    """The linear layers of one decoder layer (an MoE layer has no dense MLP: its experts are counted apart)."""
-    return [lin for lin in shape.linears if not (moe and lin.dense_layers_only)]
+    """The linear layers of one decoder layer: an MoE layer has experts and no dense MLP, a dense one the reverse."""
+    return [lin for lin in shape.linears if not (lin.dense_layers_only if moe else lin.moe_layers_only)]
+
+
+def is_moe_layer(shape: ModelShape, layer: int) -> bool:
+    return layer >= shape.num_layers - shape.moe_layers
 
 
 def parameter_count(shape: ModelShape) -> int:
@@ -170,33 +195,49 @@ def parameter_count(shape: ModelShape) -> int:
     norm = shape.hidden_size * (2 if shape.norm_bias else 1)
     total = 0
     for layer in range(shape.num_layers):
-        moe = layer >= shape.num_layers - shape.moe_layers
-        total += sum(lin.d_in * lin.d_out + (lin.d_out if lin.bias else 0) for lin in layer_linears(shape, moe))
+        moe = is_moe_layer(shape, layer)
+        total += sum(lin.weights + (lin.d_out if lin.bias else 0) for lin in layer_linears(shape, moe))
         total += shape.norms_per_layer * norm + (shape.extra_layer_params if moe else 0)
     embeddings = shape.vocab_size * shape.hidden_size
     return total + embeddings * (1 if shape.tie_embeddings else 2) + norm  # + the final norm
 
 
+def active_parameter_count(shape: ModelShape) -> int:
+    """The parameters one token's forward pass uses: all of them but the routed experts it is not sent to."""
+    idle = sum(lin.weights // lin.copies * (lin.copies - shape.moe_top_k)
+               for lin in shape.linears if lin.copies > 1)
+    return parameter_count(shape) - shape.moe_layers * idle
+
+
 def resolve_targets(shape: ModelShape, requested: str | None) -> list[Linear]:
-    """The linear layers LoRA adapts, with glmtune train's per-architecture defaults (glmtune.models.lora)."""
-    from glmtune.models.lora import resolve_target_modules
+    """The linear layers LoRA adapts, with glmtune train's per-architecture defaults (glmtune.models.lora): the
+    target modules, then the target parameters (marked as_parameter)."""
+    from glmtune.models.lora import resolve_target_modules, resolve_target_parameters
 
     targets = resolve_target_modules(shape.model_type, requested)
-    if targets == "all-linear":  # peft: every linear layer of the decoder, never the output layer
-        return list(shape.linears)
+    parameters = {_linear_name(p) for p in resolve_target_parameters(shape.model_type, requested)}
+    by_parameter = [replace(lin, as_parameter=True) for lin in shape.linears if lin.name in parameters]
+    if targets == "all-linear":  # peft: every nn.Linear of the decoder, never the output layer
+        return [lin for lin in shape.linears if lin.copies == 1]
     names = {lin.name for lin in shape.linears}
     unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in names]
     if unknown:
         raise UserError(f"--target_modules {','.join(unknown)}: no such linear layer in a {shape.model_type} decoder",
                         hint=f"choose from {', '.join(sorted(names))} or all-linear")
     wanted = {t.rsplit(".", 1)[-1] for t in targets}
-    return [lin for lin in shape.linears if lin.name in wanted]
+    return [lin for lin in shape.linears if lin.name in wanted] + by_parameter
+
+
+def _linear_name(parameter: str) -> str:
+    """A target parameter's layer as plan names it: "mlp.experts.gate_up_proj" -> "experts.gate_up_proj"."""
+    return parameter.removesuffix(".weight").removeprefix("mlp.")
 
 
 def lora_parameter_count(shape: ModelShape, targets: list[Linear], rank: int) -> int:
-    """LoRA's A (rank x d_in) and B (d_out x rank) on every adapted linear of every layer."""
+    """LoRA's A (rank x d_in) and B (d_out x rank) on every adapted linear of every layer; a fused experts tensor
+    gets a rank-r pair per expert (peft's ParamWrapper: A of rank x n_experts rows)."""
     total = 0
     for layer in range(shape.num_layers):
-        moe = layer >= shape.num_layers - shape.moe_layers
-        total += sum(rank * (lin.d_in + lin.d_out) for lin in targets if not (moe and lin.dense_layers_only))
+        present = {lin.name for lin in layer_linears(shape, is_moe_layer(shape, layer))}
+        total += sum(rank * (lin.d_in + lin.d_out) * lin.copies for lin in targets if lin.name in present)
     return total

@@ -50,7 +50,7 @@ from glmtune.errors import UserError
 from glmtune.models import quantization
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
-from glmtune.models.lora import resolve_target_modules
+from glmtune.models.lora import resolve_target_modules, resolve_target_parameters, router_module
 from glmtune.train.plot import plot_loss
 from glmtune.train.precision import ArgsT, Precision, apply_to_training_args, choose_precision, detect_hardware
 
@@ -289,19 +289,55 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
             that does not fit the model.
     """
     seed_run(seed)
+    router = check_moe_options(model, model_name, lora_args, start_adapter)
     if start_adapter is not None:
-        return load_trainable_adapter(model, start_adapter, model_name)
-    return add_lora(model, model_name, lora_args, resume)
+        peft_model = load_trainable_adapter(model, start_adapter, model_name)
+    else:
+        peft_model = add_lora(model, model_name, lora_args, resume)
+    if lora_args.moe_aux_loss_coef is not None and router is not None:
+        from glmtune.models.moe import add_balance_loss
+
+        add_balance_loss(peft_model, router, lora_args.moe_aux_loss_coef)
+    return peft_model
+
+
+def check_moe_options(model: PreTrainedModel, model_name: str, lora_args: LoraArguments,
+                      start_adapter: Path | None) -> str | None:
+    """The model's router module (None for a model without one), once --train_router and --moe_aux_loss_coef are
+    known to apply to it.
+
+    Raises:
+        UserError: either option on a model with no router glmtune knows, or --train_router with a starting
+            adapter (whose own trainable modules apply).
+    """
+    router = router_module(model.config.model_type)
+    asked = [flag for flag, given in (("--train_router", lora_args.train_router),
+                                      ("--moe_aux_loss_coef", lora_args.moe_aux_loss_coef is not None)) if given]
+    if asked and router is None:
+        raise UserError(f"{' and '.join(asked)}: '{model_name}' ({model.config.model_type}) is not a mixture of "
+                        "experts glmtune knows the router of", hint="these options apply to glm4_moe (GLM-4.5/4.6/4.7)")
+    if lora_args.train_router and start_adapter is not None:
+        raise UserError("--train_router applies to a new adapter; the starting adapter keeps its own trainable "
+                        "modules", hint="leave --train_router out")
+    return router
 
 
 def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, resume: Path | None) -> PeftModel:
     """A new LoRA adapter on `model`; when resuming, refused unless the checkpoint's adapter has the same shape."""
     from peft import LoraConfig, get_peft_model
 
+    model_type = model.config.model_type
+    parameters = unquantized_targets(model, resolve_target_parameters(model_type, lora_args.target_modules))
+    dropout = lora_args.lora_dropout
+    if parameters and dropout > 0:  # peft's parameter LoRA (lora.ParamWrapper) refuses dropout
+        logger.warning(f"--lora_dropout {dropout}: LoRA on {model_type}'s expert and MLP weights (peft's "
+                       "target_parameters) has no input dropout; training without dropout")
+        dropout = 0.0
     peft_config = LoraConfig(
-        task_type="CAUSAL_LM", r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=resolve_target_modules(model.config.model_type, lora_args.target_modules),
+        task_type="CAUSAL_LM", r=lora_args.lora_rank, lora_alpha=lora_args.lora_alpha, lora_dropout=dropout,
+        target_modules=resolve_target_modules(model_type, lora_args.target_modules),
+        target_parameters=parameters or None,
+        modules_to_save=[router_module(model_type)] if lora_args.train_router else None,
     )
     if resume is not None:
         check_same_adapter_shape(resume, peft_config)
@@ -313,15 +349,29 @@ def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, 
     return peft_model
 
 
+def unquantized_targets(model: PreTrainedModel, parameters: list[str]) -> list[str]:
+    """The target parameters that are plain tensors: peft's parameter LoRA adds BA to the weight itself, which a
+    bitsandbytes-packed weight (a quantized base's dense and shared-expert MLP) can't take. Those go unadapted; the
+    fused 3-D experts bitsandbytes doesn't quantize stay targeted."""
+    packed = {target for name, weight in model.named_parameters() for target in parameters
+              if type(weight).__name__ in ("Params4bit", "Int8Params") and name.endswith(f".{target}")}
+    if packed:
+        logger.warning(f"LoRA leaves {', '.join(sorted(packed))} out: quantized weights can't be adapted as "
+                       "parameters (peft's target_parameters)")
+    return [target for target in parameters if target not in packed]
+
+
 def check_same_adapter_shape(checkpoint: Path, peft_config: LoraConfig) -> None:
     """Resuming restores the adapter's weights: its rank and target modules must be the ones asked for."""
     saved = read_json_object(checkpoint / "adapter_config.json", "adapter config")
     ours = {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
             "target_modules": sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str)
-            else peft_config.target_modules}
+            else peft_config.target_modules,
+            "target_parameters": sorted(peft_config.target_parameters or [])}
     theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
               "target_modules": sorted(saved.get("target_modules") or []) if isinstance(ours["target_modules"], list)
-              else saved.get("target_modules")}
+              else saved.get("target_modules"),
+              "target_parameters": sorted(saved.get("target_parameters") or [])}
     differing = [f"{key}: checkpoint {theirs[key]}, now {ours[key]}" for key in ours if ours[key] != theirs[key]]
     if differing:
         raise UserError(f"cannot resume from {checkpoint}: its LoRA adapter differs from the one asked for",
