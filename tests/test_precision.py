@@ -58,3 +58,20 @@ def test_bf16_run_keeps_lora_weights_in_fp32_and_records_its_precision(cli, tmp_
     assert manifest["config"]["precision"] == "bf16" and manifest["config"]["bf16"] is True
     with safe_open(str(tmp_path / "run" / "adapter_model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
+
+
+def test_fp16_is_warned_of_for_the_glm4_line_and_not_for_chatglm3(tiny_model, shared_dir, capsys):
+    """fp16 needs a CUDA GPU, so the warning is checked on the step that gives it, before any weight is loaded."""
+    from glmtune.logs import configure_logging
+    from glmtune.train.precision import Precision
+    from glmtune.train.skeleton import warn_if_fp16_overflows
+
+    configure_logging()  # as every command does: glmtune's messages on stderr
+    fp16, bf16 = Precision("fp16", "asked for"), Precision("bf16", "asked for")
+    warn_if_fp16_overflows(str(tiny_model), bf16)
+    assert capsys.readouterr().err == ""
+    warn_if_fp16_overflows(str(tiny_model), fp16)  # a native glm: GLM-4's architecture
+    warned = capsys.readouterr().err
+    assert warned.startswith("warning: fp16 with GLM-4") and "--precision bf16" in warned
+    warn_if_fp16_overflows(str(shared_dir / "fixtures" / "chatglm" / "v3"), fp16)  # ChatGLM3 ran in fp16
+    assert capsys.readouterr().err == ""

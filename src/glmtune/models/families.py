@@ -78,6 +78,8 @@ class Family:
     # sinks or bias terms, so the whole batch can go in one row (train/packed_attention.py).
     plain_causal: bool = False
     shape: Callable[[dict[str, Any], str], ModelShape] | None = None  # plan's reader of its config.json
+    # Trained in bf16 by its authors: its activations exceed fp16's range (NaN losses), so fp16 training is warned of.
+    bf16_trained: bool = False
 
     @property
     def quantization_bits(self) -> tuple[int, ...]:
@@ -117,7 +119,7 @@ GLM_DECODER = Decoder(fused_gate_up=True, qkv_bias=True, o_bias=False)
 # transformers' GlmForCausalLM (GLM-4-9B-chat-hf layout). peft knows no default targets for glm/glm4 (LoraConfig(r=8)
 # raises), so every linear layer of the decoder is named: attention q/k/v/o and the fused MLP.
 GLM = Family("GLM-4 (transformers' glm)", _model_type("glm"), end_of_turn=ROLE_TURN_ENDS, lora_targets=GLM_LINEARS,
-             plain_causal=True, shape=GLM_DECODER)
+             plain_causal=True, shape=GLM_DECODER, bf16_trained=True)
 # GLM-4-0414 / GLM-Z1, GLM-4.5 / 4.6 / 4.7: they stop on <|user|>, <|observation|> (after a tool call) and
 # <|endoftext|>, named here too for a checkpoint whose generation config lists fewer. Whether a checkpoint thinks is
 # its tokenizer's chat template's to say (data/templates.py: has_thinking_switch, reasoning_form), not the entry's:
@@ -154,8 +156,9 @@ GLM4_9B_CHAT = replace(GLM, name="GLM-4-9B-chat (THUDM's layout)", recognise=_th
                        converter=THUDM_GLM, tokenizer=NativeTokenizer(is_glm4_tokenizer_dir, build_glm4_tokenizer),
                        shape=_thudm_shape)
 CHATGLM3_TOKENIZER, CHATGLM2_TOKENIZER = _sentencepiece("chatglm3"), _sentencepiece("chatglm2")
+# ChatGLM2/3 were released to run in fp16 (their official code calls .half()).
 CHATGLM3 = replace(GLM4_9B_CHAT, name="ChatGLM3-6B", recognise=_thudm(CHATGLM3_TOKENIZER.matches),
-                   tokenizer=CHATGLM3_TOKENIZER)
+                   tokenizer=CHATGLM3_TOKENIZER, bf16_trained=False)
 # Also every other THUDM ChatGLM2/3 or GLM-4 config (one without its tokenizer files): the three load alike, and
 # its turns may end on role tokens (ChatGLM2's own vocabulary has none, so they add no stop id to it).
 CHATGLM2 = replace(CHATGLM3, name="ChatGLM2-6B", recognise=_thudm(CHATGLM2_TOKENIZER.matches, any_config=True),

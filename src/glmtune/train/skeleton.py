@@ -254,6 +254,7 @@ def load_model_for_training(model_args: ModelArguments, model_name: str, precisi
     Raises:
         UserError: the model can't be loaded, or not with that quantization (glmtune.models.loading.load_model).
     """
+    warn_if_fp16_overflows(model_name, precision)
     logger.info(f"precision: {precision.name} ({precision.reason}); LoRA weights and optimizer in fp32")
     model = load_model(model_name, model_args.trust_remote_code, dtype=precision.torch_dtype(),
                        quantization_bit=model_args.quantization_bit)
@@ -503,3 +504,15 @@ def log_trainable_parameters(model: PeftModel) -> None:
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(f"trainable params: {trainable:,} || all params: {total:,} || "
                 f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def warn_if_fp16_overflows(model_name: str, precision: Precision) -> None:
+    """fp16 on a family its authors trained in bf16 (the GLM-4 line) overflows into NaN losses: said before loading."""
+    from glmtune.models.families import family_of_source
+    from glmtune.models.hub import resolve_model
+
+    family = family_of_source(resolve_model(model_name))
+    if precision.name == "fp16" and family.bf16_trained:
+        logger.warning(f"fp16 with {family.name}: its authors train it in bf16, and its activations exceed fp16's "
+                       "range (NaN losses, seen by users on the GLM-4 line); prefer --precision bf16 (any GPU since "
+                       "Ampere) or fp32")
