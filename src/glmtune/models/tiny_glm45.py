@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glmtune.models.chatglm.glm4_tokenizer import RANKS_FILE, SPECIAL_TOKENS, _backend
+from glmtune.models.chatglm.glm4_tokenizer import RANKS_FILE, SPECIAL_TOKENS, tiktoken_backend
 
 # After GLM-4's 14 (ids 151329...151342, so <|endoftext|>, <|user|> and <|observation|> keep their GLM-4 ids).
 MORE_SPECIAL_TOKENS = ["<|begin_of_audio|>", "<|end_of_audio|>", "<|begin_of_transcription|>",
@@ -31,7 +31,7 @@ def build_glm45_test_tokenizer(output_dir: Path, ranks_dir: Path, chat_template:
     from tokenizers import AddedToken, processors
     from transformers import Glm4MoeConfig, PreTrainedTokenizerFast
 
-    backend = _backend(ranks_dir / RANKS_FILE)
+    backend = tiktoken_backend(ranks_dir / RANKS_FILE)
     backend.post_processor = processors.ByteLevel(trim_offsets=False)  # GLM-4.5's template writes [gMASK]<sop>
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=SPECIAL_TOKENS + MORE_SPECIAL_TOKENS,

@@ -46,7 +46,7 @@ def build_glm4_tokenizer(directory: Path) -> Any:
 
     config = read_json_object(directory / "tokenizer_config.json", "tokenizer config")
     return PreTrainedTokenizerFast(
-        tokenizer_object=_backend(directory / RANKS_FILE),
+        tokenizer_object=tiktoken_backend(directory / RANKS_FILE),
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS,
@@ -57,7 +57,7 @@ def build_glm4_tokenizer(directory: Path) -> Any:
     )
 
 
-def _backend(ranks_file: Path) -> Any:
+def tiktoken_backend(ranks_file: Path) -> Any:
     """The converted `tokenizers.Tokenizer`, kept under HF_HOME/glmtune/tokenizers by the ranks file's hash:
     converting the 151,329 ranks into merges takes about 7 s, loading the result well under one."""
     from huggingface_hub import constants
