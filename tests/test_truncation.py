@@ -11,7 +11,8 @@ from conftest import write_json
 
 from glmtune.data.conversation import Conversation, Message
 from glmtune.data.templates import IGNORE_INDEX, encode_for_training
-from glmtune.data.tokenize import ANSWER_TOO_LONG, TOO_LONG, TokenizeOptions, process_conversation
+from glmtune.data.tokenize import TOO_LONG, TokenizeOptions, process_conversation
+from glmtune.data.truncation import ANSWER_TOO_LONG
 
 LIMIT = 64
 QUESTION = "Which bond pays the highest coupon?"
@@ -55,7 +56,7 @@ def test_left_cuts_the_start_of_a_long_prompt_and_keeps_the_answer_and_the_quest
     assert row["input_ids"][-len(answer):] == answer and row["labels"][-len(answer):] == answer
     text = tokenizer.decode(row["input_ids"])
     assert text.startswith("[gMASK]<sop><|user|>\n")  # the template's opening markup stays
-    assert f"{QUESTION}<|assistant|>\n{ANSWER}<|user|>" in text  # the prompt's end (the question) stays
+    assert text.endswith(f"{QUESTION}<|assistant|>\n{ANSWER}<|endoftext|>")  # the prompt's end (the question) stays
     assert "Document 0:" not in text  # its start goes
     assert row["answer_cut"] == 0 and row["prompt_cut"] == row["length"] - len(row["input_ids"])
 
@@ -125,4 +126,4 @@ def test_prepare_reports_the_prompt_and_answer_tokens_cut(cli, tmp_path, tiny_mo
     first = process_conversation(retrieval_row(tokenizer), tokenizer, stops, TokenizeOptions(LIMIT, "left"))
     assert report["prompt_tokens_cut"] == {"left": first["length"] - len(first["input_ids"])}
     assert report["answer_tokens_cut"] == {"left": 0}
-    assert f"prompt tokens cut: {first['length'] - len(first['input_ids'])}, answer tokens cut: 0" in result.out
+    assert f"(1 cut left: {first['length'] - len(first['input_ids'])} prompt tokens, 0 answer tokens)" in result.out
