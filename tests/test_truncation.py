@@ -127,3 +127,25 @@ def test_prepare_reports_the_prompt_and_answer_tokens_cut(cli, tmp_path, tiny_mo
     assert report["prompt_tokens_cut"] == {"left": first["length"] - len(first["input_ids"])}
     assert report["answer_tokens_cut"] == {"left": 0}
     assert f"(1 cut left: {first['length'] - len(first['input_ids'])} prompt tokens, 0 answer tokens)" in result.out
+
+
+class SlowView:
+    """The tiny tokenizer seen as a slow one (no offsets), as some models' own tokenizers are."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_left_cuts_the_prompt_start_with_a_slow_tokenizer_too(tokenizer, stops):
+    slow = SlowView(tokenizer)
+    row = process_conversation(retrieval_row(tokenizer), slow, stops, TokenizeOptions(LIMIT, "left"))
+    assert not row["dropped"] and LIMIT - 8 <= len(row["input_ids"]) <= LIMIT
+    text = tokenizer.decode(row["input_ids"])
+    assert text.startswith("[gMASK]<sop><|user|>\n") and "Document 0:" not in text
+    assert text.endswith(f"{QUESTION}<|assistant|>\n{ANSWER}<|endoftext|>")
+    assert tokenizer.decode(supervised(row)) == f"\n{ANSWER}<|endoftext|>"
