@@ -252,15 +252,18 @@ def test_a_row_the_template_refuses_is_dropped_and_counted(cli, tmp_path, tiny_m
     assert report["kept"] == 1 and report["dropped"] == {"refused by the chat template (no system messages)": 1}
 
 
-def test_truncation_left_never_cuts_the_prompt_of_the_last_answer(cli, tmp_path, tiny_model, tokenizer):
-    row = {"conversations": [{"from": "human", "value": "question"}, {"from": "gpt", "value": "word " * 200}]}
-    data = write_json(tmp_path / "data.json", [row])
+def test_truncation_left_drops_a_row_whose_answer_alone_does_not_fit_and_counts_it(cli, tmp_path, tiny_model,
+                                                                                   tokenizer):
+    rows = [{"conversations": [{"from": "human", "value": "question"}, {"from": "gpt", "value": "word " * 200}]},
+            {"conversations": [{"from": "human", "value": "question"}, {"from": "gpt", "value": "word"}]}]
+    data = write_json(tmp_path / "data.json", rows)
     result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", tiny_model,
                  "--max_seq_length", "40", "--truncation", "left")
     assert result.code == 0, result.err
-    (sample,) = prepared(tmp_path / "out")
-    assert len(sample["input_ids"]) == 40
-    assert tokenizer.decode(sample["input_ids"]).startswith("[gMASK]<sop><|user|>\nquestion<|assistant|>\nword")
+    (sample,) = prepared(tmp_path / "out")  # never the long answer cut at its end: it would not learn to stop
+    assert tokenizer.decode(sample["input_ids"]) == "[gMASK]<sop><|user|>\nquestion<|assistant|>\nword<|endoftext|>"
+    report = json.loads((tmp_path / "out" / "manifest.json").read_text())["report"]
+    assert report["dropped"] == {"answer alone longer than --max_seq_length (--truncation left)": 1}
 
 
 def test_truncation_left_drops_trailing_untrained_turns_before_answers(cli, tmp_path, tiny_model, tokenizer):

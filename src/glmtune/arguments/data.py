@@ -45,9 +45,10 @@ class TokenizeArguments(ThinkingArguments, SequenceLengthArguments, DataFormatAr
                                          "block; rows with reasoning are then refused). Models whose template has "
                                          "no switch refuse it. Default: the template's own."}
 
-    truncation: Truncation = option("Rows longer than --max_seq_length: 'right' cuts the end, 'left' drops the "
-                                    "oldest turns (then cuts the start) to keep the last answer, 'drop' leaves the "
-                                    "row out.", default="right")
+    truncation: Truncation = option("Rows longer than --max_seq_length: 'right' cuts the end, 'left' cuts the "
+                                    "start (oldest turns, then the prompt's start) and keeps the answer whole (a row "
+                                    "whose answer alone does not fit is dropped), 'drop' leaves the row out.",
+                                    default="right")
     columns: str | None = option("Rename the files' fields, e.g. 'question=instruction,answer=output'.")
     last_turn_only: bool = option("Train on the last assistant turn only (default: every one).", default=False)
     train_on_prompt: bool = option("Take the loss on the prompts too, not only on the answers.", default=False)

@@ -22,6 +22,8 @@ class PrepareReport:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
     truncated: dict[str, int] = field(default_factory=dict)  # rule -> rows kept after being cut
+    prompt_tokens_cut: dict[str, int] = field(default_factory=dict)  # rule -> prompt tokens it cut from kept rows
+    answer_tokens_cut: dict[str, int] = field(default_factory=dict)  # rule -> trained answer tokens it cut from them
     supervised_tokens_lost: int = 0  # by truncation, in kept and dropped rows
     length_percentiles: dict[str, int] = field(default_factory=dict)  # before truncation
     rows_over_max: int = 0
@@ -47,7 +49,9 @@ class PrepareReport:
             f"rows dropped:      {dropped}" + (" (" + ", ".join(f"{n} {r}" for r, n in self.dropped.items()) + ")"
                                                 if dropped else ""),
             f"rows truncated:    {sum(self.truncated.values())}" + (
-                " (" + ", ".join(f"{n} cut {rule}" for rule, n in self.truncated.items()) + ")"
+                " (" + ", ".join(f"{n} cut {rule}: {self.prompt_tokens_cut.get(rule, 0)} prompt tokens, "
+                                 f"{self.answer_tokens_cut.get(rule, 0)} answer tokens"
+                                 for rule, n in self.truncated.items()) + ")"
                 if self.truncated else "") + f"; supervised tokens lost: {self.supervised_tokens_lost}",
             f"lengths (tokens):  {lengths}; {self.rows_over_max} rows over --max_seq_length {self.max_seq_length}",
             f"tokens:            {self.tokens}",
@@ -72,13 +76,17 @@ def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncati
     """Fill the counts from the per-row columns that tokenizing wrote (see data/tokenize.py)."""
     # Plain lists: indexing a dataset column item by item is slow.
     columns = ["length", "tokens", "dropped", "cut", "supervised", "supervised_before", "history_untrained"]
-    stats = tokenized.select_columns(columns + (["split"] if "split" in tokenized.column_names else [])).to_dict()
+    optional = [name for name in ("split", "prompt_cut", "answer_cut") if name in tokenized.column_names]
+    stats = tokenized.select_columns(columns + optional).to_dict()
     lengths, dropped, cut, supervised = stats["length"], stats["dropped"], stats["cut"], stats["supervised"]
     kept = [i for i, reason in enumerate(dropped) if not reason]
     report.kept = len(kept)
     report.dropped = dict(Counter(reason for reason in dropped if reason))
     cut_kept = sum(cut[i] for i in kept)
     report.truncated = {truncation: cut_kept} if cut_kept else {}
+    for name, counted in (("prompt_cut", report.prompt_tokens_cut), ("answer_cut", report.answer_tokens_cut)):
+        if cut_kept and name in stats:  # preference pairs don't count them
+            counted[truncation] = sum(stats[name][i] for i in kept)
     report.supervised_tokens = sum(supervised[i] for i in kept)
     report.supervised_tokens_lost = sum(stats["supervised_before"]) - report.supervised_tokens
     measured = [n for n, reason in zip(lengths, dropped, strict=True) if n or not reason]  # 0: never tokenized

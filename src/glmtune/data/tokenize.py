@@ -11,6 +11,7 @@ from typing import Any
 
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import IGNORE_INDEX, AnswerNotLocated, RowNotRenderable, encode_for_training
+from glmtune.data.truncation import cut_left
 from glmtune.data.turns import split_by_turn
 
 TRUNCATION_RULES = ("right", "left", "drop")
@@ -21,7 +22,7 @@ TOO_LONG = "longer than --max_seq_length (--truncation drop)"
 @dataclass(frozen=True)
 class TokenizeOptions:
     max_seq_length: int
-    truncation: str = "right"  # right: cut the end; left: drop the oldest turns, then cut the start; drop
+    truncation: str = "right"  # right: cut the end; left: cut the start, keeping the answer (data/truncation.py); drop
     last_turn_only: bool = False  # train on the last assistant turn only
     train_on_prompt: bool = False  # take the loss on the prompts too
     enable_thinking: bool | None = None  # the chat template's thinking switch (None: its default)
@@ -49,9 +50,9 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
     if options.last_turn_only:
         conversation = _train_last_turn_only(conversation)
     history_untrained = False
-    encode = functools.partial(encode_for_training, tokenizer, stop_ids=stop_ids,
-                               train_on_prompt=options.train_on_prompt, enable_thinking=options.enable_thinking,
-                               next_token=next_token)
+    # Encoded without --train_on_prompt: the labels then mark the answers, which truncation keeps and counts.
+    encode = functools.partial(encode_for_training, tokenizer, stop_ids=stop_ids, train_on_prompt=False,
+                               enable_thinking=options.enable_thinking, next_token=next_token)
     try:
         try:
             ids, labels = encode(conversation)
@@ -66,20 +67,28 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
             conversation, history_untrained = last_only, True
     except RowNotRenderable as problem:  # this row only: it is dropped and counted, the run goes on
         return {"input_ids": [], "labels": [], "length": 0, "tokens": 0, "supervised_before": 0, "supervised": 0,
-                "cut": False, "dropped": problem.reason, "history_untrained": False, "split": 0}
-    length, supervised_before = len(ids), _supervised(labels)
+                "cut": False, "dropped": problem.reason, "history_untrained": False, "split": 0,
+                "prompt_cut": 0, "answer_cut": 0}
+    length, answer_before = len(ids), _supervised(labels)
     cut = length > options.max_seq_length
     dropped = ""
     if cut and options.truncation == "drop":
         ids, labels, dropped = [], [], TOO_LONG
+    elif cut and options.truncation == "left":
+        ids, labels, dropped = cut_left(tokenizer, encode, conversation, options.max_seq_length, ids, labels)
     elif cut:
-        ids, labels = _truncate(encode, conversation, options, ids, labels)
+        ids, labels = ids[: options.max_seq_length], labels[: options.max_seq_length]
+    answer_cut = answer_before - _supervised(labels)
+    prompt_cut = max(0, (length - answer_before) - (len(ids) - _supervised(labels)))
+    if options.train_on_prompt:
+        labels = list(ids)
     supervised = _supervised(labels)
     if not dropped and supervised == 0:  # nothing to learn from: never train on such a row silently
         dropped = NO_SUPERVISED + (" after truncation" if cut else "")
     return {"input_ids": ids, "labels": labels, "length": length, "tokens": len(ids),
-            "supervised_before": supervised_before, "supervised": supervised, "cut": cut, "dropped": dropped,
-            "history_untrained": history_untrained, "split": 0}
+            "supervised_before": length if options.train_on_prompt else answer_before, "supervised": supervised,
+            "cut": cut, "dropped": dropped, "history_untrained": history_untrained, "split": 0,
+            "prompt_cut": prompt_cut, "answer_cut": answer_cut}
 
 
 def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
@@ -112,28 +121,6 @@ def _train_last_turn_only(conversation: Conversation) -> Conversation:
         return conversation
     return dataclasses.replace(conversation, messages=[
         dataclasses.replace(m, train=m.train and i == trained[-1]) for i, m in enumerate(conversation.messages)])
-
-
-def _truncate(encode: Callable[[Conversation], tuple[list[int], list[int]]], conversation: Conversation,
-              options: TokenizeOptions, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-    limit = options.max_seq_length
-    if options.truncation == "right":
-        return ids[:limit], labels[:limit]
-    if conversation.text is not None:  # plain text: keep its end
-        return ids[-limit:], labels[-limit:]
-    # left: keep the last trained answer and as much of the conversation before it as fits. Untrained turns after
-    # it go first, then whole exchanges from the start, so the template's opening tokens and the answer's own
-    # prompt stay; if that last exchange alone is still too long, its answer is cut at the end.
-    messages = conversation.messages
-    trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
-    last = trained[-1] if trained else len(messages) - 1
-    starts = [0] + [i for i, m in enumerate(messages) if m.role == "user" and 0 < i < last]
-    for start in starts:
-        shorter = dataclasses.replace(conversation, messages=messages[start: last + 1])
-        ids, labels = encode(shorter)
-        if len(ids) <= limit:
-            break
-    return ids[:limit], labels[:limit]
 
 
 def _supervised(labels: list[int]) -> int:
