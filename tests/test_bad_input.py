@@ -10,6 +10,21 @@ def prepare(cli, data, out, model, *extra):
     return cli("prepare", "--jsonl_path", data, "--save_path", out, "--model", model, *extra)
 
 
+def prepared_rows(save_path, tokenizer) -> list[tuple[str, str]]:
+    """Each prepared row as (its unsupervised text, its supervised text without the stop token)."""
+    from datasets import load_from_disk
+
+    from glmtune.data.templates import IGNORE_INDEX
+
+    rows = []
+    for row in load_from_disk(str(save_path))["train"]:
+        pairs = list(zip(row["input_ids"], row["labels"], strict=True))
+        prompt = tokenizer.decode([i for i, label in pairs if label == IGNORE_INDEX], skip_special_tokens=True)
+        answer = tokenizer.decode([i for i, label in pairs if label != IGNORE_INDEX], skip_special_tokens=True)
+        rows.append((prompt, answer.strip()))
+    return rows
+
+
 def assert_clean_failure(result, out, *needles):
     assert result.code == 2
     assert "Traceback" not in result.err
@@ -203,15 +218,21 @@ def test_every_row_bad_with_skip_bad_rows_is_a_clear_error(cli, tmp_path, tiny_m
     assert_clean_failure(result, tmp_path / "out", "every row of", "2 skipped")
 
 
-def test_json_lines_may_hold_unicode_line_separators(cli, tmp_path, tiny_model):
+def test_json_lines_may_hold_unicode_line_separators(cli, tmp_path, tiny_model, tokenizer):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "a\\u2028b", "completion": "c\u2029d"}\n{"prompt": "x", "completion": "y"}\n',
                     encoding="utf-8")
-    assert prepare(cli, data, tmp_path / "out", tiny_model).code == 0
+    result = prepare(cli, data, tmp_path / "out", tiny_model)
+    assert result.code == 0, result.err
+    # Two rows, not four: U+2028/U+2029 inside a string are characters of it, not line ends.
+    assert [answer for _, answer in prepared_rows(tmp_path / "out", tokenizer)] == ["c\u2029d", "y"]
 
 
-def test_columns_as_a_yaml_mapping(cli, tmp_path, tiny_model):
+def test_columns_as_a_yaml_mapping(cli, tmp_path, tiny_model, tokenizer):
     data = write_json(tmp_path / "data.json", [{"question": "q", "answer": "a"}])
     config = tmp_path / "config.yaml"
     config.write_text("columns: {question: prompt, answer: completion}\n", encoding="utf-8")
-    assert prepare(cli, data, tmp_path / "out", tiny_model, "--config", config).code == 0
+    result = prepare(cli, data, tmp_path / "out", tiny_model, "--config", config)
+    assert result.code == 0, result.err
+    [(prompt, answer)] = prepared_rows(tmp_path / "out", tokenizer)
+    assert answer == "a" and "q" in prompt  # the question became the prompt, the answer the trained completion

@@ -100,4 +100,7 @@ def test_seed_scripts_on_their_default_model_from_the_hub_cache(tmp_path, shared
     step3 = run("infer.py", "--peft_path", "output", "--max_length", "512", "--temperature", "0",
                 "--max_new_tokens", "4")
     assert step3.returncode == 0, step3.stderr
-    assert len(step3.stdout.splitlines()) == 4
+    # The seed's own four questions, in order, each answered (a string of at most 4 new tokens: any text).
+    answers = [json.loads(line) for line in step3.stdout.splitlines()]
+    assert [a["prompt"] for a in answers] == ["你能做什么呢？", "你是谁？", "可以写一首诗吗？", "你是谁开发的？"]
+    assert all(isinstance(a["response"], str) for a in answers)

@@ -57,9 +57,10 @@ def thudm_checkpoint(directory, shared_dir, family: str, hidden: int = 128):
     return directory
 
 
-# ChatGLM2 shares ChatGLM3's model and vocabulary (proven numerically elsewhere): a short run shows its path works.
-@pytest.mark.parametrize("family, steps, exact_at_least", [("glm4", 80, 7), ("chatglm3", 80, 7), ("chatglm2", 10, 0)])
-def test_lora_through_prepare_train_infer(cli, tmp_path, shared_dir, family, steps, exact_at_least, demo_rows):
+# Each family memorises at least 7 of the 8 answers (the untuned random model answers none of them).
+@pytest.mark.parametrize("family", ["glm4", "chatglm3", "chatglm2"])
+def test_lora_through_prepare_train_infer(cli, tmp_path, shared_dir, family, demo_rows):
+    steps, exact_at_least = 80, 7
     model = thudm_checkpoint(tmp_path / "model", shared_dir, family)
     rows = demo_rows[:8]
     data = write_json(tmp_path / "data.json", rows)

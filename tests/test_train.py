@@ -184,9 +184,15 @@ def test_example_config_runs(cli, small, tmp_path):
     from conftest import ROOT
 
     _, data = small
+    example = yaml.safe_load((ROOT / "examples" / "finance_lora.yaml").read_text(encoding="utf-8"))
     result = train(cli, data, tmp_path / "run", "--config", ROOT / "examples" / "finance_lora.yaml",
                    "--max_steps", "1")
     assert result.code == 0, result.err
+    resolved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert {key: resolved[key] for key in example} == {**example, "max_steps": 1, "per_device_train_batch_size": 4,
+                                                       "logging_steps": 1}  # the flags train() adds win
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (example["lora_rank"], example["lora_alpha"])
 
 
 def test_resume_with_other_lora_flags_is_refused(cli, small, tmp_path):
@@ -205,10 +211,34 @@ def test_validation_split_is_evaluated_at_the_end(cli, small, tmp_path):
     data = write_json(tmp_path / "rows.json", rows)
     assert main(["prepare", "--jsonl_path", str(data), "--save_path", str(tmp_path / "data"), "--model", str(model),
                  "--val_size", "2"]) == 0
-    result = train(cli, tmp_path / "data", tmp_path / "run", "--max_steps", "2")
+    result = train(cli, tmp_path / "data", tmp_path / "run", "--max_steps", "2", "--learning_rate", "1e-2",
+                   "--precision", "fp32")  # fp32: compared with an fp32 forward pass below
     assert result.code == 0, result.err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert isinstance(manifest["eval_loss"], float) and manifest["eval_loss"] > 0
+    # The reference: the mean loss over every answer token of the 2 validation rows, base model plus the saved
+    # adapter, computed here by hand; the untuned base's differs (the adapter is what was evaluated).
+    tuned, untuned = (answer_token_loss(model, tmp_path / "data", adapter) for adapter in (tmp_path / "run", None))
+    assert manifest["eval_loss"] == pytest.approx(tuned, rel=1e-4)
+    assert abs(tuned - untuned) > 1e-3
+
+
+def answer_token_loss(model, data, adapter) -> float:
+    import torch
+    from datasets import load_from_disk
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    network = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if adapter is not None:
+        network = PeftModel.from_pretrained(network, adapter)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in load_from_disk(str(data))["validation"]:
+            logits = network(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(row["labels"][1:])
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    return total / count
 
 
 def test_eval_strategy_without_validation_split_is_refused(cli, small, tmp_path):
