@@ -67,7 +67,8 @@ def test_lora_through_prepare_train_infer(cli, tmp_path, shared_dir, family, dem
     assert cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "data", "--model", model).code == 0
     result = cli("train", "--dataset_path", tmp_path / "data", "--output_dir", tmp_path / "run",
                  "--max_steps", str(steps), "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
-                 "--lora_rank", "16", "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no")
+                 "--lora_rank", "16", "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no",
+                 "--precision", "fp32")  # the same run on CPUs with and without bf16 units
     assert result.code == 0, result.err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["base_model"] == str(model)
