@@ -119,7 +119,7 @@ def test_a_merge_that_leaves_a_module_out_fails_its_proof_and_writes_nothing(cli
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary directory
 
 
-def test_bf16_merge_saves_bf16_weights_and_passes_its_proof(cli, merged, tmp_path):
+def test_bf16_merge_saves_bf16_weights_and_passes_its_proof(cli, merged, tiny_model, tmp_path):
     adapter, _, _ = merged
     result = cli("merge", "--peft_path", adapter, "--output_dir", tmp_path / "out", "--dtype", "bf16")
     assert result.code == 0, result.err
@@ -127,6 +127,32 @@ def test_bf16_merge_saves_bf16_weights_and_passes_its_proof(cli, merged, tmp_pat
     assert dtype == "bfloat16" and float(diff) <= float(tolerance)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert "the proof is coarse" in result.err
+    # Independently of merge's own proof: every saved weight is W + (alpha / r) B A, computed here in fp32 from the
+    # base checkpoint and the adapter file, up to bf16's rounding of W, of the update and of their sum (each at most
+    # half a bf16 step: 2^-8 of the value, 8 significant bits); and the update is far larger than that rounding, so
+    # a weight saved without it (or with a wrong scale) fails.
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(str(tiny_model / "model.safetensors"))
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert saved.keys() == base.keys() and {t.dtype for t in saved.values()} == {torch.bfloat16}
+    adapted = 0
+    for name, weight in base.items():
+        prefix = "base_model.model." + name.removesuffix(".weight")
+        update = torch.zeros_like(weight.float())
+        if f"{prefix}.lora_A.weight" in lora:
+            update = scale * lora[f"{prefix}.lora_B.weight"].float() @ lora[f"{prefix}.lora_A.weight"].float()
+            adapted += 1
+        expected = weight.float() + update
+        rounding = (weight.float().abs() + update.abs() + expected.abs()) * 2**-8 + 1e-6
+        assert bool(((saved[name].float() - expected).abs() <= rounding).all()), name
+        if update.abs().max() > 0:
+            assert not bool(((saved[name].float() - weight.float()).abs() <= rounding).all()), name
+    assert adapted == len(lora) // 2 > 0
 
 
 def test_quiet_merge_prints_its_proof_and_leaves_the_note_out(cli, merged, tmp_path):
