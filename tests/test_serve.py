@@ -440,20 +440,28 @@ def test_a_malformed_call_is_answered_as_text(scripted):
 
 def test_a_tool_exchange_in_the_history_reaches_the_conversation_and_the_template(scripted):
     scripted.engine.answer = "It is sunny."
-    history = [*user("Weather in Paris?"),
-               {"role": "assistant", "content": None, "reasoning_content": "Ask the tool.", "tool_calls": [
-                   {"id": "call_7", "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-               {"role": "tool", "tool_call_id": "call_7", "content": "sunny, 21 C"}]
+    history = [*user("Weather in Paris and Rome?"),
+               {"role": "assistant", "content": "Let me check.", "reasoning_content": "Ask the tool.", "tool_calls": [
+                   {"id": f"call_{city}", "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+                   for city in ("Paris", "Rome")]},
+               {"role": "tool", "tool_call_id": "call_Paris", "content": "sunny, 21 C"},
+               {"role": "tool", "tool_call_id": "call_Rome", "content": "rain, 14 C"}]
     answer = scripted.api.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER])
     assert answer.choices[0].message.content == "It is sunny."
     asked = scripted.engine.asked[-1]
-    assistant, result = asked.conversation.messages[1:]
-    assert (assistant.reasoning, assistant.tool_call) == ("Ask the tool.", {"name": "get_weather",
-                                                                           "arguments": {"city": "Paris"}})
-    assert (result.role, result.tool_call_id, result.content) == ("observation", "call_7", "sunny, 21 C")
-    # The call as the template writes it in history (how a tool result is rendered is the template code's part).
-    assert "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>" in asked.prompt
+    assistant, paris, rome = asked.conversation.messages[1:]
+    assert (assistant.content, assistant.reasoning) == ("Let me check.", "Ask the tool.")
+    assert assistant.tool_call == [{"name": "get_weather", "arguments": {"city": city}, "id": f"call_{city}"}
+                                   for city in ("Paris", "Rome")]  # one turn, both calls
+    assert (paris.role, paris.tool_call_id, paris.content) == ("observation", "call_Paris", "sunny, 21 C")
+    assert (rome.tool_call_id, rome.content) == ("call_Rome", "rain, 14 C")
+    # As the official template writes them: the text beside the calls, both calls in one turn, both results.
+    calls = "".join(f"<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>{city}</arg_value>\n</tool_call>"
+                    for city in ("Paris", "Rome"))
+    assert "Let me check." in asked.prompt and calls in asked.prompt.replace("\n<tool_call>", "<tool_call>")
+    assert asked.prompt.count("<|assistant|>") == 2  # the history's turn and the generation prompt
+    assert "sunny, 21 C" in asked.prompt and "rain, 14 C" in asked.prompt
 
 
 def test_chat_template_kwargs_switch_thinking_per_request_over_the_servers_flag(scripted):

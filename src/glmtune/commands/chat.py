@@ -74,9 +74,8 @@ class ChatSession:
             deltas.close()  # a KeyboardInterrupt between two pieces stops the generation too
         view.end()
         completion = stream.completion
-        call = completion.tool_calls[0] if completion.tool_calls else None
-        answer = Message("assistant", completion.text, reasoning=completion.reasoning,
-                         tool_call={"name": call.name, "arguments": json.loads(call.arguments)} if call else None)
+        calls = [{"name": c.name, "arguments": json.loads(c.arguments), "id": c.id} for c in completion.tool_calls]
+        answer = Message("assistant", completion.text, reasoning=completion.reasoning, tool_call=calls or None)
         self.history += [Message("user", text), answer]
         self._warn_if_context_full(completion)
 

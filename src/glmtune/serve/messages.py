@@ -80,8 +80,8 @@ def _text(message: ChatMessage) -> str:
 
 
 def _with_api_fields(request: ChatMessage, message: Message, where: str) -> list[Message]:
-    """The message with its reasoning, call id and calls; an assistant turn with several calls becomes one
-    message per call (a Message holds one), the first keeping the text and reasoning."""
+    """The message with its reasoning, call id and calls (OpenAI's list form, which keeps the text written beside
+    the calls and their ids)."""
     if request.role == "tool":
         return [dataclasses.replace(message, tool_call_id=request.tool_call_id)]
     if request.role != "assistant":
@@ -89,7 +89,7 @@ def _with_api_fields(request: ChatMessage, message: Message, where: str) -> list
     message = dataclasses.replace(message, reasoning=request.reasoning_content or None)
     if not request.tool_calls:
         return [message]
-    out = []
+    calls = []
     for k, call in enumerate(request.tool_calls):
         try:
             arguments = json.loads(call.function.arguments or "{}")
@@ -98,10 +98,8 @@ def _with_api_fields(request: ChatMessage, message: Message, where: str) -> list
         if not isinstance(arguments, dict):
             raise BadRequest(f"{where}.tool_calls.{k}.function.arguments must be a JSON object's text",
                              f"{where}.tool_calls")
-        part = dataclasses.replace(message) if k == 0 else Message("assistant", "", train=message.train)
-        part.tool_call = {"name": call.function.name, "arguments": arguments}
-        out.append(part)
-    return out
+        calls.append({"name": call.function.name, "arguments": arguments, **({"id": call.id} if call.id else {})})
+    return [dataclasses.replace(message, tool_call=calls)]
 
 
 def _tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
