@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 import glmtune.arguments as arguments
-from glmtune.arguments.options import Options, declared_choices
+from glmtune.arguments.options import Options
 from glmtune.cli import COMMANDS
 from glmtune.config import parse_arguments
 from glmtune.errors import UserError
@@ -134,14 +134,11 @@ def test_allowed_values_match_what_the_library_dispatches_on():
     from typing import get_args
 
     from glmtune.data.formats import FORMATS
-    from glmtune.data.tokenize import TRUNCATION_RULES
     from glmtune.evaluation.metrics import TEXT_METRICS
 
     assert get_args(arguments.DataFormat) == tuple(FORMATS)
-    assert get_args(arguments.Truncation) == TRUNCATION_RULES
     assert tuple(arguments.MERGE_DTYPES) == arguments.PRECISIONS
     assert arguments.EVAL_METRICS == (*TEXT_METRICS, "perplexity")
-    assert declared_choices(arguments.GenerationEvalArguments) == {"eval_generate_metric": arguments.EVAL_METRICS}
 
 
 def parse(types: list[type], *argv: str) -> tuple:

@@ -176,9 +176,10 @@ def test_deepspeed_config_autos_are_filled_by_the_trainer(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")
-def test_fsdp_is_refused_on_cpu(cli, tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["train", "dpo"])
+def test_fsdp_is_refused_on_cpu(command, cli, tiny_model, tmp_path, monkeypatch):
     """accelerate would drop it without a word and train plain DDP (seen with fsdp.yaml on 2 CPU processes)."""
-    error = _train_launched_with("FSDP", cli, tiny_model, tmp_path, monkeypatch)
+    error = _train_launched_with("FSDP", cli, tiny_model, tmp_path, monkeypatch, command)
     assert "FSDP needs CUDA GPUs" in error and "--multi_gpu" in error
 
 

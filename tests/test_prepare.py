@@ -126,8 +126,9 @@ def test_data_and_the_seeds_jsonl_path_prepare_the_same_dataset(cli, tmp_path, t
     data = write_json(tmp_path / "data.json", [{"instruction": "Define APR.", "output": "Annual rate."}])
     config = tmp_path / "config.yaml"
     config.write_text(f"jsonl_path: {data}\nsave_path: {tmp_path / 'from_yaml'}\n", encoding="utf-8")
-    assert cli("prepare", "--data", data, "--save_path", tmp_path / "new", "--model", tiny_model).code == 0
-    assert cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "old", "--model", tiny_model).code == 0
-    assert cli("prepare", "--config", config, "--model", tiny_model).code == 0
+    fresh = ("--model", tiny_model, "--use_cache", "false")  # each run tokenizes: the rows compared are its own
+    assert cli("prepare", "--data", data, "--save_path", tmp_path / "new", *fresh).code == 0
+    assert cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "old", *fresh).code == 0
+    assert cli("prepare", "--config", config, *fresh).code == 0
     rows = [load(tmp_path / name).to_list() for name in ("new", "old", "from_yaml")]
     assert rows[0] == rows[1] == rows[2] and len(rows[0]) == 1

@@ -57,7 +57,6 @@ def test_resume_passes_over_a_checkpoint_cut_short_and_ends_where_an_uninterrupt
     says so, and trains to the adapter of the run never interrupted."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file
 
     _, data = small
@@ -77,7 +76,7 @@ def test_resume_passes_over_a_checkpoint_cut_short_and_ends_where_an_uninterrupt
     full, resumed = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "full", run))
     assert full.keys() == resumed.keys()
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
-    assert not torch.equal(full[next(iter(full))], torch.zeros_like(full[next(iter(full))]))
+    assert any(t.abs().max() > 0 for k, t in full.items() if "lora_B" in k)  # trained: B starts at zero
     # Named explicitly, a checkpoint cut short is refused, saying why.
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
     (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").write_text("{", encoding="utf-8")

@@ -12,7 +12,7 @@ from glmtune.arguments.output import OverwriteArguments
 from glmtune.arguments.run import SeedArguments
 from glmtune.errors import UserError
 
-# glmtune.data.formats.FORMATS and glmtune.data.tokenize.TRUNCATION_RULES, as types (a test keeps them equal).
+# glmtune.data.formats.FORMATS as a type (a test keeps them equal), and the truncation rules data/tokenize.py applies.
 DataFormat = Literal["sharegpt", "messages", "alpaca", "prompt_response", "prompt_completion", "context_target",
                      "content_summary", "text", "preference"]
 Truncation = Literal["right", "left", "drop"]

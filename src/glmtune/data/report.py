@@ -49,8 +49,9 @@ class PrepareReport:
             f"rows dropped:      {dropped}" + (" (" + ", ".join(f"{n} {r}" for r, n in self.dropped.items()) + ")"
                                                 if dropped else ""),
             f"rows truncated:    {sum(self.truncated.values())}" + (
-                " (" + ", ".join(f"{n} cut {rule}: {self.prompt_tokens_cut.get(rule, 0)} prompt tokens, "
-                                 f"{self.answer_tokens_cut.get(rule, 0)} answer tokens"
+                " (" + ", ".join(f"{n} cut {rule}" + (f": {self.prompt_tokens_cut[rule]} prompt tokens, "
+                                                      f"{self.answer_tokens_cut.get(rule, 0)} answer tokens"
+                                                      if rule in self.prompt_tokens_cut else "")
                                  for rule, n in self.truncated.items()) + ")"
                 if self.truncated else "") + f"; supervised tokens lost: {self.supervised_tokens_lost}",
             f"lengths (tokens):  {lengths}; {self.rows_over_max} rows over --max_seq_length {self.max_seq_length}",

@@ -14,7 +14,6 @@ from glmtune.data.templates import IGNORE_INDEX, AnswerNotLocated, RowNotRendera
 from glmtune.data.truncation import cut_left
 from glmtune.data.turns import split_by_turn
 
-TRUNCATION_RULES = ("right", "left", "drop")
 NO_SUPERVISED = "no supervised token left"
 TOO_LONG = "longer than --max_seq_length (--truncation drop)"
 

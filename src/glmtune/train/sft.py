@@ -37,7 +37,6 @@ from glmtune.train.skeleton import (
     load_model_for_training,
     load_splits,
     prepare_data,
-    refuse_fsdp_on_cpu,
     resolve_model_name,
     resolved_config,
     run_training,
@@ -88,7 +87,6 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     resume = check_output(training_args, data_args.overwrite_output_dir)
     compute_args = compute_args or ComputeArguments()
     precision, training_args = choose_run_precision(model_args, compute_args, training_args)
-    refuse_fsdp_on_cpu(training_args)
     dataset_dir, dataset_manifest = prepare_data(data_args.dataset_path, model_args.model, training_args, data_args,
                                                  model_args.trust_remote_code, preference=False)
     model_name = resolve_model_name(model_args.model, dataset_manifest, dataset_dir)

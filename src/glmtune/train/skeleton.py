@@ -22,8 +22,9 @@ Adding a method (KTO, ORPO, ...) is two files:
 
 - `train/<method>.py`: `run_<method>(...)` calling the steps above with the method's Trainer (or TRL trainer and
   config), its own checks, and the manifest fields it adds; see train/dpo.py for a TRL trainer.
-- `commands/<method>.py`: `main(argv)` parsing the method's argument dataclasses (with `machine_defaults()`), calling
-  `run_<method>`, then `end_process_group()` and printing on the main process alone; plus its line in cli.COMMANDS.
+- `commands/<method>.py`: `main(argv)` parsing the method's argument dataclasses (train.command's
+  parse_training_options), calling `run_<method>`, then `end_process_group()` and printing on the main process
+  alone; plus its line in cli.COMMANDS.
 
 Full and freeze tuning change step 8 only: they make weights of the model itself trainable instead of adding an
 adapter (see attach_adapter), and save those weights in step 13.
@@ -153,12 +154,13 @@ def choose_run_precision(model_args: ModelArguments, precision_args: PrecisionAr
     CPU only they have joined the process group (see apply_to_training_args).
 
     Raises:
-        UserError: conflicting precision flags, fp16 without a CUDA GPU, or --quantization_bit without a
-            bitsandbytes backend here.
+        UserError: conflicting precision flags, fp16 without a CUDA GPU, FSDP on CPU (refuse_fsdp_on_cpu), or
+            --quantization_bit without a bitsandbytes backend here.
     """
     hardware = detect_hardware()
     precision = choose_precision(precision_args.precision, training_args.bf16, training_args.fp16, hardware)
     training_args = apply_to_training_args(precision, training_args, hardware)
+    refuse_fsdp_on_cpu(training_args)  # every method: only now is use_cpu set
     if model_args.quantization_bit:  # no bitsandbytes backend: stop before loading anything
         quantization.check_backend(model_args.quantization_bit)
     return precision, training_args
