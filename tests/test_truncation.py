@@ -155,8 +155,8 @@ def test_the_report_gives_token_counts_only_where_they_were_taken():
     """Preference pairs (and cache entries older than the counts) have rows truncated but no token counts."""
     from glmtune.data.report import PrepareReport
 
-    pairs = "\n".join(PrepareReport(format="preference", truncated={"right": 3}).lines())
+    pairs = "\n".join(PrepareReport(format="preference", max_seq_length=64, truncated={"right": 3}).lines())
     assert "rows truncated:    3 (3 cut right)" in pairs and "prompt tokens" not in pairs
-    rows = "\n".join(PrepareReport(format="messages", truncated={"left": 1}, prompt_tokens_cut={"left": 269},
-                                   answer_tokens_cut={"left": 0}).lines())
+    rows = "\n".join(PrepareReport(format="messages", max_seq_length=64, truncated={"left": 1},
+                                   prompt_tokens_cut={"left": 269}, answer_tokens_cut={"left": 0}).lines())
     assert "(1 cut left: 269 prompt tokens, 0 answer tokens)" in rows
