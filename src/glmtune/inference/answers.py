@@ -10,7 +10,7 @@ A call that is not well formed stays in the text: the model wrote it, the client
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,17 +110,12 @@ class AnswerSplitter:
         return True
 
     def _in_reasoning(self, final: bool) -> bool:
-        end = self._buffer.find(END_THINK)
         if self.parts.reasoning is None:
             self.parts.reasoning = ""
-        if end >= 0:
-            self._emit_reasoning(self._buffer[:end])
-            self._buffer, self._state = self._buffer[end + len(END_THINK):], "answer_start"
-            return True
-        keep = 0 if final else _partial_suffix(self._buffer, END_THINK)
-        self._emit_reasoning(self._buffer[: len(self._buffer) - keep])
-        self._buffer = self._buffer[len(self._buffer) - keep:]
-        return False
+        if not self._emit_before(END_THINK, self._emit_reasoning, final):
+            return False
+        self._buffer, self._state = self._buffer[len(END_THINK):], "answer_start"
+        return True
 
     def _answer_start(self, final: bool) -> bool:
         self._state = "name_line" if self.parser.form == "name_line" and self._names else "content"
@@ -153,15 +148,20 @@ class AnswerSplitter:
             self._emit_content(self._buffer)
             self._buffer = ""
             return False
-        start = self._buffer.find(CALL)
-        if start >= 0:
-            self._emit_content(self._buffer[:start])
-            self._buffer, self._state = self._buffer[start:], "call"
-            return True
-        keep = 0 if final else _partial_suffix(self._buffer, CALL)
-        self._emit_content(self._buffer[: len(self._buffer) - keep])
-        self._buffer = self._buffer[len(self._buffer) - keep:]
-        return False
+        if not self._emit_before(CALL, self._emit_content, final):
+            return False
+        self._state = "call"
+        return True
+
+    def _emit_before(self, marker: str, emit: Callable[[str], None], final: bool) -> bool:
+        """Emit the buffer up to `marker` and keep the marker onwards (True); without it, emit all but an end that
+        could still become the marker (False: wait for more text)."""
+        at = self._buffer.find(marker)
+        if at < 0:
+            at = len(self._buffer) - (0 if final else _partial_suffix(self._buffer, marker))
+        emit(self._buffer[:at])
+        self._buffer = self._buffer[at:]
+        return self._buffer.startswith(marker)
 
     def _in_call(self, final: bool) -> bool:
         end = self._buffer.find(END_CALL)
