@@ -97,3 +97,16 @@ def write_json(path: Path, rows) -> Path:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def with_thinking_template(model: Path, destination: Path) -> Path:
+    """A copy of `model` whose chat template is the official GLM-4.6 one (thinking switch, XML tool calls); skips
+    the test when ../shared is absent."""
+    import shutil
+
+    template = SHARED / "templates" / "glm-4.6.jinja"
+    if not template.is_file():
+        pytest.skip(f"{template} is absent (../shared)")
+    shutil.copytree(model, destination)
+    shutil.copy(template, destination / "chat_template.jinja")
+    return destination

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from conftest import write_json
+from conftest import with_thinking_template, write_json
 
 from glmtune.evaluation.metrics import sample_scores
 
@@ -246,20 +245,13 @@ def test_eval_refuses_rows_without_an_answer_and_train_hook_without_validation(c
 
 
 def test_eval_scores_the_answer_alone_and_writes_its_reasoning_beside_it(cli, tiny_model, tmp_path, monkeypatch):
-    import shutil
-
     from glmtune.inference.engine import Engine
     from glmtune.inference.streaming import Completion
 
     refused = cli("eval", "--model", tiny_model, "--dataset", write_json(tmp_path / "qa.json", [
         {"prompt": "2+2?", "response": "4"}]), "--output_dir", tmp_path / "refused", "--enable_thinking", "false")
     assert refused.code == 2 and "has no thinking switch" in refused.err
-    template = Path(__file__).resolve().parents[2] / "shared" / "templates" / "glm-4.6.jinja"
-    if not template.is_file():
-        pytest.skip(f"{template} is absent (../shared)")
-    model = tmp_path / "thinking"
-    shutil.copytree(tiny_model, model)
-    shutil.copy(template, model / "chat_template.jinja")
+    model = with_thinking_template(tiny_model, tmp_path / "thinking")
     asked = []
 
     def complete(self, conversations, settings, batch_size=8, progress=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import write_jsonl
+from conftest import with_thinking_template, write_jsonl
 
 
 def test_repeated_prompts_answer_in_order_on_stdout(cli, tiny_model):
@@ -83,21 +83,11 @@ def test_empty_prompt_row_is_refused_with_its_location(cli, tiny_model, tmp_path
 
 def test_enable_thinking_reaches_the_prompt_and_a_template_without_the_switch_refuses_it(cli, tiny_model, tmp_path,
                                                                                          monkeypatch):
-    import shutil
-    from pathlib import Path
-
-    import pytest
-
     from glmtune.inference import engine
 
     refused = cli("infer", "--model", tiny_model, "--prompt", "2+2?", "--enable_thinking", "false")
     assert refused.code == 2 and "has no thinking switch" in refused.err
-    template = Path(__file__).resolve().parents[2] / "shared" / "templates" / "glm-4.6.jinja"
-    if not template.is_file():
-        pytest.skip(f"{template} is absent (../shared)")
-    model = tmp_path / "thinking"
-    shutil.copytree(tiny_model, model)
-    shutil.copy(template, model / "chat_template.jinja")
+    model = with_thinking_template(tiny_model, tmp_path / "thinking")
     prompts = []
 
     def encode_prompt(tokenizer, conversation, enable_thinking=None):
