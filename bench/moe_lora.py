@@ -1,6 +1,6 @@
 """Expert LoRA on a tiny glm4_moe (8 routed experts, 2 active, one shared; first layer dense): attention-only LoRA
 against the default glm4_moe adapter (attention + routed experts + shared experts + dense MLP), same data, steps
-and seed. Each run is a fresh `glmtune train` process, so its peak RSS is its own.
+and seed. Each run is a fresh `glmtune train` process that reports its own peak RSS (VmHWM, read as it exits).
 
     .venv/bin/python bench/moe_lora.py [--steps 40] [--hidden 256] [--layers 4]
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,13 @@ from pathlib import Path
 
 from glmtune.demo import demo_data_path
 
+# `python -m glmtune ...` that prints its own peak RSS on exit: a parent's getrusage(RUSAGE_CHILDREN) is the largest
+# of ALL its finished children, and a child's ru_maxrss counts what its parent held when it forked.
+CHILD = ("import atexit, re, runpy, sys\n"
+         "atexit.register(lambda: print('peak_kib', re.search(r'VmHWM:\\s+(\\d+)', "
+         "open('/proc/self/status').read()).group(1), file=sys.stderr))\n"
+         "sys.argv = ['glmtune', *sys.argv[1:]]\n"
+         "runpy.run_module('glmtune', run_name='__main__')")
 RUNS = {"attention only": ["--target_modules", "q_proj,k_proj,v_proj,o_proj"], "experts included (default)": []}
 
 
@@ -48,30 +54,21 @@ def main() -> None:
     print(f"{'LoRA':<28} {'tokens/s':>9} {'s/step':>7} {'peak RSS':>9} {'loss':>6} {'trainable':>10}")
     for name, extra in RUNS.items():
         out = tmp / name.split()[0]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
-        log = subprocess.run([*glmtune, "train", "--dataset_path", str(tmp / "data"), "--output_dir", str(out),
+        log = subprocess.run([sys.executable, "-c", CHILD, "train", "--dataset_path", str(tmp / "data"),
+                              "--output_dir", str(out),
                               "--max_steps", str(args.steps), "--per_device_train_batch_size", "8",
                               "--learning_rate", "3e-3", "--lora_dropout", "0", "--save_strategy", "no",
                               "--logging_steps", "5", "--seed", "1", "--precision", "fp32", *extra],
                              check=True, capture_output=True, text=True)
         elapsed = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        peak = int(log.stderr.rsplit("peak_kib ", 1)[1].split()[0])
         manifest = json.loads((out / "manifest.json").read_text())
-        state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else {}
-        runtime = next((e["train_runtime"] for e in manifest.get("log_history", state.get("log_history", []))
-                        if "train_runtime" in e), None) or _runtime(log.stderr + log.stdout) or elapsed
-        tokens = manifest.get("train_tokens") or _tokens(tmp / "data", args.steps)
+        runtime = manifest.get("train_runtime") or elapsed
+        tokens = _tokens(tmp / "data", args.steps)
         trainable = _trainable(log.stderr + log.stdout)
         print(f"{name:<28} {tokens / runtime:9.0f} {runtime / args.steps:7.3f} "
-              f"{max(peak, before) / 1024:7.0f} MB {manifest['last_logged_loss']:6.3f} {trainable:>10}")
-
-
-def _runtime(log: str) -> float | None:
-    import re
-
-    found = re.findall(r"'train_runtime': '([\d.]+)'", log)
-    return float(found[-1]) if found else None
+              f"{peak / 1024:7.0f} MB {manifest['last_logged_loss']:6.3f} {trainable:>10}")
 
 
 def _trainable(log: str) -> str:
