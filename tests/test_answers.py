@@ -59,11 +59,13 @@ CASES = {
         "</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call>", "Let me check.",
         "The user wants Paris.", [("get_weather", {"city": "Paris", "days": 2})]),
     "GLM-Z1 reasoning, then NAME and JSON": (
-        AnswerParser("name_line", [WEATHER], in_reasoning=True), 'Paris, so ask.</think>\nget_weather\n{"city": "Paris"}',
-        "", "Paris, so ask.", [("get_weather", {"city": "Paris"})]),
+        AnswerParser("name_line", [WEATHER], in_reasoning=True),
+        'Paris, so ask.</think>\nget_weather\n{"city": "Paris"}', "", "Paris, so ask.",
+        [("get_weather", {"city": "Paris"})]),
     "GLM-4 two calls, one per <|assistant|> segment": (
-        AnswerParser("name_line", [WEATHER]), 'get_weather\n{"city": "Paris"}<|assistant|>get_weather\n{"city": "Rome"}',
-        "", None, [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
+        AnswerParser("name_line", [WEATHER]),
+        'get_weather\n{"city": "Paris"}<|assistant|>get_weather\n{"city": "Rome"}', "", None,
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
     "GLM-4 a malformed segment is text, the next call still a call": (
         AnswerParser("name_line", [WEATHER]), 'get_weather\n{oops}<|assistant|>get_weather\n{"city": "Rome"}',
         "get_weather\n{oops}", None, [("get_weather", {"city": "Rome"})]),
