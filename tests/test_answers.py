@@ -53,6 +53,28 @@ CASES = {
                                                     'delete_all\n{"x": 1}', None, []),
     "no tool form: tags are text": (AnswerParser("none"), "<tool_call>f\n</tool_call>", "<tool_call>f\n</tool_call>",
                                     None, []),
+    "GLM-4.7 a call without newlines, after the think block its prompt opened": (
+        AnswerParser("tagged", [WEATHER], in_reasoning=True),
+        "The user wants Paris.</think>Let me check.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris"
+        "</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call>", "Let me check.",
+        "The user wants Paris.", [("get_weather", {"city": "Paris", "days": 2})]),
+    "GLM-Z1 reasoning, then NAME and JSON": (
+        AnswerParser("name_line", [WEATHER], in_reasoning=True),
+        'Paris, so ask.</think>\nget_weather\n{"city": "Paris"}', "", "Paris, so ask.",
+        [("get_weather", {"city": "Paris"})]),
+    "GLM-4 two calls, one per <|assistant|> segment": (
+        AnswerParser("name_line", [WEATHER]),
+        'get_weather\n{"city": "Paris"}<|assistant|>get_weather\n{"city": "Rome"}', "", None,
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
+    "GLM-4 a malformed segment is text, the next call still a call": (
+        AnswerParser("name_line", [WEATHER]), 'get_weather\n{oops}<|assistant|>get_weather\n{"city": "Rome"}',
+        "get_weather\n{oops}", None, [("get_weather", {"city": "Rome"})]),
+    "ChatGLM3 text, then a call in a second segment": (
+        AnswerParser("name_line", [WEATHER]),
+        "\nLet me check.<|assistant|>get_weather\n ```python\ntool_call(city='Paris')\n```", "Let me check.", None,
+        [("get_weather", {"city": "Paris"})]),
+    "ChatGLM3 every text segment is kept": (AnswerParser("name_line", [WEATHER]), "\nFirst.<|assistant|>\nSecond.",
+                                            "First.\nSecond.", None, []),
 }
 MALFORMED = {
     "XML with text between the pairs": "<tool_call>f\n<arg_key>a</arg_key>junk<arg_value>1</arg_value></tool_call>",
@@ -200,3 +222,107 @@ def test_an_answer_without_markers_decodes_as_before(tokenizer):
 
     ids = tokenizer.encode("[gMASK]<sop>hello world<|user|>", add_special_tokens=False)
     assert AnswerDecoder(tokenizer).decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# Small templates written for these tests, each reproducing what one official template does that the code must
+# handle (docs/glm-models.md names the official templates they were checked against).
+# GLM-Z1-0414: the tools in the system turn, a call written as `<|assistant|>NAME\n{arguments}` from the message's
+# `metadata`, results as `observation` turns, reasoning dropped from history, the think block opened by the prompt.
+Z1_LIKE = ("[gMASK]<sop>{% if tools %}<|system|>\n{% for tool in tools %}## {{ tool.function.name }}\n{% endfor %}"
+           "{% endif %}{% for m in messages %}{% set meta = m.get('metadata', '') %}"
+           "{% if m.role == 'user' %}<|user|>\n{{ m.content }}"
+           "{% elif m.role == 'assistant' and meta %}<|assistant|>{{ meta }}\n{{ m.content }}"
+           "{% elif m.role == 'assistant' %}<|assistant|>\n{{ m.content.split('</think>')[-1].strip() }}"
+           "{% elif m.role == 'observation' %}<|observation|>\n{{ m.content }}{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}")
+# GLM-4.7: calls without newlines, `</think>` alone before an answer without reasoning, the prompt opening the think
+# block (`</think>` instead with enable_thinking false).
+GLM47_LIKE = ("[gMASK]<sop>{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content }}"
+              "{% elif m.role == 'assistant' %}<|assistant|>{% if m.reasoning_content %}<think>"
+              "{{ m.reasoning_content }}</think>{% else %}</think>{% endif %}{{ m.content }}"
+              "{% for tc in m.tool_calls or [] %}<tool_call>{{ tc.function.name }}"
+              "{% for k, v in tc.function.arguments.items() %}<arg_key>{{ k }}</arg_key><arg_value>{{ v }}</arg_value>"
+              "{% endfor %}</tool_call>{% endfor %}{% elif m.role == 'tool' %}<|observation|><tool_response>"
+              "{{ m.content }}</tool_response>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>"
+              "{{ '</think>' if enable_thinking is defined and not enable_thinking else '<think>' }}{% endif %}")
+PARIS_CALL = [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call_1"}]
+
+
+def _with_template(tokenizer, template: str):
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _called_then_asked(tools: list[dict]):
+    from glmtune.data.conversation import Conversation, Message
+
+    return Conversation(messages=[Message("user", "Weather in Paris?"), Message("assistant", "", tool_call=PARIS_CALL),
+                                  Message("observation", "sunny", tool_call_id="call_1"), Message("user", "And now?")],
+                        tools=tools)
+
+
+def test_glm_z1s_calls_are_rendered_and_read_in_its_metadata_form(glm45_tokenizer):
+    from glmtune.data.templates import encode_prompt, render
+    from glmtune.inference.engine import answer_parser
+
+    tokenizer = _with_template(glm45_tokenizer, Z1_LIKE)
+    assert tool_call_form(Z1_LIKE) == "name_line"
+    conversation = _called_then_asked([WEATHER])
+    text = render(tokenizer, conversation, add_generation_prompt=True)
+    assert '<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\nsunny<|user|>' in text
+    parser = answer_parser(tokenizer, encode_prompt(tokenizer, conversation), conversation.tools)
+    assert (parser.form, parser.in_reasoning) == ("name_line", True)
+    # What the template writes for a call in history is what the model generates: it reads back as the call.
+    history_call = text.split("<|assistant|>")[1].split("<|observation|>")[0]
+    (call,) = parser.parse("Ask the tool.</think>" + history_call).tool_calls
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+
+
+def test_glm47s_calls_without_newlines_and_the_think_block_its_prompt_opens(glm45_tokenizer):
+    from glmtune.data.templates import encode_prompt, render
+    from glmtune.inference.engine import answer_parser
+
+    tokenizer = _with_template(glm45_tokenizer, GLM47_LIKE)
+    conversation = _called_then_asked([WEATHER])
+    text = render(tokenizer, conversation, add_generation_prompt=True)
+    call_text = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>"
+    assert f"<|assistant|></think>{call_text}<|observation|>" in text and text.endswith("<|assistant|><think>")
+    parser = answer_parser(tokenizer, encode_prompt(tokenizer, conversation), conversation.tools)
+    assert (parser.form, parser.in_reasoning) == ("tagged", True)
+    parts = parser.parse("Paris again.</think>" + call_text)
+    assert parts.reasoning == "Paris again." and parts.content == ""
+    assert [(c.name, json.loads(c.arguments)) for c in parts.tool_calls] == [("get_weather", {"city": "Paris"})]
+    off = answer_parser(tokenizer, encode_prompt(tokenizer, conversation, enable_thinking=False), conversation.tools)
+    assert not off.in_reasoning and off.parse("Still sunny.").content == "Still sunny."
+
+
+def test_assistant_segments_survive_decoding_and_split_into_calls(tokenizer):
+    from glmtune.inference.decoding import AnswerDecoder
+
+    raw = 'get_weather\n{"city": "Paris"}<|assistant|>get_weather\n{"city": "Rome"}'
+    ids = tokenizer.encode(raw + "<|observation|>", add_special_tokens=False)
+    assert tokenizer.convert_tokens_to_ids("<|assistant|>") in ids
+    text = AnswerDecoder(tokenizer).decode(ids)
+    assert "<|assistant|>" in text and "<|observation|>" not in text
+    parts = AnswerParser("name_line", [WEATHER]).parse(text)
+    assert [json.loads(c.arguments)["city"] for c in parts.tool_calls] == ["Paris", "Rome"] and parts.content == ""
+
+
+def test_a_streamed_answers_completion_holds_the_calls_it_streamed(glm45_tokenizer):
+    import torch
+    from transformers import GenerationConfig
+
+    from glmtune.inference.streaming import TextStream
+
+    tokenizer = glm45_tokenizer
+    ids = tokenizer.encode(GLM45_CALL, add_special_tokens=False)
+    stop = tokenizer.convert_tokens_to_ids("<|observation|>")
+    prompt = tokenizer.encode("[gMASK]<sop><|user|>\nWeather?<|assistant|>", add_special_tokens=False)
+    stream = TextStream(ScriptedModel(ids, stop), tokenizer, torch.tensor([prompt]), torch.ones(1, len(prompt)),
+                        GenerationConfig(max_new_tokens=512), [stop], AnswerParser("tagged", [WEATHER]))
+    streamed = [d.tool_call for d in stream.deltas() if d.tool_call]
+    assert [c.id for c in stream.completion.tool_calls] == [c.id for c in streamed] and len(streamed) == 1
+    assert stream.completion.completion_tokens == len(ids) + 1

@@ -464,6 +464,28 @@ def test_a_tool_exchange_in_the_history_reaches_the_conversation_and_the_templat
     assert "sunny, 21 C" in asked.prompt and "rain, 14 C" in asked.prompt
 
 
+def test_an_assistant_turn_with_several_calls_is_prompted_as_the_official_template_renders_it(scripted):
+    scripted.engine.answer = "Sunny in Paris, rain in Rome."
+    calls = [{"id": f"call_{city}", "type": "function",
+              "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "days": 2})}}
+             for city in ("Paris", "Rome")]
+    history = [*user("Weather in Paris and Rome?"),
+               {"role": "assistant", "content": "Let me check both.", "reasoning_content": "Two cities.",
+                "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "call_Paris", "content": "sunny"},
+               {"role": "tool", "tool_call_id": "call_Rome", "content": "rain"}]
+    scripted.api.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER])
+    # The same OpenAI messages through the official template itself (arguments as the mappings it iterates, as
+    # vLLM hands them to it).
+    official = copy.deepcopy(history)
+    for call in official[1]["tool_calls"]:
+        call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    tokenizer = scripted.engine.tokenizer
+    text = tokenizer.apply_chat_template(official, tools=[WEATHER], add_generation_prompt=True, tokenize=False)
+    assert text.count("<tool_call>get_weather") == 2 and text.count("<|assistant|>") == 2
+    assert scripted.engine.asked[-1].prompt == tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+
+
 def test_chat_template_kwargs_switch_thinking_per_request_over_the_servers_flag(scripted):
     from glmtune.serve.app import prepare
     from glmtune.serve.schemas import ChatCompletionRequest

@@ -94,6 +94,9 @@ def reasoning_form(template: str | None) -> str | None:
 # results as `tool` messages; GLM-4's and ChatGLM3's write the role itself (`<|observation|>`).
 _TOOL_ROLE = re.compile(r"""role\W{0,3}\s*==\s*["']tool["']""")
 _OBSERVATION_ROLE = re.compile(r"""role\W{0,3}\s*==\s*["']observation["']""")
+# Where a template writes a call as `<|assistant|>NAME\n{arguments}`, it reads NAME from the message's metadata:
+# `message['metadata']` (GLM-4-9B-chat), `message.get("metadata", "")` (GLM-4-0414, GLM-Z1).
+METADATA_CALLS = re.compile(r"""\[\s*["']metadata["']\s*\]|\.get\(\s*["']metadata["']""")
 
 
 def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -108,7 +111,7 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
         RowNotRenderable: several calls, or text beside a call, in one turn of a template that writes one call per
             turn (GLM-4-9B-chat's).
     """
-    styles = ("['metadata']" in template, "tool_calls" in template)
+    styles = (bool(METADATA_CALLS.search(template)), "tool_calls" in template)
     form = reasoning_form(template)
     tool_role = "tool" if _TOOL_ROLE.search(template) and not _OBSERVATION_ROLE.search(template) else "observation"
     messages: list[dict[str, Any]] = [{"role": "system", "content": conversation.system}] if conversation.system \

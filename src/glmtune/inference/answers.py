@@ -6,6 +6,11 @@ still turn out to be a marker (`<think>`, `</think>`, `<tool_call>`, a tool's na
 is held back until the next piece resolves it, so a partial marker is never sent as text. Reasoning and text are
 stripped of surrounding whitespace as the batched answer always was (whitespace is held until something follows).
 A call that is not well formed stays in the text: the model wrote it, the client sees it.
+
+ChatGLM3 and GLM-4 write several calls, or text and then a call, as several `<|assistant|>` segments in one answer
+(`Let me look.<|assistant|>get_weather\n...`): each segment is read as ChatGLM3's own `process_response` reads it
+(split on `<|assistant|>`, a first line that names a tool makes the segment a call), except that every text segment
+is kept, not only the last.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from glmtune.inference.tool_calls import ToolCall, ToolCallForm, parse_name_line
 
 THINK, END_THINK = "<think>", "</think>"
 CALL, END_CALL = "<tool_call>", "</tool_call>"
+SEGMENT = "<|assistant|>"  # a new assistant segment inside one answer (ChatGLM3, GLM-4)
 
 
 @dataclass
@@ -112,7 +118,7 @@ class AnswerSplitter:
     def _in_reasoning(self, final: bool) -> bool:
         if self.parts.reasoning is None:
             self.parts.reasoning = ""
-        if not self._emit_before(END_THINK, self._emit_reasoning, final):
+        if self._emit_before((END_THINK,), self._emit_reasoning, final) is None:
             return False
         self._buffer, self._state = self._buffer[len(END_THINK):], "answer_start"
         return True
@@ -122,7 +128,8 @@ class AnswerSplitter:
         return True
 
     def _name_line(self, final: bool) -> bool:
-        """GLM-4 / ChatGLM3: an answer whose first line is a tool's name is a call; the rest is read at the end."""
+        """GLM-4 / ChatGLM3: a segment whose first line is a tool's name is a call, read once the segment ends (at
+        the next `<|assistant|>` or the answer's end)."""
         text = self._buffer.lstrip()
         line, newline, _ = text.partition("\n")
         if not newline:
@@ -133,35 +140,38 @@ class AnswerSplitter:
         if line.strip() not in self._names:
             self._state = "content"
             return True
-        if not final:
+        end = text.find(SEGMENT)
+        if end < 0 and not final:
             return False
-        call = parse_name_line(text, self._names)
+        call = parse_name_line(text if end < 0 else text[:end], self._names)
         if call is None:  # not a well-formed call: the model's text as it is
             self._state = "content"
             return True
         self._emit_call(call)
-        self._buffer, self._state = "", "content"
-        return False
-
-    def _in_content(self, final: bool) -> bool:
-        if self.parser.form != "tagged":
-            self._emit_content(self._buffer)
-            self._buffer = ""
-            return False
-        if not self._emit_before(CALL, self._emit_content, final):
-            return False
-        self._state = "call"
+        self._buffer, self._state = "" if end < 0 else text[end:], "content"
         return True
 
-    def _emit_before(self, marker: str, emit: Callable[[str], None], final: bool) -> bool:
-        """Emit the buffer up to `marker` and keep the marker onwards (True); without it, emit all but an end that
-        could still become the marker (False: wait for more text)."""
-        at = self._buffer.find(marker)
-        if at < 0:
-            at = len(self._buffer) - (0 if final else _partial_suffix(self._buffer, marker))
+    def _in_content(self, final: bool) -> bool:
+        markers = (CALL, SEGMENT) if self.parser.form == "tagged" else (SEGMENT,)
+        marker = self._emit_before(markers, self._emit_content, final)
+        if marker == CALL:
+            self._state = "call"
+        elif marker == SEGMENT:  # the marker itself is no text; the next segment may be a call
+            self._buffer, self._state = self._buffer[len(SEGMENT):], "answer_start"
+        return marker is not None
+
+    def _emit_before(self, markers: tuple[str, ...], emit: Callable[[str], None], final: bool) -> str | None:
+        """Emit the buffer up to the first of `markers` and keep that marker onwards (returning it); without one,
+        emit all but an end that could still become one (None: wait for more text)."""
+        found = [(at, marker) for marker in markers if (at := self._buffer.find(marker)) >= 0]
+        if found:
+            at, marker = min(found)
+        else:
+            marker = None
+            at = len(self._buffer) - (0 if final else max(_partial_suffix(self._buffer, m) for m in markers))
         emit(self._buffer[:at])
         self._buffer = self._buffer[at:]
-        return self._buffer.startswith(marker)
+        return marker
 
     def _in_call(self, final: bool) -> bool:
         end = self._buffer.find(END_CALL)

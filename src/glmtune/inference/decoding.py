@@ -3,6 +3,8 @@
 GLM-4.5's `<think>`, `<tool_call>`, `<arg_key>`... are special tokens, so decoding with skip_special_tokens (as
 generation output usually is) would erase the structure of the answer. Here every other special token (stop
 tokens, role tokens, padding) is still left out, and an answer that holds no marker decodes exactly as before.
+`<|assistant|>` is kept too: ChatGLM3 and GLM-4 begin each further segment of one answer (a second call, a call
+after text) with it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 MARKERS = frozenset({"<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-                     "</arg_value>"})
+                     "</arg_value>", "<|assistant|>"})
 
 
 class AnswerDecoder:

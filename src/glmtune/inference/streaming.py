@@ -52,8 +52,9 @@ def count_completion(parts: AnswerParts, prompt_tokens: int, new_ids: list[int],
 class TextStream:
     """Iterate for the answer's text pieces (its reasoning and tool calls left out), or `deltas()` for all of it;
     `pieces()` gives the raw decoded text, markers included. Once iteration ends, `completion` holds the whole
-    answer and its counts. Closing the iterator early (or an exception in the reader, such as KeyboardInterrupt)
-    stops the generation; `completion` then stays None."""
+    answer and its counts: read through deltas(), the very parts (and tool-call ids) the deltas gave; read through
+    pieces(), the whole text split once at its end. Closing the iterator early (or an exception in the reader, such
+    as KeyboardInterrupt) stops the generation; `completion` then stays None."""
 
     def __init__(self, model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, generation_config: Any,
                  stop_ids: list[int], parser: AnswerParser | None = None):
@@ -63,6 +64,7 @@ class TextStream:
         self._input_ids, self._attention_mask = input_ids, attention_mask  # (1, prompt)
         self._config, self._stop_ids = generation_config, stop_ids
         self._cancel = threading.Event()
+        self._text, self._new_ids = "", []
 
     def __iter__(self) -> Iterator[str]:
         deltas = self.deltas()
@@ -74,13 +76,23 @@ class TextStream:
             deltas.close()  # closing this iterator stops the generation, as closing pieces() does
 
     def deltas(self) -> Iterator[AnswerDelta]:
-        pieces = self.pieces()
+        splitter = self.parser.splitter()
+        generated = self._generate()
         try:
-            yield from self.parser.splitter().deltas(pieces)
+            yield from splitter.deltas(generated)
         finally:
-            pieces.close()
+            generated.close()
+        self.completion = self._complete(splitter.parts)
 
     def pieces(self) -> Iterator[str]:
+        yield from self._generate()
+        self.completion = self._complete(self.parser.parse(self._text))
+
+    def _complete(self, parts: AnswerParts) -> Completion:
+        return count_completion(parts, self._input_ids.shape[1], self._new_ids, self._stop_ids)
+
+    def _generate(self) -> Iterator[str]:
+        """The decoded pieces; once exhausted, `_text` and `_new_ids` hold the whole answer."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         decoder = AnswerDecoder(self._tokenizer)
@@ -110,9 +122,8 @@ class TextStream:
             worker.join()
         if "error" in result:
             raise result["error"]
-        new_ids = result["output"][0, self._input_ids.shape[1]:].tolist()
-        parts = self.parser.parse(decoder.decode(new_ids))
-        self.completion = count_completion(parts, self._input_ids.shape[1], new_ids, self._stop_ids)
+        self._new_ids = result["output"][0, self._input_ids.shape[1]:].tolist()
+        self._text = decoder.decode(self._new_ids)
 
 
 class _Cancelled(StoppingCriteria):

@@ -1,12 +1,14 @@
 """Tool calls as GLM models write them, read into OpenAI's form (an id, the function's name, its arguments as JSON).
 
 The forms:
-- tagged (GLM-4.5/4.6/4.7): `<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>...</tool_call>`, a
+- tagged (GLM-4.5/4.6/4.7): `<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>...</tool_call>`
+  (GLM-4.7 writes it without the newlines: `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...`), a
   value written as JSON unless it is a string; the Hermes form `<tool_call>{"name": ..., "arguments": ...}
   </tool_call>` (Qwen and others) is read too.
-- name line (GLM-4-9B-chat, ChatGLM3): the whole answer is `NAME\n{JSON arguments}` (GLM-4) or
-  `NAME\n```python\ntool_call(k=v, ...)\n```` (ChatGLM3). Such an answer is told from an ordinary one only by
-  NAME being one of the conversation's tools, as the models' own demos do.
+- name line (GLM-4-9B-chat, GLM-4-0414, GLM-Z1, ChatGLM3): an answer (or one of its `<|assistant|>` segments) is
+  `NAME\n{JSON arguments}` (GLM-4) or `NAME\n```python\ntool_call(k=v, ...)\n```` (ChatGLM3). Such an answer is
+  told from an ordinary one only by NAME being one of the conversation's tools, as the models' own demos do. Their
+  templates write a call in history as an assistant message's `metadata` (the name) and content (the arguments).
 Each parser returns None for text that is not a well-formed call, which is then kept as the answer's text.
 """
 
@@ -18,6 +20,8 @@ import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from glmtune.data.templates import METADATA_CALLS
 
 ToolCallForm = Literal["tagged", "name_line", "none"]
 
@@ -44,7 +48,7 @@ def tool_call_form(chat_template: str | None) -> ToolCallForm:
     template = chat_template or ""
     if "<tool_call>" in template:
         return "tagged"
-    if "['metadata']" in template or "tool_call(" in template or "tool_calls" in template:
+    if METADATA_CALLS.search(template) or "tool_call(" in template or "tool_calls" in template:
         return "name_line"
     return "none"
 
