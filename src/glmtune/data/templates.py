@@ -16,6 +16,7 @@ import json
 import re
 from typing import Any
 
+from glmtune.data.control import encode_marked, mark_conversation
 from glmtune.data.conversation import Conversation, Message
 from glmtune.errors import MAX_PROBLEMS, UserError
 
@@ -190,19 +191,21 @@ def _chat_message(m: Message, styles: tuple[bool, bool], tool_role: str, locatio
 
 
 def encode_prompt(tokenizer: Any, conversation: Conversation, enable_thinking: bool | None = None) -> list[int]:
-    """The ids that inference feeds the model: the conversation so far plus the generation prompt."""
+    """The ids that inference feeds the model: the conversation so far plus the generation prompt. Control-token
+    text in the conversation's strings is encoded as text (data/control.py)."""
     if conversation.text is not None:
         return tokenizer.encode(conversation.text, add_special_tokens=True)
     # The template writes the special tokens (e.g. [gMASK]<sop>) itself, as apply_chat_template(tokenize=True).
-    return tokenizer.encode(render(tokenizer, conversation, add_generation_prompt=True,
-                                   enable_thinking=enable_thinking), add_special_tokens=False)
+    text = render(tokenizer, mark_conversation(tokenizer, conversation), add_generation_prompt=True,
+                  enable_thinking=enable_thinking)
+    return encode_marked(tokenizer, text)[0]
 
 
 def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: list[int],
                         train_on_prompt: bool = False, enable_thinking: bool | None = None,
                         next_token: int | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a whole conversation; labels are IGNORE_INDEX except on trained answers
-    (everywhere with train_on_prompt).
+    (everywhere with train_on_prompt). Control-token text in the conversation's strings is encoded as text.
 
     Args:
         enable_thinking: the template's thinking switch, as inference will pass it.
@@ -215,7 +218,8 @@ def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: li
             ids.append(_end_token(tokenizer, stop_ids))
         return ids, list(ids)
 
-    text, char_spans = _render_with_answer_spans(tokenizer, conversation, enable_thinking)
+    text, char_spans = _render_with_answer_spans(tokenizer, mark_conversation(tokenizer, conversation),
+                                                 enable_thinking)
     ids, token_spans = _tokenize_with_spans(tokenizer, text, char_spans)
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in reversed(token_spans):  # reversed: an appended end token doesn't shift earlier spans
@@ -259,20 +263,17 @@ def trained_turns(conversation: Conversation) -> list[int]:
 
 def _tokenize_with_spans(tokenizer: Any, text: str,
                          char_spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of the whole text (as inference tokenizes it: one call, no added special tokens) and the token
-    range of each character span."""
+    """Token ids of the whole marked text (as inference tokenizes it: no added special tokens, marked control tokens
+    as text) and the token range of each character span."""
     if tokenizer.is_fast:
-        # The Rust tokenizer itself: what `tokenizer.encode` runs, without the Python wrapper's cost per call.
-        encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-        ids = encoding.ids
-        starts = [s for s, _ in encoding.offsets]  # ascending
+        ids, starts = encode_marked(tokenizer, text)  # starts ascending
         return ids, [(bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)) for a, b in char_spans]
     # Slow tokenizers give no offsets: encode the pieces between span boundaries one by one.
     cuts = sorted({0, len(text), *(c for span in char_spans for c in span)})
     ids, first_token = [], {}
     for a, b in zip(cuts, cuts[1:], strict=False):
         first_token[a] = len(ids)
-        ids += tokenizer.encode(text[a:b], add_special_tokens=False)
+        ids += encode_marked(tokenizer, text[a:b])[0]
     first_token[len(text)] = len(ids)
     return ids, [(first_token[a], first_token[b]) for a, b in char_spans]
 

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from typing import Any
 
+from glmtune.data.control import mark_conversation, markup_only
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import reasoning_form, render, trained_turns
 
@@ -28,18 +29,20 @@ def split_by_turn(tokenizer: Any, conversation: Conversation, stop_ids: list[int
     turns = trained_turns(conversation)
     if len(turns) < 2 or not any(m.reasoning for m in conversation.messages):
         return None
-    whole = render(tokenizer, conversation, add_generation_prompt=False, enable_thinking=enable_thinking)
-    throughs = [render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False,
+    # Marked (data/control.py), so that stop-token text inside the users' strings is not counted as markup.
+    marked = mark_conversation(tokenizer, conversation)
+    whole = render(tokenizer, marked, add_generation_prompt=False, enable_thinking=enable_thinking)
+    throughs = [render(tokenizer, marked.upto(i + 1), add_generation_prompt=False,
                        enable_thinking=enable_thinking) for i in turns]
     if all(whole.startswith(through) for through in throughs):
         return None
     # The stop token after turn i: the whole conversation's stop tokens in order; as many of them come before it
     # as its own rendering holds (reasoning, the only thing history drops, holds none).
     stops = _stop_tokens(tokenizer, stop_ids)
-    in_whole = _stops_in(whole, stops)
+    in_whole = _stops_in(markup_only(tokenizer, whole), stops)
     samples = []
     for i, through in zip(turns, throughs, strict=True):
-        before = len(_stops_in(through, stops))
+        before = len(_stops_in(markup_only(tokenizer, through), stops))
         following = in_whole[before] if i + 1 < len(conversation.messages) and before < len(in_whole) else None
         messages = [dataclasses.replace(m, train=k == i) for k, m in enumerate(conversation.messages[: i + 1])]
         samples.append((dataclasses.replace(conversation, messages=messages), following))

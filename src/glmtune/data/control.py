@@ -1,0 +1,121 @@
+"""Text from users never becomes control tokens: a row's or a request's "<|user|>", "[gMASK]", "<think>" ... is
+encoded as ordinary text; only the chat template's own markup gives control tokens (else a `serve` user could forge
+turns, and a data row could teach the model turns that are not there).
+
+The library's part: transformers' `apply_chat_template(sanitize_control_tokens=True)` wraps the control tokens of
+every input string in private-use markers (`mark_control_tokens`), renders, and encodes the marked tokens as text
+(`encode_marked_chat`). Its control tokens are the tokenizer's special tokens and the added tokens the template
+writes: for every GLM tokenizer, all its added tokens. The gap this fills: training locates answers by character in
+the rendered text and needs each token's character offset, which that path does not give. Here: the same marking
+(on a whole Conversation, before glmtune adds markup of its own such as `<think>` blocks) and the same encoding, with
+offsets; the ids equal apply_chat_template's with sanitize_control_tokens=True (tests/test_control_tokens.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from glmtune.data.conversation import Conversation, Message
+
+
+def mark_conversation(tokenizer: Any, conversation: Conversation) -> Conversation:
+    """The conversation with the control tokens in all its strings (system, messages, reasoning, calls, tool
+    definitions) wrapped in markers, for `render` and then `encode_marked`. (A plain-text row has no template: its
+    text is the user's own sequence, encoded as the tokenizer encodes any text.)"""
+    from transformers.utils.chat_template_utils import mark_control_tokens
+
+    control, _ = _patterns(tokenizer._get_control_tokens(tokenizer.chat_template))
+
+    def mark(value: Any) -> Any:  # strings, and the strings inside lists and dicts (not their keys); None as it is
+        return mark_control_tokens(value, control)
+
+    messages = [Message(m.role, mark(m.content), m.train, mark(m.tool_call), mark(m.reasoning), mark(m.tool_call_id))
+                for m in conversation.messages]
+    return dataclasses.replace(conversation, messages=messages, system=mark(conversation.system),
+                               tools=mark(conversation.tools))
+
+
+def encode_marked(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """(ids, the character in `text` where each token starts) of a text rendered from a marked conversation: the
+    marked tokens as text, the rest (the template's markup and the users' other text) with the tokenizer's added
+    tokens, as transformers' encode_marked_chat: the text before the first marker in one piece, each later piece
+    encoded after a newline that is then dropped (so that SentencePiece adds no dummy prefix inside a text).
+    The ids of a marked token all start where its marker does (no answer begins or ends inside one)."""
+    pieces = _pieces(tokenizer, text)
+    if not tokenizer.is_fast:  # slow tokenizers give no offsets: each piece's tokens start where it does
+        ids, starts = [], []
+        for i, (start, piece, as_text) in enumerate(pieces):
+            piece_ids = _encode_slow(tokenizer, piece, as_text, after_newline=i > 0)
+            ids, starts = ids + piece_ids, starts + [start] * len(piece_ids)
+        return ids, starts
+    backend = tokenizer.backend_tokenizer
+    splitting = backend.encode_special_tokens
+    backend.encode_special_tokens = False  # the markup's special tokens are parsed, whatever a last call left set
+    try:
+        newline = backend.encode("\n", add_special_tokens=False).ids
+        ids, starts = [], []
+        for i, (start, piece, as_text) in enumerate(pieces):
+            piece_ids, piece_starts = _encode_fast(tokenizer, piece, as_text, newline if i > 0 else None)
+            ids += piece_ids
+            starts += [start] * len(piece_ids) if as_text else [start + s for s in piece_starts]
+        return ids, starts
+    finally:
+        backend.encode_special_tokens = splitting
+
+
+def markup_only(tokenizer: Any, text: str) -> str:
+    """A marked rendering without the users' control-token text: what remains holds only the template's own."""
+    return "".join(piece for _, piece, as_text in _pieces(tokenizer, text) if not as_text)
+
+
+def _patterns(tokens: tuple[str, ...]) -> tuple[Any, Any]:
+    """(a regex of the tokens, a regex of a marked one or a lone marker): transformers' own, a private helper of its
+    sanitize_control_tokens, whose behaviour the tests pin by comparing with apply_chat_template."""
+    from transformers.utils.chat_template_utils import _get_control_token_patterns
+
+    return _get_control_token_patterns(tokens)
+
+
+def _pieces(tokenizer: Any, text: str) -> list[tuple[int, str, bool]]:
+    """(start, text, whether it is a marked token) of each piece between markers; a lone marker (a template's string
+    method split a marked token) is dropped but still separates the text on either side, as in transformers."""
+    _, markers_re = _patterns(tuple(tokenizer.added_tokens_encoder))
+    pieces, position = [], 0
+    for match in markers_re.finditer(text):
+        if position == 0 or match.start() > position:
+            pieces.append((position, text[position: match.start()], False))
+        if match.group(1):
+            pieces.append((match.start(), match.group(1), True))
+        position = match.end()
+    if position == 0 or position < len(text):
+        pieces.append((position, text[position:], False))
+    return pieces
+
+
+def _encode_fast(tokenizer: Any, piece: str, as_text: bool, newline: list[int] | None) -> tuple[list[int], list[int]]:
+    """A piece's ids and their start offsets in the piece; after a newline that is dropped when `newline` is given."""
+    if as_text:
+        if newline is not None:
+            ids = tokenizer._encode_without_added_tokens("\n" + piece)
+            if ids[: len(newline)] == newline:
+                return ids[len(newline):], []
+        return tokenizer._encode_without_added_tokens(piece), []
+    backend = tokenizer.backend_tokenizer
+    if newline is not None:
+        encoding = backend.encode("\n" + piece, add_special_tokens=False)
+        if encoding.ids[: len(newline)] == newline:
+            return encoding.ids[len(newline):], [max(0, a - 1) for a, _ in encoding.offsets[len(newline):]]
+    encoding = backend.encode(piece, add_special_tokens=False)
+    return encoding.ids, [a for a, _ in encoding.offsets]
+
+
+def _encode_slow(tokenizer: Any, piece: str, as_text: bool, after_newline: bool) -> list[int]:
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=as_text)
+
+    if after_newline:
+        newline, ids = encode("\n"), encode("\n" + piece)
+        if ids[: len(newline)] == newline:
+            return ids[len(newline):]
+    return encode(piece)
