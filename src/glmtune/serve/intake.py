@@ -144,35 +144,41 @@ def _spelled(trail: tuple | None) -> str:
 
 
 def validation_error(error: ValidationError, data: Any) -> APIError:
-    """pydantic's errors -> one 400 naming each field at fault (the first as `param`)."""
-    problems = error.errors(include_url=False)
-    lines, params = [], []
-    for problem in problems[:MAX_VALIDATION_ERRORS]:
-        param = _input_path(problem["loc"], data)
+    """pydantic's errors -> one 400 naming each field at fault (the first as `param`). A union's branches each give
+    an error; where one branch reached deeper into the input (`stop.1` under `stop`), that one is meant."""
+    found: dict[str, list[str]] = {}
+    for problem in error.errors(include_url=False):
+        param = _input_path(problem["loc"], data, problem["type"] == "missing")
         if problem["type"] == "extra_forbidden" and len(problem["loc"]) == 1:
-            lines.append(f"Unrecognized request argument supplied: {param}")  # OpenAI's own words
+            text = f"Unrecognized request argument supplied: {param}"  # OpenAI's own words
         elif problem["type"] == "extra_forbidden":
-            lines.append(f"{param}: unknown field")
+            text = "unknown field"
         else:
-            lines.append(f"{param or 'body'}: {problem['msg']}")
-        params.append(param)
-    more = len(problems) - MAX_VALIDATION_ERRORS
-    return APIError(400, "; ".join(dict.fromkeys(lines)) + (f"; and {more} more" if more > 0 else ""),
+            text = problem["msg"]
+        found.setdefault(param, []).append(text)
+    params = [p for p in found if not any(other.startswith(f"{p}.") for other in found)] or list(found)
+    lines = [found[p][0] if found[p][0].startswith("Unrecognized") else
+             f"{p or 'body'}: {' or '.join(dict.fromkeys(found[p]))}" for p in params]
+    more = len(lines) - MAX_VALIDATION_ERRORS
+    return APIError(400, "; ".join(lines[:MAX_VALIDATION_ERRORS]) + (f"; and {more} more" if more > 0 else ""),
                     param=params[0] or None)
 
 
-def _input_path(loc: tuple[Any, ...], data: Any) -> str:
-    """A pydantic location as a path into the request (`messages.0.content`): the parts that are really in the
-    input, and a missing field's name; not pydantic's names of union branches (`str`, `list[...]`)."""
+def _input_path(loc: tuple[Any, ...], data: Any, missing: bool) -> str:
+    """A pydantic location as a path into the request (`messages.0.content`): the keys and indexes that are in the
+    input, and a missing field's name, without pydantic's names of union branches (`str`, `list[...]`)."""
     parts, value = [], data
-    for part in loc:
+    for k, part in enumerate(loc):
         if isinstance(value, dict) and part in value:
             value = value[part]
         elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
             value = value[part]
+        elif missing and k == len(loc) - 1:
+            parts.append(str(part))
+            break
+        elif isinstance(part, str):  # a union branch's name
+            continue
         else:
-            if isinstance(value, dict) and isinstance(part, str) and part.isidentifier():
-                parts.append(part)  # a required field that is missing
             break
         parts.append(str(part))
     return ".".join(parts)
