@@ -98,8 +98,8 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
     api_key: str | None = option(f"Require 'Authorization: Bearer KEY' on every request (default: the {API_KEY_ENV} "
                                  "environment variable, which keeps the key out of the process list; neither: no "
                                  "key).")
-    max_queue: int = option("Requests that may wait (being read, checked or in line) while one is answered; more "
-                            "are answered 429.", default=64)
+    max_queue: int = option("Requests that may wait in line while one is answered, and that may be read and "
+                            "checked at once; more are answered 429.", default=64)
     max_request_bytes: int = option("Largest request body in bytes; a larger one is answered 413.",
                                     default=2 * 1024 * 1024)
     max_messages: int = option("Most messages in one request; more are answered 400.", default=1024)

@@ -2,8 +2,9 @@
 
 Every request is checked before it takes a place in the worker's line (its body by `intake`; here its roles, the
 chat template, its limits and the token budget against the model's context), so that a bad request answers 4xx at
-once and the worker only generates. Reading and checking are bounded too: at most --max_queue requests are read,
-checked or in line at a time (one more answers 429 before its body is read), and the checks run on one thread of
+once and the worker only generates. Reading and checking are bounded too: at most --max_queue requests are read and
+checked at a time (one more answers 429 before its body is read), as many wait in the worker's line (one more
+answers 429 once checked: a bad request still learns what is wrong with it), and the checks run on one thread of
 their own, off the event loop, so that tokenizing a long prompt never stalls the other clients' streams.
 Errors of every kind answer in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -119,7 +120,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
         nonlocal admitted
-        if admitted + worker.waiting >= max_queue:  # refused before its body is read: overload costs little
+        if admitted >= max_queue:  # refused before its body is read: overload costs little
             raise busy()
         admitted += 1
         try:
