@@ -98,7 +98,17 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
     api_key: str | None = option(f"Require 'Authorization: Bearer KEY' on every request (default: the {API_KEY_ENV} "
                                  "environment variable, which keeps the key out of the process list; neither: no "
                                  "key).")
-    max_queue: int = option("Requests that may wait while one is answered; more are answered 429.", default=64)
+    max_queue: int = option("Requests that may wait in line while one is answered, and that may be read and "
+                            "checked at once; more are answered 429.", default=64)
+    max_request_bytes: int = option("Largest request body in bytes; a larger one is answered 413.",
+                                    default=2 * 1024 * 1024)
+    max_messages: int = option("Most messages in one request; more are answered 400.", default=1024)
+    max_prompt_tokens: int | None = option("Longest prompt in tokens, as the chat template renders it; longer are "
+                                           "answered 400 (default: the model's context).")
+    max_tokens_limit: int = option("Largest max_tokens (or max_completion_tokens) a request may ask; more is "
+                                   "answered 400.", default=4096)
+    max_n: int = option("Most choices (n) in one request; more are answered 400 (OpenAI's own limit is 128; the "
+                        "choices are generated one after another).", default=16)
     served_model_name: str | None = option("The model's name in the API (default: the adapter directory's name, else "
                                            "the model's).")
 
@@ -106,6 +116,7 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
         super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be in 0..65535, got {self.port}")
-        check_at_least_one(self, "max_queue")
+        check_at_least_one(self, "max_queue", "max_request_bytes", "max_messages", "max_prompt_tokens",
+                           "max_tokens_limit", "max_n")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise UserError("--served_model_name must not be empty")

@@ -42,13 +42,14 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvic
     from glmtune.data.templates import thinking_switch
     from glmtune.inference.engine import Engine
     from glmtune.serve.app import create_app
+    from glmtune.serve.intake import RequestLimits
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     listener = listen(args.host, args.port)  # before loading the model: a busy port fails in a second
     engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
     thinking_switch(engine.tokenizer, args.enable_thinking)  # a template without the switch refuses the flag now
     name = args.served_model_name or served_name(args.peft_path, engine.model_name)
-    app = create_app(engine, name, api_key, args.max_queue, args.enable_thinking)
+    app = create_app(engine, name, api_key, args.max_queue, args.enable_thinking, RequestLimits.from_arguments(args))
     host, port = listener.getsockname()[:2]
     print(f"Serving '{name}' at {base_url(host, port)} (OpenAI-compatible; Ctrl-C stops)", flush=True)
     if api_key is None and host not in ("127.0.0.1", "::1"):

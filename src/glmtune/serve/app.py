@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP API: `GET /v1/models` and `POST /v1/chat/completions`, streamed or not.
 
-Every request is checked here (roles, the chat template, the token budget against the model's context) before it
-takes a place in the worker's line, so that a bad request answers 400 at once and the worker only generates.
-Errors of every kind answer in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, which its
-clients turn into their exception types.
+Every request is checked before it takes a place in the worker's line (its body by `intake`; here its roles, the
+chat template, its limits and the token budget against the model's context), so that a bad request answers 4xx at
+once and the worker only generates. Reading and checking are bounded too: at most --max_queue requests are read and
+checked at a time (one more answers 429 before its body is read), as many wait in the worker's line (one more
+answers 429 once checked: a bad request still learns what is wrong with it), and the checks run on one thread of
+their own, off the event loop, so that tokenizing a long prompt never stalls the other clients' streams.
+Errors of every kind answer in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.inference.engine import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from glmtune.serve.errors import APIError, error_response
+from glmtune.serve.intake import RequestLimits, parse_request, read_body
 from glmtune.serve.messages import BadRequest, request_conversation, request_thinking
 from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, Job, JobEnd, JobError, QueueFull, Worker
 from glmtune.serve.schemas import (
@@ -36,8 +42,6 @@ from glmtune.serve.schemas import (
     Choice,
     ChunkChoice,
     Delta,
-    ErrorBody,
-    ErrorResponse,
     ModelCard,
     ModelList,
     StreamedToolCall,
@@ -47,21 +51,14 @@ from glmtune.serve.schemas import (
 
 log = logging.getLogger("glmtune.serve")
 DISCONNECT_POLL_S = 0.25  # how often a request waiting on the worker checks that its client is still there
-MAX_VALIDATION_ERRORS = 5
-
-
-class APIError(Exception):
-    """An answer in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code))
+# Below this a temperature is greedy decoding (vLLM's threshold): dividing logits by less overflows to inf, and
+# sampling from the NaN probabilities that follow raises.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+NAME_SHOWN_CHARS = 100  # how much of an unknown model name an error repeats
 
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               enable_thinking: bool | None = None) -> FastAPI:
+               enable_thinking: bool | None = None, limits: RequestLimits | None = None) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
 
     Args:
@@ -72,16 +69,22 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         max_queue: requests that may wait while one is answered; one more answers 429.
         enable_thinking: the chat template's thinking switch (--enable_thinking), unless a request's
             chat_template_kwargs sets it.
+        limits: what one request may ask (size, messages, prompt, max_tokens, n); None: serve's defaults.
     """
+    limits = limits or RequestLimits.from_arguments()
     worker = Worker(engine, max_queue)
     context = context_length(engine.model.config)
     created = int(time.time())
+    # One thread: the checks tokenize, and two requests' checks would only share the same cores.
+    checker = ThreadPoolExecutor(1, thread_name_prefix="glmtune-serve-check")
+    admitted = 0  # requests being read or checked; touched on the event loop only
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.start()
         yield
         worker.close()
+        checker.shutdown(wait=False, cancel_futures=True)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -105,11 +108,29 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         check_model(name, model_name)
         return ModelCard(id=model_name, created=created)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    def busy() -> APIError:
+        return APIError(429, f"the server is busy: {max_queue} requests are already waiting; retry shortly",
+                        type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    def check(body_bytes: bytes, content_type: str | None) -> tuple[ChatCompletionRequest, Conversation, int, Any]:
+        body = parse_request(body_bytes, content_type, limits.max_messages)
         check_model(body.model, model_name)
-        conversation, prompt_tokens, settings = prepare(engine, body, context, enable_thinking)
-        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+        return body, *prepare(engine, body, context, enable_thinking, limits)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Any:
+        nonlocal admitted
+        if admitted >= max_queue:  # refused before its body is read: overload costs little
+            raise busy()
+        admitted += 1
+        try:
+            body_bytes = await read_body(request, limits.max_request_bytes)
+            loop = asyncio.get_running_loop()
+            body, conversation, prompt_tokens, settings = await loop.run_in_executor(
+                checker, check, body_bytes, request.headers.get("content-type"))
+        finally:
+            admitted -= 1
+        inbox: asyncio.Queue = asyncio.Queue()
 
         def deliver(event: Any) -> None:  # called from the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
@@ -119,8 +140,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         try:
             worker.submit(job)
         except QueueFull:
-            raise APIError(429, f"the server is busy: {max_queue} requests are already waiting; retry shortly",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+            raise busy() from None
         events = job_events(job, inbox, request, worker)
         answer = Answer(model_name, prompt_tokens, job.n)
         if body.stream:
@@ -131,13 +151,23 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
     return app
 
 
-def prepare(engine: Any, body: ChatCompletionRequest, context: int | None,
-            enable_thinking: bool | None = None) -> tuple[Conversation, int, Any]:
+def prepare(engine: Any, body: ChatCompletionRequest, context: int | None, enable_thinking: bool | None = None,
+            limits: RequestLimits | None = None) -> tuple[Conversation, int, Any]:
     """The conversation, its prompt length and the generation settings, or a 400 that says what is wrong."""
+    limits = limits or RequestLimits.from_arguments()
     if body.functions:
         raise APIError(400, "'functions' is not supported by this server: use 'tools'", param="functions")
-    if body.logprobs:
-        raise APIError(400, "'logprobs' is not supported by this server", param="logprobs")
+    unserved = body.unserved()
+    if unserved:
+        raise APIError(400, f"'{unserved}' is not supported by this server: leave it out", param=unserved)
+    if (body.n or 1) > limits.max_n:
+        raise APIError(400, f"n is {body.n}; this server answers at most {limits.max_n} choices per request "
+                       "(its --max_n)", param="n")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    if max_tokens is not None and max_tokens > limits.max_tokens_limit:
+        raise APIError(400, f"{param} is {max_tokens}; this server answers at most {limits.max_tokens_limit} "
+                       "tokens per choice (its --max_tokens_limit)", param=param)
     try:
         conversation = request_conversation(body)
         thinking = request_thinking(engine.tokenizer, body, enable_thinking)
@@ -147,9 +177,13 @@ def prepare(engine: Any, body: ChatCompletionRequest, context: int | None,
         prompt_tokens = len(encode_prompt(engine.tokenizer, conversation, thinking))
     except UserError as e:  # e.g. a chat template that takes no system prompt
         raise APIError(400, e.message, param="messages") from None
+    except TemplateError as e:  # the template's own raise_exception (roles out of order, ...) or a tool it can't render
+        raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
 
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    if limits.max_prompt_tokens is not None and prompt_tokens > limits.max_prompt_tokens:
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens; this server takes at most "
+                       f"{limits.max_prompt_tokens} (its --max_prompt_tokens)", param="messages",
+                       code="context_length_exceeded")
     if context is not None and prompt_tokens >= context:
         raise APIError(400, f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens",
                        param="messages", code="context_length_exceeded")
@@ -160,6 +194,8 @@ def prepare(engine: Any, body: ChatCompletionRequest, context: int | None,
     if max_tokens is None:  # glmtune's default answer length (as `infer` and `chat`), within the context
         max_tokens = min(DEFAULT_MAX_NEW_TOKENS, context - prompt_tokens) if context else DEFAULT_MAX_NEW_TOKENS
     temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        temperature = 0.0
     settings = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0,
                                   enable_thinking=thinking)
     return conversation, prompt_tokens, settings
@@ -266,7 +302,8 @@ def _data(payload: str) -> str:
 
 def check_model(name: str, model_name: str) -> None:
     if name != model_name:
-        raise APIError(404, f"the model '{name}' does not exist: this server serves '{model_name}'", param="model",
+        shown = name if len(name) <= NAME_SHOWN_CHARS else f"{name[:NAME_SHOWN_CHARS]}..."
+        raise APIError(404, f"the model '{shown}' does not exist: this server serves '{model_name}'", param="model",
                        code="model_not_found")
 
 
@@ -279,34 +316,17 @@ def context_length(config: Any) -> int | None:
     return None
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body.model_dump(), status_code=error.status, headers=error.headers)
-
-
 def internal_error(error: BaseException) -> JSONResponse:
     log.error("generation failed", exc_info=error)
     return error_response(APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error"))
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape. Validation errors answer 400 (FastAPI's default is 422), as OpenAI does."""
+    """Every error in OpenAI's shape."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
         return error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = error.errors()
-        if any(p.get("type") == "json_invalid" for p in problems):
-            return error_response(APIError(400, "the request body is not valid JSON"))
-        params = [".".join(str(part) for part in p["loc"] if part != "body") for p in problems]
-        if not params[0]:  # the body itself: a JSON array, a form, ...
-            return error_response(APIError(400, "the request body must be a JSON object (Content-Type: "
-                                           "application/json)"))
-        message = "; ".join(f"{param or 'body'}: {p['msg']}" for param, p in
-                            zip(params, problems[:MAX_VALIDATION_ERRORS], strict=False))
-        return error_response(APIError(400, message, param=params[0] or None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:  # 404 route, 405 method, ...

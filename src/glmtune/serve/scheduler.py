@@ -126,7 +126,9 @@ class Worker:
         if job.seed is not None:
             from transformers import set_seed
 
-            set_seed(job.seed)  # before the first choice: the n choices are n draws, reproducible together
+            # Before the first choice: the n choices are n draws, reproducible together. OpenAI's seed is any 64-bit
+            # integer; numpy's (which set_seed seeds too) is 0 .. 2**32 - 1.
+            set_seed(job.seed % 2**32)
         for index in range(job.n):
             stream = self.engine.stream(job.conversation, job.settings, job.stop or None)
             # Stop strings cut the raw text, then the answer is split (a stop string inside the reasoning ends it).

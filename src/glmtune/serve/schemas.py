@@ -1,7 +1,11 @@
 """The requests and answers of OpenAI's chat completions API, as far as glmtune serves it.
 
-Requests are validated strictly (a string where a number belongs is refused, not coerced), as OpenAI does; fields
-glmtune does not implement and that change nothing when absent (penalties, user, ...) are accepted and ignored.
+Requests are validated strictly, as OpenAI validates them: a string where a number belongs is refused, not coerced,
+and a field OpenAI does not know is refused ("Unrecognized request argument supplied", OpenAI's own 400), in a
+message too. OpenAI's fields that glmtune does not implement are type-checked like the others, then: those that only
+label a request (`user`, `metadata`, `store`, ...) are ignored; those that would change the answer (penalties,
+`logprobs`, `response_format` for JSON, ...) are refused unless given their neutral value (what their absence
+means), since answering as if they were absent would mislead the client.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class ToolCallItem(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # name, ... are accepted
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     # "developer" is OpenAI's newer name for "system"; "tool" is a tool's result (an observation turn).
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -40,6 +44,8 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None  # an assistant's thinking, as glmtune (and vLLM) answer it
     tool_calls: list[ToolCallItem] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool result's: the call it answers
+    name: str | None = None  # OpenAI's participant name: accepted, not rendered
+    refusal: str | None = None  # an OpenAI assistant's refusal: accepted, not rendered
 
 
 class StreamOptions(BaseModel):
@@ -48,29 +54,67 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(min_length=1)]
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)  # at most the server's --max_messages
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)  # None: OpenAI's default, 1
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # at most the server's --max_tokens_limit
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
-    n: int | None = Field(None, ge=1, le=128)  # 128: OpenAI's own limit
-    seed: int | None = None
-    tools: list[dict[str, Any]] | None = None  # checked by the server: {"type": "function", "function": {name...}}
+    # OpenAI's limits: up to 4 stop sequences, 128 choices, 128 tools; a seed is a 64-bit integer.
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    n: int | None = Field(None, ge=1, le=128)  # at most the server's --max_n
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)  # checked by the server: {"type": "function", ...}
     tool_choice: str | dict[str, Any] | None = None  # "auto" and "none" are served
     chat_template_kwargs: dict[str, Any] | None = None  # {"enable_thinking": bool}, as vLLM takes it
-    # Refused when given: answering as if they were absent would mislead the client.
+    # Refused unless given their neutral value (UNSERVED).
     functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     logprobs: bool | None = None
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Labels, accepted and ignored.
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    def unserved(self) -> str | None:
+        """The first field given a value this server does not serve, or None."""
+        for name, neutral in UNSERVED.items():
+            value = getattr(self, name)
+            if value is not None and value != neutral:
+                return name
+        return None
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+# Each field glmtune does not serve -> its neutral value, the one accepted (None: no value is).
+UNSERVED: dict[str, Any] = {"functions": None, "function_call": None, "logprobs": False, "top_logprobs": 0,
+                            "response_format": {"type": "text"}, "reasoning_effort": None, "audio": None,
+                            "modalities": ["text"], "prediction": None, "web_search_options": None,
+                            "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
 
 
 class Usage(BaseModel):
