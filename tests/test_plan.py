@@ -288,6 +288,22 @@ def test_cli_says_what_to_change_when_it_does_not_fit(cli, tmp_path):
     assert "4-bit quantized weights (--quantization_bit 4)" in result.out and "still too big" in result.out
 
 
+def test_cli_never_suggests_a_quantization_that_raises_a_moes_peak(cli):
+    """GLM-4.5-Air: bitsandbytes can't quantize its fused experts (most of its weights), which k-bit preparation
+    then keeps in fp32, so 4 or 8 bits would raise the peak; plan says so rather than suggest them."""
+    from conftest import ROOT
+
+    model = ROOT / "tests" / "data" / "configs" / "glm-4.5-air"
+    args = ["--model", model, "--device", "cuda", "--precision", "bf16", "--max_seq_length", "1024",
+            "--per_device_train_batch_size", "1", "--gradient_checkpointing", "true", "--device_memory_gib", "80"]
+    result = cli("plan", *args)
+    assert result.code == 0, result.err
+    assert "quantized weights" not in result.out and "still too big" in result.out
+    bf16 = float(result.out.split("total (peak)")[1].split("GiB")[0])
+    quantized = cli("plan", *args, "--quantization_bit", "4")
+    assert float(quantized.out.split("total (peak)")[1].split("GiB")[0]) > bf16  # what a suggestion would have done
+
+
 def test_quantized_weights_are_the_decoder_linears_in_4_bits_and_the_rest_in_fp32(cli, tmp_path):
     """train's k-bit preparation casts the embeddings, norms and output layer to fp32: 4-bit linear weights cost
     0.5 + 4/64 bytes a parameter (NF4 plus a scale per block of 64), the rest 4 bytes. Reference: the parameters of

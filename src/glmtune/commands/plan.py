@@ -154,8 +154,12 @@ def suggestions(shape: ModelShape, setup: Setup, accumulation: int, budget: floa
         steps.append(("bf16 base weights and compute (--precision bf16)", current))
     for bits, name in QUANTIZATION_BITS.items():
         if not fits(current) and current.quantization != "4bit":
-            current = replace(current, quantization=name, dtype="bf16" if current.dtype == "fp32" else current.dtype)
-            steps.append((f"{bits}-bit quantized weights (--quantization_bit {bits})", current))
+            quantized = replace(current, quantization=name, dtype="bf16" if current.dtype == "fp32" else current.dtype)
+            # Not where it raises the peak: a MoE's fused experts, most of its weights, can't be quantized and are
+            # then kept in fp32 (memory.weight_bytes).
+            if estimate(shape, quantized).total < estimate(shape, current).total:
+                current = quantized
+                steps.append((f"{bits}-bit quantized weights (--quantization_bit {bits})", current))
     return steps
 
 
