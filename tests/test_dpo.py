@@ -165,6 +165,64 @@ def test_glm4_pairs_end_each_answer_on_its_end_of_turn_token(shared):
         assert tokenizer.decode(answer[:-1]) == "\n" + text and answer[-1] in stops
 
 
+THINKING_PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                   {"role": "assistant", "reasoning_content": "Two and two.", "content": "4"},
+                   {"role": "user", "content": "times 3?"}]
+THINKING_PAIRS = [  # (row, chosen as the template reads it, rejected likewise)
+    ({"messages": THINKING_PROMPT,
+      "chosen": {"role": "assistant", "reasoning_content": "4*3 is 12.", "content": "12"},
+      "rejected": "<think>4+3 is 7.</think>7"},
+     {"role": "assistant", "reasoning_content": "4*3 is 12.", "content": "12"},
+     {"role": "assistant", "reasoning_content": "4+3 is 7.", "content": "7"}),
+    ({"conversations": [{"from": "human", "value": "times 3?"}],
+      "chosen": {"from": "gpt", "value": "<think>Times three.</think>\n12"},
+      "rejected": {"role": "assistant", "content": "<think>Guess.</think>9"}},
+     {"role": "assistant", "reasoning_content": "Times three.", "content": "12"},
+     {"role": "assistant", "reasoning_content": "Guess.", "content": "9"}),
+    ({"prompt": "times 3?", "chosen": "12", "rejected": "<think>Hmm.</think>9"},
+     {"role": "assistant", "content": "12"},
+     {"role": "assistant", "reasoning_content": "Hmm.", "content": "9"}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(THINKING_PAIRS)))
+def test_reasoning_in_chosen_and_rejected_is_rendered_as_the_template_writes_the_generated_turn(glm45_tokenizer_dir,
+                                                                                                case):
+    """GLM-4.5+: each answer's reasoning (reasoning_content, or a <think> block opening it) is trained as the
+    official template writes the turn it generates: prompt + answer are the template's own rendering of the
+    conversation with that answer, then the stop token."""
+    from transformers import AutoTokenizer
+
+    from glmtune.data.formats import read_preference
+    from glmtune.data.preference import encode_pair
+    from glmtune.models.loading import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(glm45_tokenizer_dir)
+    stops = stop_token_ids(str(glm45_tokenizer_dir), tokenizer)
+    row, chosen_message, rejected_message = THINKING_PAIRS[case]
+    pair = read_preference(row, need_answer=True)
+    prompt, chosen, rejected = encode_pair(tokenizer, pair, stops)
+    messages = row.get("messages") or [{"role": "user", "content": "times 3?"}]
+
+    def rendered(extra, add_generation_prompt=False):
+        return tokenizer.apply_chat_template(messages + extra, tokenize=True, return_dict=True,
+                                             add_generation_prompt=add_generation_prompt)["input_ids"]
+
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert prompt == rendered([], add_generation_prompt=True)
+    assert prompt + chosen == rendered([chosen_message]) + [end]
+    assert prompt + rejected == rendered([rejected_message]) + [end]
+    thought = rejected_message["reasoning_content"]
+    assert tokenizer.decode(rejected) == f"\n<think>{thought}</think>\n{rejected_message['content']}<|endoftext|>"
+
+
+def test_rejected_reasoning_is_refused_where_the_template_has_no_place_for_it(cli, pairs, tmp_path):
+    model_dir, _, _ = pairs
+    data = write_json(tmp_path / "pairs.json", [{"prompt": "q", "chosen": "a", "rejected": "<think>t</think>b"}])
+    result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", model_dir)
+    assert result.code == 2 and "carry reasoning" in result.err and "pairs.json row 0" in result.err
+
+
 def test_starting_from_an_sft_adapter_measures_rewards_against_the_chosen_reference(cli, pairs, tmp_path):
     from datasets import load_from_disk
 

@@ -108,3 +108,55 @@ def test_balance_loss_is_one_when_balanced_and_its_gradient_reaches_the_router()
     logits.grad = None
     logits.sigmoid().sum().backward()
     assert not torch.allclose(with_aux, logits.grad)
+
+
+@pytest.fixture(scope="module")
+def moe_pairs(moe):
+    """Preference pairs from the demo rows (chosen: a row's own answer, rejected: the next row's), prepared for the
+    tiny glm4_moe."""
+    import json
+
+    from conftest import write_json
+
+    from glmtune.cli import main
+
+    rows = json.loads(demo_data_path().read_text(encoding="utf-8"))[:8]
+    pairs = [{"prompt": row["instruction"], "chosen": row["output"], "rejected": rows[(i + 1) % 8]["output"]}
+             for i, row in enumerate(rows)]
+    data = write_json(moe / "pairs.json", pairs)
+    assert main(["prepare", "--jsonl_path", str(data), "--save_path", str(moe / "pairs"), "--model",
+                 str(moe / "model"), "--max_seq_length", "64"]) == 0
+    return moe / "pairs"
+
+
+def dpo(moe, pairs, name: str, *extra: str):
+    from glmtune.cli import main
+
+    assert main(["dpo", "--dataset_path", str(pairs), "--output_dir", str(moe / name), "--max_steps", "2",
+                 "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--precision", "fp32",
+                 "--lora_dropout", "0", "--save_strategy", "no", "--logging_steps", "1", "--seed", "1", *extra]) == 0
+    return load_file(moe / name / "adapter_model.safetensors")
+
+
+def routers(weights) -> dict:
+    return {key: value for key, value in weights.items() if key.endswith("mlp.gate.weight")}
+
+
+def test_dpo_trains_the_experts_and_the_router_only_with_train_router_and_applies_the_aux_loss(moe, moe_pairs):
+    """dpo with the MoE options: the default adapter's expert weights move and the router stays frozen; with
+    --train_router the router is trained (saved whole), and --moe_aux_loss_coef changes what it learns on the same
+    steps (the balance loss's gradient reaches it)."""
+    base = load_file(moe / "model" / "model.safetensors")
+    default = dpo(moe, moe_pairs, "dpo")
+    for part in ("layers.1.mlp.experts.lora_B", "layers.2.mlp.experts.base_layer.lora_B",
+                 "layers.1.mlp.shared_experts.gate_proj.lora_B"):
+        (name,) = [key for key in default if part in key]
+        assert default[name].abs().max() > 0, name  # lora_B starts at zero: DPO moved it
+    assert not routers(default)
+
+    balanced = routers(dpo(moe, moe_pairs, "dpo-router-aux", "--train_router", "true", "--moe_aux_loss_coef", "1"))
+    plain = routers(dpo(moe, moe_pairs, "dpo-router", "--train_router", "true"))
+    assert sorted(balanced) == sorted(plain) and len(plain) == 2  # the two MoE layers' routers
+    for key, weight in plain.items():
+        assert not torch.equal(weight, base[key.removeprefix("base_model.model.")])  # trained
+        assert not torch.allclose(weight, balanced[key], atol=1e-6)  # and the aux loss changed the update

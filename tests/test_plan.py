@@ -4,6 +4,7 @@ own saved-tensor hooks, the THUDM config formats, and the command's table, verdi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,53 @@ def test_moe_counts_match_the_model_and_its_expert_adapter(targets):
                                                   target_parameters=resolve_target_parameters("glm4_moe", targets)))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert lora_parameter_count(shape, resolve_targets(shape, targets), 4) == trainable
+
+
+@pytest.mark.parametrize("targets", [None, "q_proj,v_proj"])
+def test_moe_trained_router_counts_as_the_model_trains_it_after_glmtune_attaches_the_adapter(targets):
+    """--train_router: plan's trainable parameters are what the model itself has trainable once glmtune's own
+    attach_adapter (train's) has added the adapter and the routers' trainable copies; and the copies' memory
+    (fp32: weight, gradient and AdamW's two states) is counted."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from glmtune.arguments import LoraArguments
+    from glmtune.train.skeleton import attach_adapter
+
+    config = native("glm4_moe", **MOE)
+    shape = shape_from_config(config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    lora = LoraArguments(lora_rank=4, lora_dropout=0.0, target_modules=targets, train_router=True)
+    peft_model = attach_adapter(model, "tiny-moe", lora, seed=0)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    routers = sum(p.numel() for name, p in peft_model.named_parameters() if p.requires_grad and ".mlp.gate." in name)
+    assert routers == shape.moe_layers * 8 * 64  # n_routed_experts x hidden, per MoE layer
+    setup = Setup(seq_len=64, batch_size=2, lora_rank=4, targets=tuple(resolve_targets(shape, targets)),
+                  train_router=True)
+    with_router, frozen = estimate(shape, setup), estimate(shape, replace(setup, train_router=False))
+    assert with_router.trainable_parameters == trainable == frozen.trainable_parameters + routers
+    assert with_router.lines["trained router (copy, gradients, optimizer)"] == 16 * routers
+    assert "trained router (copy, gradients, optimizer)" not in frozen.lines
+    assert with_router.total - frozen.total == 16 * routers
+
+
+def test_plan_refuses_train_router_on_a_model_without_experts(cli, tmp_path):
+    result = cli("plan", "--model", write_config(tmp_path / "glm", native("glm")), "--device", "cpu",
+                 "--train_router", "true")
+    assert result.code == 2 and "--train_router" in result.err and "not a mixture of experts" in result.err
+
+
+def test_moe_routers_are_weighed_in_fp32_whatever_the_precision():
+    """transformers keeps glm4_moe's routers in fp32 (_keep_in_fp32_modules_strict): a bf16 model's weights are
+    every parameter in bf16 but the routers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = native("glm4_moe", **MOE)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters())
+    shape = shape_from_config(config)
+    setup = Setup(seq_len=64, batch_size=2, lora_rank=4, targets=tuple(resolve_targets(shape, None)), dtype="bf16")
+    assert weight_bytes(shape, setup, parameter_count(shape)) == loaded
 
 
 def test_moe_expert_adapter_memory_is_counted_only_when_experts_are_adapted():
@@ -238,6 +286,22 @@ def test_cli_says_what_to_change_when_it_does_not_fit(cli, tmp_path):
     # The changes are given as glmtune train's flags, to paste into the training command.
     assert "(--precision bf16)" in result.out and "(--quantization_bit 8)" in result.out
     assert "4-bit quantized weights (--quantization_bit 4)" in result.out and "still too big" in result.out
+
+
+def test_cli_never_suggests_a_quantization_that_raises_a_moes_peak(cli):
+    """GLM-4.5-Air: bitsandbytes can't quantize its fused experts (most of its weights), which k-bit preparation
+    then keeps in fp32, so 4 or 8 bits would raise the peak; plan says so rather than suggest them."""
+    from conftest import ROOT
+
+    model = ROOT / "tests" / "data" / "configs" / "glm-4.5-air"
+    args = ["--model", model, "--device", "cuda", "--precision", "bf16", "--max_seq_length", "1024",
+            "--per_device_train_batch_size", "1", "--gradient_checkpointing", "true", "--device_memory_gib", "80"]
+    result = cli("plan", *args)
+    assert result.code == 0, result.err
+    assert "quantized weights" not in result.out and "still too big" in result.out
+    bf16 = float(result.out.split("total (peak)")[1].split("GiB")[0])
+    quantized = cli("plan", *args, "--quantization_bit", "4")
+    assert float(quantized.out.split("total (peak)")[1].split("GiB")[0]) > bf16  # what a suggestion would have done
 
 
 def test_quantized_weights_are_the_decoder_linears_in_4_bits_and_the_rest_in_fp32(cli, tmp_path):

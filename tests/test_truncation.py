@@ -113,16 +113,22 @@ def test_right_and_drop_are_unchanged(tokenizer, stops):
     assert dropped["dropped"] == TOO_LONG and dropped["input_ids"] == []
 
 
-def test_prepare_reports_the_prompt_and_answer_tokens_cut(cli, tmp_path, tiny_model, tokenizer, stops):
-    long_prompt = retrieval_row(tokenizer).messages[0].content
-    rows = [{"instruction": long_prompt, "output": ANSWER}, {"instruction": "q", "output": "word " * 200},
-            {"instruction": "Short?", "output": "Yes."}]
+def prepare_left(cli, tmp_path, tiny_model, rows):
+    """prepare's result and report for rows of which one is cut, one dropped (its answer alone too long), one kept."""
     data = write_json(tmp_path / "data.json", rows)
     result = cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "out", "--model", tiny_model,
                  "--max_seq_length", str(LIMIT), "--truncation", "left")
     assert result.code == 0, result.err
     report = json.loads((tmp_path / "out" / "manifest.json").read_text())["report"]
     assert report["kept"] == 2 and report["dropped"] == {ANSWER_TOO_LONG: 1} and report["truncated"] == {"left": 1}
+    return result, report
+
+
+def test_prepare_reports_the_prompt_and_answer_tokens_cut(cli, tmp_path, tiny_model, tokenizer, stops):
+    long_prompt = retrieval_row(tokenizer).messages[0].content
+    rows = [{"instruction": long_prompt, "output": ANSWER}, {"instruction": "q", "output": "word " * 200},
+            {"instruction": "Short?", "output": "Yes."}]
+    result, report = prepare_left(cli, tmp_path, tiny_model, rows)
     first = process_conversation(retrieval_row(tokenizer), tokenizer, stops, TokenizeOptions(LIMIT, "left"))
     assert report["prompt_tokens_cut"] == {"left": first["length"] - len(first["input_ids"])}
     assert report["answer_tokens_cut"] == {"left": 0}
@@ -152,7 +158,7 @@ def test_left_cuts_the_prompt_start_with_a_slow_tokenizer_too(tokenizer, stops):
 
 
 def test_the_report_gives_token_counts_only_where_they_were_taken():
-    """Preference pairs (and cache entries older than the counts) have rows truncated but no token counts."""
+    """Cache entries older than the counts have rows truncated but no token counts."""
     from glmtune.data.report import PrepareReport
 
     pairs = "\n".join(PrepareReport(format="preference", max_seq_length=64, truncated={"right": 3}).lines())
@@ -160,3 +166,67 @@ def test_the_report_gives_token_counts_only_where_they_were_taken():
     rows = "\n".join(PrepareReport(format="messages", max_seq_length=64, truncated={"left": 1},
                                    prompt_tokens_cut={"left": 269}, answer_tokens_cut={"left": 0}).lines())
     assert "(1 cut left: 269 prompt tokens, 0 answer tokens)" in rows
+
+
+REJECTED = "Surely the first one, since every bond pays the same coupon."
+
+
+def retrieval_pair(tokenizer, rejected: str = REJECTED):
+    from glmtune.data.preference import PreferenceConversation
+
+    row = retrieval_row(tokenizer)
+    return PreferenceConversation(messages=row.messages, rejected=rejected)
+
+
+def test_left_cuts_a_pairs_prompt_start_and_keeps_both_answers_whole(tokenizer, stops):
+    from glmtune.data.preference import process_pair
+
+    pair = process_pair(retrieval_pair(tokenizer), tokenizer, stops, TokenizeOptions(LIMIT, "left"))
+    chosen, rejected = answer_tokens(tokenizer, stops), answer_tokens(tokenizer, stops, REJECTED)
+    assert not pair["dropped"] and pair["cut"] and pair["length"] > 5 * LIMIT
+    assert pair["chosen_ids"] == chosen and pair["rejected_ids"] == rejected  # whole, stop tokens included
+    assert LIMIT - 3 <= len(pair["prompt_ids"]) + len(rejected) <= LIMIT  # the longer answer sets the room
+    prompt = tokenizer.decode(pair["prompt_ids"])
+    assert prompt.startswith("[gMASK]<sop><|user|>\n") and prompt.endswith(f"{QUESTION}<|assistant|>")
+    assert "Document 0:" not in prompt
+    assert pair["answer_cut"] == 0 and pair["prompt_cut"] == pair["length"] - len(rejected) - len(pair["prompt_ids"])
+
+
+def test_left_drops_a_pairs_oldest_exchanges_before_cutting_its_last_prompt(tokenizer, stops):
+    from glmtune.data.preference import PreferenceConversation, encode_pair, process_pair
+
+    messages = []
+    for i in range(3):
+        messages += [Message("user", f"question {i} " + "pad " * 20), Message("assistant", f"answer {i}", i == 2)]
+    pair = PreferenceConversation(messages=messages, rejected="no")
+    last = encode_pair(tokenizer, PreferenceConversation(messages=messages[4:], rejected="no"), stops)
+    fits = len(last[0]) + len(last[1])
+    kept = process_pair(pair, tokenizer, stops, TokenizeOptions(fits + 5, "left"))
+    assert (kept["prompt_ids"], kept["chosen_ids"], kept["rejected_ids"]) == last  # two whole exchanges went
+    tighter = process_pair(pair, tokenizer, stops, TokenizeOptions(fits - 10, "left"))
+    assert not tighter["dropped"] and len(tighter["prompt_ids"]) + len(tighter["chosen_ids"]) <= fits - 10
+    assert tighter["chosen_ids"] == last[1] and tighter["rejected_ids"] == last[2]
+    prompt = tokenizer.decode(tighter["prompt_ids"])
+    assert "question 2" not in prompt and prompt.endswith("pad <|assistant|>")
+
+
+def test_left_drops_a_pair_only_when_an_answer_alone_does_not_fit(tokenizer, stops):
+    from glmtune.data.preference import PreferenceConversation, process_pair
+
+    long_rejected = PreferenceConversation(messages=[Message("user", "q"), Message("assistant", "Yes.", True)],
+                                           rejected="word " * 200)
+    row = process_pair(long_rejected, tokenizer, stops, TokenizeOptions(LIMIT, "left"))
+    assert row["dropped"] == ANSWER_TOO_LONG and row["chosen_ids"] == row["rejected_ids"] == []
+
+
+def test_prepare_reports_the_tokens_cut_from_pairs(cli, tmp_path, tiny_model, tokenizer, stops):
+    from glmtune.data.preference import process_pair
+
+    long_prompt = retrieval_row(tokenizer).messages[0].content
+    rows = [{"prompt": long_prompt, "chosen": ANSWER, "rejected": REJECTED},
+            {"prompt": "q", "chosen": "Yes.", "rejected": "word " * 200},
+            {"prompt": "Short?", "chosen": "Yes.", "rejected": "No."}]
+    _, report = prepare_left(cli, tmp_path, tiny_model, rows)
+    first = process_pair(retrieval_pair(tokenizer), tokenizer, stops, TokenizeOptions(LIMIT, "left"))
+    assert report["prompt_tokens_cut"] == {"left": first["prompt_cut"]} and first["prompt_cut"] > 0
+    assert report["answer_tokens_cut"] == {"left": 0}

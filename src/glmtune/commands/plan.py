@@ -79,11 +79,14 @@ def run(args: PlanArguments) -> Estimate:
                         hint="pass a model directory, or download the model's config.json into the hub cache")
     logger.debug(f"model shape read from {path}")
     shape = shape_from_config(read_json_object(path, "model config"), str(path))
+    if args.train_router and not shape.moe_layers:  # as train refuses it (train/skeleton.check_moe_options)
+        raise UserError(f"--train_router: {args.model} ({shape.model_type}) is not a mixture of experts",
+                        hint="leave --train_router out")
     device = args.device or default_device()
     setup = Setup(args.max_seq_length, args.per_device_train_batch_size, args.lora_rank,
                   tuple(resolve_targets(shape, args.target_modules)), args.gradient_checkpointing, args.precision,
                   QUANTIZATION_BITS.get(args.quantization_bit), args.chunked_loss, args.lora_dropout,
-                  args.attn_implementation, device)
+                  args.attn_implementation, device, train_router=args.train_router)
     result = estimate(shape, setup)
     budget, where = device_memory(device, args.device_memory_gib)
     print(render(args.model, shape, setup, result, budget, where))
@@ -93,7 +96,7 @@ def run(args: PlanArguments) -> Estimate:
 
 
 def render(model: str, shape: ModelShape, setup: Setup, result: Estimate, budget: float | None, where: str) -> str:
-    targets = ",".join(t.name for t in setup.targets)
+    targets = ",".join(t.name for t in setup.targets) + (" + the routers" if setup.train_router else "")
     active = (f", {result.active_parameters / 1e6:,.1f}M active per token"
               if shape.moe_layers and result.active_parameters else "")
     head = [f"model: {model} ({shape.model_type}, {result.parameters / 1e6:,.1f}M parameters{active}; "
@@ -151,8 +154,12 @@ def suggestions(shape: ModelShape, setup: Setup, accumulation: int, budget: floa
         steps.append(("bf16 base weights and compute (--precision bf16)", current))
     for bits, name in QUANTIZATION_BITS.items():
         if not fits(current) and current.quantization != "4bit":
-            current = replace(current, quantization=name, dtype="bf16" if current.dtype == "fp32" else current.dtype)
-            steps.append((f"{bits}-bit quantized weights (--quantization_bit {bits})", current))
+            quantized = replace(current, quantization=name, dtype="bf16" if current.dtype == "fp32" else current.dtype)
+            # Not where it raises the peak: a MoE's fused experts, most of its weights, can't be quantized and are
+            # then kept in fp32 (memory.weight_bytes).
+            if estimate(shape, quantized).total < estimate(shape, current).total:
+                current = quantized
+                steps.append((f"{bits}-bit quantized weights (--quantization_bit {bits})", current))
     return steps
 
 

@@ -290,29 +290,34 @@ def read_preference(row: dict[str, Any], need_answer: bool) -> Conversation:
     if not prompt.messages or prompt.messages[-1].role == "assistant":
         raise RowProblem("conversations" if "conversations" in row else "messages" if "messages" in row else "prompt",
                          "a prompt that ends with the turn the answers reply to", "an assistant turn last")
-    chosen = _answer(row, "chosen", optional=not need_answer)
-    rejected = _answer(row, "rejected", optional=not need_answer)
+    chosen, chosen_reasoning = _answer(row, "chosen", optional=not need_answer)
+    rejected, rejected_reasoning = _answer(row, "rejected", optional=not need_answer)
     history = [dataclasses.replace(m, train=False) for m in prompt.messages]
-    answer = [Message("assistant", chosen, train=True)] if chosen is not None else []
+    answer = [Message("assistant", chosen, train=True, reasoning=chosen_reasoning)] if chosen is not None else []
     return PreferenceConversation(messages=history + answer, system=prompt.system or None, tools=prompt.tools,
-                                  rejected=rejected)
+                                  rejected=rejected, rejected_reasoning=rejected_reasoning)
 
 
-def _answer(row: dict[str, Any], key: str, optional: bool) -> str | None:
-    """A preference answer: a string, a ShareGPT message {from: gpt, value} or an OpenAI one {role: assistant,
-    content}."""
+def _answer(row: dict[str, Any], key: str, optional: bool) -> tuple[str | None, str | None]:
+    """A preference answer and its reasoning: a string, a ShareGPT message {from: gpt, value} or an OpenAI one
+    {role: assistant, content, reasoning_content?}, read as the same forms are in a conversation (a <think> block
+    opening the text is the reasoning)."""
     value = row.get(key)
     expected = "a string or an assistant message ({from: gpt, value} or {role: assistant, content})"
     if value is None:
         if optional:
-            return None
+            return None, None
         raise RowProblem(key, expected, value, missing=key not in row)
     if isinstance(value, str):
-        return value
+        return split_think(value, key)[::-1]
     if isinstance(value, dict) and value.get("from") in ("gpt", "assistant"):
-        return _text(value, "value", where=f"{key}.value")
+        return split_think(_text(value, "value", where=f"{key}.value"), f"{key}.value")[::-1]
     if isinstance(value, dict) and value.get("role") == "assistant":
-        return _content(value.get("content"), f"{key}.content")
+        message = _message(value, key, "assistant", train=True)
+        if message.tool_call:
+            raise RowProblem(f"{key}.tool_calls", "a text answer (preference pairs compare text, not tool calls)",
+                             value["tool_calls"])
+        return message.content, message.reasoning
     raise RowProblem(key, expected, value)
 
 

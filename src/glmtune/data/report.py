@@ -86,7 +86,7 @@ def build_report(report: PrepareReport, tokenized: Any, tokenizer: Any, truncati
     cut_kept = sum(cut[i] for i in kept)
     report.truncated = {truncation: cut_kept} if cut_kept else {}
     for name, counted in (("prompt_cut", report.prompt_tokens_cut), ("answer_cut", report.answer_tokens_cut)):
-        if cut_kept and name in stats:  # preference pairs don't count them
+        if cut_kept and name in stats:  # a cache entry written before the counts has none
             counted[truncation] = sum(stats[name][i] for i in kept)
     report.supervised_tokens = sum(supervised[i] for i in kept)
     report.supervised_tokens_lost = sum(stats["supervised_before"]) - report.supervised_tokens

@@ -26,8 +26,16 @@ def cut_left(tokenizer: Any, encode: Encode, conversation: Conversation, limit: 
              labels: list[int]) -> tuple[list[int], list[int], str]:
     """(input_ids, labels, why the row is dropped or "") of a conversation encoded as (ids, labels), cut to `limit`
     tokens from its start."""
+    _, ids, labels, dropped = shorten_left(tokenizer, encode, conversation, limit, ids, labels)
+    return ids, labels, dropped
+
+
+def shorten_left(tokenizer: Any, encode: Encode, conversation: Conversation, limit: int, ids: list[int],
+                 labels: list[int]) -> tuple[Conversation, list[int], list[int], str]:
+    """cut_left's result with the shortened conversation it encoded, for callers that render it again in another
+    way (a preference pair: its two answers, `encode` giving the longer one's sequence)."""
     if conversation.text is not None:  # plain text: keep its end
-        return ids[-limit:], labels[-limit:], ""
+        return conversation, ids[-limit:], labels[-limit:], ""
     messages = conversation.messages
     trained = [i for i, m in enumerate(messages) if m.role == "assistant" and m.train]
     last = trained[-1] if trained else len(messages) - 1
@@ -37,12 +45,12 @@ def cut_left(tokenizer: Any, encode: Encode, conversation: Conversation, limit: 
         if window.messages != messages:
             ids, labels = encode(window)
         if len(ids) <= limit:
-            return ids, labels, ""
+            return window, ids, labels, ""
     return _cut_prompt_start(tokenizer, encode, window, limit, ids, labels)
 
 
 def _cut_prompt_start(tokenizer: Any, encode: Encode, conversation: Conversation, limit: int, ids: list[int],
-                      labels: list[int]) -> tuple[list[int], list[int], str]:
+                      labels: list[int]) -> tuple[Conversation, list[int], list[int], str]:
     """The conversation with the start of its prompt's text cut until it fits: each message before the answer in
     turn, oldest first (calls stay whole: their text is the call), then the system prompt."""
     pieces: list[int | None] = [i for i, m in enumerate(conversation.messages[:-1]) if not m.calls()]
@@ -56,10 +64,10 @@ def _cut_prompt_start(tokenizer: Any, encode: Encode, conversation: Conversation
             try:
                 ids, labels = encode(conversation)
             except RowNotRenderable as problem:  # e.g. a template that refuses a message emptied by the cut
-                return [], [], problem.reason
+                return conversation, [], [], problem.reason
         if len(ids) <= limit:
-            return ids, labels, ""
-    return [], [], ANSWER_TOO_LONG
+            return conversation, ids, labels, ""
+    return conversation, [], [], ANSWER_TOO_LONG
 
 
 def _with_text(conversation: Conversation, piece: int | None, text: str) -> Conversation:

@@ -53,6 +53,7 @@ class Setup:
     lora_dropout: float = 0.1
     attention: str = "sdpa"
     device: str = "cpu"
+    train_router: bool = False  # MoE (--train_router): the routers' weights are trained too, saved with the adapter
 
     @property
     def tokens(self) -> int:
@@ -82,6 +83,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """
     params = parameter_count(shape)
     lora = lora_parameter_count(shape, list(setup.targets), setup.lora_rank)
+    router = router_parameter_count(shape) if setup.train_router else 0
     lines = {
         "weights": weight_bytes(shape, setup, params),
         # peft keeps the adapters in fp32 whatever the base precision (autocast_adapter_dtype=True); AdamW keeps
@@ -89,21 +91,31 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         "LoRA weights": 4.0 * lora,
         "gradients": 4.0 * lora,
         "optimizer states": 8.0 * lora,
+        # peft's modules_to_save: a trainable fp32 copy of each router beside the frozen one, its gradient and
+        # AdamW's two states.
+        "trained router (copy, gradients, optimizer)": 16.0 * router,
         "activations": activation_bytes(shape, setup),
         "adapted weights (parameter LoRA)": parameter_lora_bytes(shape, setup),
         "loss / logits": loss_bytes(shape, setup),
         "allocator slack": allocator_slack_bytes(shape, setup),
         "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
     }
-    if not lines["adapted weights (parameter LoRA)"]:
-        del lines["adapted weights (parameter LoRA)"]
-    return Estimate(lines, lora, params, active_parameter_count(shape))
+    for line in ("trained router (copy, gradients, optimizer)", "adapted weights (parameter LoRA)"):
+        if not lines[line]:
+            del lines[line]
+    return Estimate(lines, lora + router, params, active_parameter_count(shape))
+
+
+def router_parameter_count(shape: ModelShape) -> int:
+    """The routers' weights, every MoE layer's (0 for a dense model)."""
+    return shape.moe_layers * shape.extra_layer_params
 
 
 def weight_bytes(shape: ModelShape, setup: Setup, params: int) -> float:
     width = DTYPE_BYTES[setup.dtype]
     if setup.quantization is None:
-        return float(params * width)
+        # glm4_moe keeps its routers in fp32 whatever the load precision (_keep_in_fp32_modules_strict)
+        return float(params * width + router_parameter_count(shape) * (DTYPE_BYTES["fp32"] - width))
     # bitsandbytes quantizes the decoder's nn.Linear layers; embeddings, norms and the output layer are loaded in
     # the compute precision, then peft's prepare_model_for_kbit_training (glmtune train does it) casts them to fp32,
     # as it does the fused 3-D expert tensors of transformers 5's MoE models, which bitsandbytes can't quantize.
