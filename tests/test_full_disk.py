@@ -140,6 +140,7 @@ def test_a_final_save_on_a_full_disk_leaves_the_earlier_adapter_and_no_staging(c
     result = cli(*train_args(data, run), "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint",
                  "true")
     assert_one_full_disk_message(result, run, "the final adapter, tokenizer and manifest")
+    assert "was written before the disk filled, and removed" in result.err
     assert "checkpoint-2 kept" in result.err
     assert snapshot(run) == before and small_disk.leftovers() == []
     assert json.loads((run / "manifest.json").read_text())["global_step"] == 2

@@ -519,6 +519,8 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
         config: the resolved configuration (resolved_config), written as <command>_config.yaml and in the manifest.
         command: the verb that wrote the run ("train", "dpo"): the config file's name and the manifest's command.
         fields: the manifest's other fields (base model, dataset, step, losses, metrics...).
+    Raises:
+        DiskFull: the disk filled; the staging directory is removed and output_dir's files are as they were.
     """
     from glmtune.train.health import check_finite_weights, health_callback
 
@@ -528,13 +530,13 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
         fields["nonfinite_updates_skipped"] = guard.skipped
     staging = output_dir / STAGING
     adapter = tensor_bytes(p for p in trainer.model.parameters() if p.requires_grad)
-    with reporting_full_disk(output_dir, "the final adapter, tokenizer and manifest", adapter, staging,
-                             _after_full_disk(output_dir)):
-        try:
+    try:
+        with reporting_full_disk(output_dir, "the final adapter, tokenizer and manifest", adapter, staging,
+                                 _after_full_disk(output_dir)):
             _write_final(output_dir, staging, trainer, config, command, fields)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # whatever stopped it: no half-written staging left behind
+        raise
 
 
 def _write_final(output_dir: Path, staging: Path, trainer: Trainer, config: dict[str, Any], command: str,
