@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune import __version__
+from glmtune.disk import reporting_full_disk
 from glmtune.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -68,18 +69,27 @@ def empty_directory(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+def atomic_directory(target: Path, overwrite: bool, inputs: tuple[Path, ...] = (), what: str = "the output",
+                     needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success it replaces `target`, on failure it is removed.
 
-    An interrupted run never leaves a half-written directory that looks complete.
+    An interrupted run never leaves a half-written directory that looks complete, and a full disk leaves `target`
+    as it was.
+
+    Args:
+        what: what is being written, for the full-disk message ("the prepared dataset").
+        needed: the bytes it needs, where known beforehand (its weights, its Arrow tables).
+    Raises:
+        DiskFull: the filesystem ran out of space (the temporary directory is gone by then).
     """
     check_writable_output(target, overwrite, "directory", inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        yield tmp
+        with reporting_full_disk(target, what, needed, partial=tmp, hint=_unchanged_hint(target)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            yield tmp
         if target.exists() or target.is_symlink():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(old)
@@ -92,16 +102,23 @@ def atomic_directory(target: Path, overwrite: bool, inputs: tuple[Path, ...] = (
 
 
 @contextlib.contextmanager
-def atomic_file(target: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+def atomic_file(target: Path, overwrite: bool, inputs: tuple[Path, ...] = (),
+                what: str = "the output") -> Iterator[Path]:
     """Like atomic_directory, for one file."""
     check_writable_output(target, overwrite, "file", inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     try:
-        yield tmp
+        with reporting_full_disk(target, what, partial=tmp, hint=_unchanged_hint(target)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _unchanged_hint(target: Path) -> str:
+    kept = f"{target} is as it was" if target.exists() else f"nothing was left at {target}"
+    return f"free space on that filesystem (`df -h` shows it), or write elsewhere; {kept}"
 
 
 def sha256_file(path: Path) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from glmtune import __version__
+from glmtune.disk import FULL_ERRNOS, unreported_full_disk
 from glmtune.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,4 +63,10 @@ def run_command(command: Callable[..., Any], argv: list[str], defaults: dict[str
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk where no write reported it itself (those say what they were writing)
+        if e.errno not in FULL_ERRNOS:
+            raise
+        error = unreported_full_disk(e)
+        print(error.render(), file=sys.stderr)
+        return error.exit_code
     return 0

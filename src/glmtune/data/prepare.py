@@ -19,6 +19,7 @@ from glmtune.data.preference import PREFERENCE_COLUMNS, is_preference_data, pair
 from glmtune.data.report import PrepareReport, build_report
 from glmtune.data.templates import check_reasoning
 from glmtune.data.tokenize import TokenizeOptions, tokenize_dataset
+from glmtune.disk import DiskFull
 from glmtune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
             with atomic_directory(entry, overwrite=True) as tmp:
                 kept.save_to_disk(str(tmp / "dataset"))
                 (tmp / "report.json").write_text(json.dumps(asdict(report), ensure_ascii=False), encoding="utf-8")
-        except OSError as e:  # a read-only or full cache must not fail the run: the result is in hand
+        except (OSError, DiskFull) as e:  # a read-only or full cache must not fail the run: the result is in hand
             logger.warning(f"could not write the prepare cache {entry}: {e}")
     return kept, report
 
@@ -204,12 +205,15 @@ def save_dataset(splits: DatasetDict, report: PrepareReport, data: LoadedData, s
                  overwrite: bool, config: dict[str, Any], **manifest_fields: Any) -> Path | None:
     """Write the dataset directory, and the skipped bad rows to a rejects file beside it; returns that file."""
     rejects = rejects_path(save_path) if data.bad_rows else None
-    with atomic_directory(save_path, overwrite, tuple(map(Path, data.inputs))) as tmp:
+    # Each split's share of the Arrow table under it (filter and the validation split keep the whole table).
+    arrow_bytes = sum(split.data.nbytes * split.num_rows // max(split.data.num_rows, 1) for split in splits.values())
+    with atomic_directory(save_path, overwrite, tuple(map(Path, data.inputs)), "the prepared dataset",
+                          arrow_bytes) as tmp:
         splits.save_to_disk(str(tmp))
         write_manifest(tmp, "prepare", config, inputs=data.inputs,
                        preference=is_preference_data(data.conversations), **manifest_fields, report=asdict(report))
         if rejects is not None:
-            with atomic_file(rejects, overwrite=True) as tmp_rejects:
+            with atomic_file(rejects, overwrite=True, what="the rejected rows") as tmp_rejects:
                 tmp_rejects.write_text("".join(json.dumps({"location": b.location, "problem": b.problem,
                                                            "row": b.data}, ensure_ascii=False) + "\n"
                                                for b in data.bad_rows), encoding="utf-8")

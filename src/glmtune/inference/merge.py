@@ -18,6 +18,7 @@ from glmtune.arguments import MERGE_DTYPES
 from glmtune.artifacts import MANIFEST, atomic_directory, check_writable_output, read_json_object, write_manifest
 from glmtune.data.conversation import Conversation, Message
 from glmtune.data.templates import encode_prompt
+from glmtune.disk import tensor_bytes
 from glmtune.errors import UserError
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
 from glmtune.logs import progress_bars_enabled
@@ -105,7 +106,8 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
     stops = _set_generation_config(merged, base, tokenizer, vocab)
     architecture, needs_glmtune = type(merged).__name__, type(merged).__module__.startswith("glmtune.")
 
-    with atomic_directory(output_dir, overwrite, inputs) as tmp:
+    with atomic_directory(output_dir, overwrite, inputs, "the merged model",
+                          tensor_bytes(merged.parameters())) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del merged, peft_model  # the proof reloads what was written, as a user would

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.artifacts import atomic_directory, write_manifest
+from glmtune.disk import tensor_bytes
 from glmtune.errors import UserError
 from glmtune.models.hub import resolve_model
 from glmtune.models.loading import load_model, load_tokenizer, local_config, stop_token_ids, tokenizer_fingerprint
@@ -35,7 +36,8 @@ def export_model(source: str, destination: Path, tokenizer_source: str | None, o
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
     model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad)
     model.config.eos_token_id = stops
-    with atomic_directory(destination, overwrite) as tmp:
+    with atomic_directory(destination, overwrite, what="the converted model",
+                          needed=tensor_bytes(model.parameters())) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, "convert", config, source=source, tokenizer_source=tokenizer_source or source,

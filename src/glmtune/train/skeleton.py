@@ -47,6 +47,7 @@ from glmtune.artifacts import check_writable_output, empty_directory, read_json_
 from glmtune.config import to_plain_dict
 from glmtune.data.preference import read_prepared_manifest
 from glmtune.data.prepared import prepared_dataset_dir
+from glmtune.disk import DiskFull, full_disk_error, is_disk_full, remove_partial, reporting_full_disk, tensor_bytes
 from glmtune.errors import UserError
 from glmtune.models import quantization
 from glmtune.models.hub import canonical_model_name
@@ -447,13 +448,54 @@ def run_training(trainer: Trainer, resume: Path | None) -> TrainOutput:
     Raises:
         TrainingInterrupted: Ctrl-C or SIGTERM stopped the run after saving a checkpoint (train/interrupt.py).
         TrainingDiverged: non-finite gradients (train/health.py).
+        DiskFull: the disk filled while a checkpoint was written; that checkpoint is removed, earlier ones are kept.
     """
     from glmtune.train.interrupt import stop_if_interrupted
 
-    with long_lived_objects_frozen():
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        with long_lived_objects_frozen():
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as e:
+        if isinstance(e, UserError) or not is_disk_full(e, Path(trainer.args.output_dir)):
+            raise
+        raise _full_disk_while_training(trainer, e) from e
     stop_if_interrupted(trainer)
     return result
+
+
+def _full_disk_while_training(trainer: Trainer, error: BaseException) -> DiskFull:
+    """The Trainer writes checkpoint-N in place (the trainer state last): one cut short by a full disk is removed,
+    so that nothing looks like a checkpoint but this run's complete ones."""
+    output_dir = Path(trainer.args.output_dir)
+    checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
+    if not (checkpoint.is_dir() and checkpoint_problem(checkpoint) is not None):
+        path = Path(getattr(error, "filename", None) or output_dir)
+        return full_disk_error(path, "the training run's files", cause=error)
+    written = remove_partial(checkpoint) if trainer.is_world_process_zero() else None
+    return full_disk_error(checkpoint, f"{checkpoint.name} (adapter, optimizer and trainer state)",
+                           needed=_checkpoint_bytes(trainer), written=written, hint=_after_full_disk(output_dir),
+                           cause=error)
+
+
+def _after_full_disk(output_dir: Path) -> str:
+    """What the user can do once space is freed: resume from the complete checkpoints kept, else run again."""
+    complete = sorted((c for c in output_dir.glob("checkpoint-*") if checkpoint_problem(c) is None),
+                      key=_checkpoint_step)
+    if not complete:
+        return f"free space on that filesystem and run it again (nothing in {output_dir} was replaced)"
+    return (f"free space on that filesystem, then run the same command with --resume_from_checkpoint true "
+            f"({', '.join(c.name for c in complete)} kept; nothing else in {output_dir} was replaced)")
+
+
+def _checkpoint_bytes(trainer: Trainer) -> int:
+    """A checkpoint's trainable weights and optimizer state: the bulk of it (the tokenizer and states are small)."""
+    import torch
+
+    weights = tensor_bytes(p for p in trainer.model.parameters() if p.requires_grad)
+    if trainer.optimizer is None:
+        return weights
+    states = trainer.optimizer.state_dict()["state"].values()
+    return weights + tensor_bytes(t for state in states for t in state.values() if torch.is_tensor(t))
 
 
 def resolved_config(arguments: tuple[object, ...], model_name: str, precision: Precision, model: PeftModel,
@@ -477,6 +519,8 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
         config: the resolved configuration (resolved_config), written as <command>_config.yaml and in the manifest.
         command: the verb that wrote the run ("train", "dpo"): the config file's name and the manifest's command.
         fields: the manifest's other fields (base model, dataset, step, losses, metrics...).
+    Raises:
+        DiskFull: the disk filled; the staging directory is removed and output_dir's files are as they were.
     """
     from glmtune.train.health import check_finite_weights, health_callback
 
@@ -485,6 +529,18 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
     if guard is not None and guard.skipped:
         fields["nonfinite_updates_skipped"] = guard.skipped
     staging = output_dir / STAGING
+    adapter = tensor_bytes(p for p in trainer.model.parameters() if p.requires_grad)
+    try:
+        with reporting_full_disk(output_dir, "the final adapter, tokenizer and manifest", adapter, staging,
+                                 _after_full_disk(output_dir)):
+            _write_final(output_dir, staging, trainer, config, command, fields)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # whatever stopped it: no half-written staging left behind
+        raise
+
+
+def _write_final(output_dir: Path, staging: Path, trainer: Trainer, config: dict[str, Any], command: str,
+                 fields: dict[str, Any]) -> None:
     trainer.save_model(str(staging))  # the adapter (adapter_config.json + adapter_model.safetensors), the tokenizer
     if not trainer.is_world_process_zero():
         return
