@@ -101,11 +101,12 @@ class Engine:
                                 progress, parsers)
 
     def stream(self, conversation: Conversation, settings: GenerationSettings,
-               stop_strings: list[str] | None = None) -> TextStream:
+               stop_strings: list[str] | None = None, logprobs: int | None = None) -> TextStream:
         """One answer, as text pieces while it is generated (see TextStream). The prompt is checked now;
         generation starts when iteration does. `stop_strings` end generation at the token that completes one of
         them (transformers' StopStringCriteria); the text still holds it, for the caller to cut, and the
-        completion's finish_reason stays "length" unless a stop token came first.
+        completion's finish_reason stays "length" unless a stop token came first. `logprobs`: record each token's
+        log-probability and this many most likely tokens' (TextStream.logprobs); None: none.
 
         Raises:
             UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves it
@@ -113,12 +114,24 @@ class Engine:
         """
         prompt = encode_prompt(self.tokenizer, conversation.prompt_part(), settings.enable_thinking)
         budget = self._answer_budget(settings, prompt, conversation)
+        return self._stream(prompt, budget, settings, stop_strings, logprobs,
+                            answer_parser(self.tokenizer, prompt, conversation.tools))
+
+    def stream_prompt(self, prompt: list[int], settings: GenerationSettings, stop_strings: list[str] | None = None,
+                      logprobs: int | None = None) -> TextStream:
+        """As `stream`, for a prompt that is already token ids (a text completion: no chat template); the answer
+        is read as plain text (no reasoning or tool calls split off)."""
+        budget = self._answer_budget(settings, prompt, Conversation(messages=[]))
+        return self._stream(prompt, budget, settings, stop_strings, logprobs, AnswerParser())
+
+    def _stream(self, prompt: list[int], budget: int, settings: GenerationSettings, stop_strings: list[str] | None,
+                logprobs: int | None, parser: AnswerParser) -> TextStream:
         input_ids, attention_mask = left_pad([prompt], self.tokenizer.pad_token_id)  # (1, prompt)
         config = generation_config(settings, budget, self.stop_ids, self.tokenizer.pad_token_id)
         if stop_strings:
             config.stop_strings = stop_strings
-        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids,
-                          answer_parser(self.tokenizer, prompt, conversation.tools))
+        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids, parser,
+                          logprobs)
 
     def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
         """New tokens allowed for one prompt; checked for every prompt before anything is generated."""
