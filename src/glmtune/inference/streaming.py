@@ -57,12 +57,14 @@ class TextStream:
     as KeyboardInterrupt) stops the generation; `completion` then stays None."""
 
     def __init__(self, model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, generation_config: Any,
-                 stop_ids: list[int], parser: AnswerParser | None = None):
+                 stop_ids: list[int], parser: AnswerParser | None = None,
+                 generate_kwargs: dict[str, Any] | None = None):
         self.completion: Completion | None = None
         self.parser = parser or AnswerParser()
         self._model, self._tokenizer = model, tokenizer
         self._input_ids, self._attention_mask = input_ids, attention_mask  # (1, prompt)
         self._config, self._stop_ids = generation_config, stop_ids
+        self._generate_kwargs = generate_kwargs or {}  # e.g. peft's adapter_names (generation_kwargs_for)
         self._cancel = threading.Event()
         self._text, self._new_ids = "", []
 
@@ -106,7 +108,7 @@ class TextStream:
                 result["output"] = self._model.generate(
                     input_ids=self._input_ids, attention_mask=self._attention_mask, generation_config=self._config,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                    tokenizer=self._tokenizer)
+                    tokenizer=self._tokenizer, **self._generate_kwargs)
             except BaseException as e:  # handed to the reader, which re-raises it
                 result["error"] = e
                 streamer.end()  # wakes the reader, which would otherwise wait forever

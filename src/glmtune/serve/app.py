@@ -30,6 +30,7 @@ from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.inference.engine import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from glmtune.serve.adapters import ServedModels
 from glmtune.serve.errors import APIError, error_response
 from glmtune.serve.intake import RequestLimits, parse_request, read_body
 from glmtune.serve.messages import BadRequest, request_conversation, request_thinking
@@ -54,24 +55,27 @@ DISCONNECT_POLL_S = 0.25  # how often a request waiting on the worker checks tha
 # Below this a temperature is greedy decoding (vLLM's threshold): dividing logits by less overflows to inf, and
 # sampling from the NaN probabilities that follow raises.
 GREEDY_BELOW_TEMPERATURE = 1e-5
-NAME_SHOWN_CHARS = 100  # how much of an unknown model name an error repeats
 
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               enable_thinking: bool | None = None, limits: RequestLimits | None = None) -> FastAPI:
+               enable_thinking: bool | None = None, limits: RequestLimits | None = None,
+               models: ServedModels | None = None) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
 
     Args:
         engine: a glmtune Engine, or a stand-in with its `tokenizer`, `model.config` and `stream` (the tests inject
             a slow one).
-        model_name: the model id /v1/models lists and answers carry.
+        model_name: the model id /v1/models lists and answers carry (when `models` is None).
         api_key: the bearer key every request must send; None for none.
         max_queue: requests that may wait while one is answered; one more answers 429.
         enable_thinking: the chat template's thinking switch (--enable_thinking), unless a request's
             chat_template_kwargs sets it.
         limits: what one request may ask (size, messages, prompt, max_tokens, n); None: serve's defaults.
+        models: the served names and the adapter each answers with (--adapter); None: `model_name` alone, answered
+            by the model as loaded.
     """
     limits = limits or RequestLimits.from_arguments()
+    models = models or ServedModels({model_name: None})
     worker = Worker(engine, max_queue)
     context = context_length(engine.model.config)
     created = int(time.time())
@@ -101,12 +105,12 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
 
     @app.get("/v1/models")
     def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        return ModelList(data=[ModelCard(id=name, created=created) for name in models.names])
 
     @app.get("/v1/models/{name:path}")
     def get_model(name: str) -> ModelCard:
-        check_model(name, model_name)
-        return ModelCard(id=model_name, created=created)
+        models.adapter_for(name)
+        return ModelCard(id=name, created=created)
 
     def busy() -> APIError:
         return APIError(429, f"the server is busy: {max_queue} requests are already waiting; retry shortly",
@@ -114,8 +118,10 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
 
     def check(body_bytes: bytes, content_type: str | None) -> tuple[ChatCompletionRequest, Conversation, int, Any]:
         body = parse_request(body_bytes, content_type, limits.max_messages)
-        check_model(body.model, model_name)
-        return body, *prepare(engine, body, context, enable_thinking, limits)
+        adapter = models.adapter_for(body.model)
+        conversation, prompt_tokens, settings = prepare(engine, body, context, enable_thinking, limits)
+        settings.adapter = adapter
+        return body, conversation, prompt_tokens, settings
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Any:
@@ -142,7 +148,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         except QueueFull:
             raise busy() from None
         events = job_events(job, inbox, request, worker)
-        answer = Answer(model_name, prompt_tokens, job.n)
+        answer = Answer(body.model, prompt_tokens, job.n)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(answer.sse(events, usage), media_type="text/event-stream")
@@ -298,13 +304,6 @@ class Answer:
 
 def _data(payload: str) -> str:
     return f"data: {payload}\n\n"
-
-
-def check_model(name: str, model_name: str) -> None:
-    if name != model_name:
-        shown = name if len(name) <= NAME_SHOWN_CHARS else f"{name[:NAME_SHOWN_CHARS]}..."
-        raise APIError(404, f"the model '{shown}' does not exist: this server serves '{model_name}'", param="model",
-                       code="model_not_found")
 
 
 def context_length(config: Any) -> int | None:
