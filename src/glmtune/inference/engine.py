@@ -23,6 +23,7 @@ from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 
 DEFAULT_MAX_NEW_TOKENS = 256
+BASE_ADAPTER = "__base__"  # peft's name, in adapter_names, for a row answered by the base model alone
 
 
 @dataclass
@@ -32,6 +33,9 @@ class GenerationSettings:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     enable_thinking: bool | None = None  # the chat template's thinking switch; None: the template's default
+    # Which loaded adapter answers (serve's --adapter): its peft name, or BASE_ADAPTER for none; None: the model as
+    # loaded (its active adapter, if any).
+    adapter: str | None = None
 
 
 class Engine:
@@ -131,7 +135,7 @@ class Engine:
         if stop_strings:
             config.stop_strings = stop_strings
         return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids, parser,
-                          logprobs)
+                          logprobs, generation_kwargs_for([settings.adapter]))
 
     def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
         """New tokens allowed for one prompt; checked for every prompt before anything is generated."""
@@ -176,13 +180,26 @@ def generate_batched(model: Any, tokenizer: Any, stop_ids: list[int], prompts: l
         config = generation_config(settings, max(budgets[i] for i in batch), stop_ids, tokenizer.pad_token_id)
         with torch.no_grad():
             output = model.generate(input_ids=input_ids.to(model.device),
-                                    attention_mask=attention_mask.to(model.device), generation_config=config)
+                                    attention_mask=attention_mask.to(model.device), generation_config=config,
+                                    **generation_kwargs_for([settings.adapter] * len(batch)))
         for row, index in enumerate(batch):
             # Each answer keeps its own budget, whatever it was batched with.
             new_tokens = output[row, input_ids.shape[1]:][: budgets[index]]
             parts = parsers[index].parse(decoder.decode(new_tokens.tolist()))
             answers[index] = count_completion(parts, len(prompts[index]), new_tokens.tolist(), stop_ids)
     return [answers[i] for i in range(len(prompts))]
+
+
+def generation_kwargs_for(adapters: list[str | None]) -> dict[str, Any]:
+    """generate()'s (and forward's) keywords that pick each row's adapter: peft's `adapter_names`, one per row
+    (BASE_ADAPTER for the base alone), so that rows for different adapters share one batch. peft mixes adapters
+    only for LoRA on linear, embedding and conv layers, unmerged, without DoRA (serve checks each adapter it loads);
+    with n samples per row, repeat the row's name n times. All None (the model as loaded): no keyword."""
+    if all(a is None for a in adapters):
+        return {}
+    if any(a is None for a in adapters):
+        raise ValueError(f"every row of a batch names its adapter, or none does; got {adapters}")
+    return {"adapter_names": list(adapters)}
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[Any, Any]:

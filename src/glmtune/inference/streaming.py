@@ -61,13 +61,15 @@ class TextStream:
     before that token's text is handed on; without, `logprobs` is None."""
 
     def __init__(self, model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, generation_config: Any,
-                 stop_ids: list[int], parser: AnswerParser | None = None, logprobs: int | None = None):
+                 stop_ids: list[int], parser: AnswerParser | None = None, logprobs: int | None = None,
+                 generate_kwargs: dict[str, Any] | None = None):
         self.completion: Completion | None = None
         self.parser = parser or AnswerParser()
         self.logprobs = None if logprobs is None else LogprobRecorder(logprobs)
         self._model, self._tokenizer = model, tokenizer
         self._input_ids, self._attention_mask = input_ids, attention_mask  # (1, prompt)
         self._config, self._stop_ids = generation_config, stop_ids
+        self._generate_kwargs = generate_kwargs or {}  # e.g. peft's adapter_names (generation_kwargs_for)
         self._cancel = threading.Event()
         self._text, self._new_ids = "", []
 
@@ -114,7 +116,8 @@ class TextStream:
                     result["output"] = self._model.generate(
                         input_ids=self._input_ids, attention_mask=self._attention_mask,
                         generation_config=self._config, streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]), tokenizer=self._tokenizer)
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]), tokenizer=self._tokenizer,
+                        **self._generate_kwargs)
             except BaseException as e:  # handed to the reader, which re-raises it
                 result["error"] = e
                 streamer.end()  # wakes the reader, which would otherwise wait forever

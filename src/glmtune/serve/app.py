@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
+from glmtune.serve.adapters import ServedModels
 from glmtune.serve.budget import answer_settings, check_asked
 from glmtune.serve.completions import CompletionAnswer, prepare_completion
 from glmtune.serve.errors import APIError, client_closed, error_response, internal_error
@@ -58,24 +59,27 @@ from glmtune.serve.schemas import (
 )
 
 DISCONNECT_POLL_S = 0.25  # how often a request waiting on the worker checks that its client is still there
-NAME_SHOWN_CHARS = 100  # how much of an unknown model name an error repeats
 
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               enable_thinking: bool | None = None, limits: RequestLimits | None = None) -> FastAPI:
+               enable_thinking: bool | None = None, limits: RequestLimits | None = None,
+               models: ServedModels | None = None) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
 
     Args:
         engine: a glmtune Engine, or a stand-in with its `tokenizer`, `model.config` and `stream` (the tests inject
             a slow one).
-        model_name: the model id /v1/models lists and answers carry.
+        model_name: the model id /v1/models lists and answers carry (when `models` is None).
         api_key: the bearer key every request must send; None for none.
         max_queue: requests that may wait while one is answered; one more answers 429.
         enable_thinking: the chat template's thinking switch (--enable_thinking), unless a request's
             chat_template_kwargs sets it.
         limits: what one request may ask (size, messages, prompt, max_tokens, n); None: serve's defaults.
+        models: the served names and the adapter each answers with (--adapter); None: `model_name` alone, answered
+            by the model as loaded.
     """
     limits = limits or RequestLimits.from_arguments()
+    models = models or ServedModels({model_name: None})
     worker = Worker(engine, max_queue)
     context = context_length(engine.model.config)
     created = int(time.time())
@@ -107,12 +111,12 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
 
     @app.get("/v1/models")
     def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        return ModelList(data=[ModelCard(id=name, created=created) for name in models.names])
 
     @app.get("/v1/models/{name:path}")
     def get_model(name: str) -> ModelCard:
-        check_model(name, model_name)
-        return ModelCard(id=model_name, created=created)
+        models.adapter_for(name)
+        return ModelCard(id=name, created=created)
 
     def busy() -> APIError:
         return APIError(429, f"the server is busy: {max_queue} requests are already waiting; retry shortly",
@@ -120,13 +124,17 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
 
     def check(body_bytes: bytes, content_type: str | None) -> tuple[ChatCompletionRequest, Conversation, int, Any]:
         body = parse_request(body_bytes, content_type, limits.max_messages)
-        check_model(body.model, model_name)
-        return body, *prepare(engine, body, context, enable_thinking, limits)
+        adapter = models.adapter_for(body.model)
+        conversation, prompt_tokens, settings = prepare(engine, body, context, enable_thinking, limits)
+        settings.adapter = adapter
+        return body, conversation, prompt_tokens, settings
 
     def check_completion(body_bytes: bytes, content_type: str | None) -> tuple[CompletionRequest, list, Any]:
         body = parse_request(body_bytes, content_type, limits.max_messages, CompletionRequest)
-        check_model(body.model, model_name)
-        return body, *prepare_completion(engine, body, context, limits)
+        adapter = models.adapter_for(body.model)
+        prompts, settings = prepare_completion(engine, body, context, limits)
+        settings.adapter = adapter
+        return body, prompts, settings
 
     async def admit(request: Request, checked: Callable[[bytes, str | None], Any]) -> Any:
         """The request read and checked (`checked` on the checker's thread), within --max_queue at a time."""
@@ -165,7 +173,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         events = launch(request, lambda deliver: Job(conversation, settings, body.n or 1, body.stop_strings(),
                                                      body.seed, deliver, logprobs=body.top_logprobs_asked()),
                         prompt_tokens, timing)
-        answer = Answer(model_name, prompt_tokens, body.n or 1, engine.tokenizer, bool(body.logprobs))
+        answer = Answer(body.model, prompt_tokens, body.n or 1, engine.tokenizer, bool(body.logprobs))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(answer.sse(events, usage), media_type="text/event-stream")
@@ -180,7 +188,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         events = launch(request, lambda deliver: Job(Conversation(), settings, n, body.stop_strings(), body.seed,
                                                      deliver, prompts=prompts, logprobs=body.logprobs),
                         prompt_tokens, timing)
-        answer = CompletionAnswer(model_name, prompt_tokens, n * len(prompts), engine.tokenizer,
+        answer = CompletionAnswer(body.model, prompt_tokens, n * len(prompts), engine.tokenizer,
                                   body.logprobs is not None)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -333,13 +341,6 @@ class Answer:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model_name, choices=choices,
                                     usage=usage)
         return sse_data(chunk.model_dump_json())
-
-
-def check_model(name: str, model_name: str) -> None:
-    if name != model_name:
-        shown = name if len(name) <= NAME_SHOWN_CHARS else f"{name[:NAME_SHOWN_CHARS]}..."
-        raise APIError(404, f"the model '{shown}' does not exist: this server serves '{model_name}'", param="model",
-                       code="model_not_found")
 
 
 def context_length(config: Any) -> int | None:
