@@ -247,6 +247,12 @@ def test_ci_runs_the_readmes_setup_and_test_command():
     assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
+def test_ci_runs_the_numeric_tests_again_with_autos_other_cpu_choice():
+    """As docs/install.md says: the tests marked numeric hold with fp32 and with bf16, whatever this CPU has."""
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(r"^GLMTUNE_CPU_BF16=\$other \.venv/bin/python -m pytest -q -m numeric$", ci, flags=re.MULTILINE)
+
+
 # A measured figure: a number with a unit or a ratio ("1.55x", "3%", "7.86 GiB", "0.62 s/step", "457 tokens/s"), a
 # difference ("1.1e-6"), or a table cell holding a number.
 FIGURE = re.compile(r"\d(?:[\d,.]*\d)?\s*(?:x\b|%|GiB|MiB|MB|s/step|s\b|tokens/s|rows/s)|\d\.?\d*e-\d"
