@@ -98,10 +98,10 @@ class Run:
         return code
 
 
-def complete_steps(output_dir: Path, reference: set[str]) -> tuple[int, list[str]]:
-    """The last checkpoint holding every file the reference checkpoint holds (trainer_state.json whole), and a
-    description of each checkpoint cut short."""
-    last, cut = 0, []
+def complete_steps(output_dir: Path, reference: set[str]) -> tuple[int, dict[str, list[str]]]:
+    """The last checkpoint holding every file the reference checkpoint holds (trainer_state.json whole), and what
+    each checkpoint cut short lacks."""
+    last, cut = 0, {}
     for checkpoint in sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
         missing = sorted(reference - {p.name for p in checkpoint.iterdir()})
         if not missing:
@@ -110,16 +110,17 @@ def complete_steps(output_dir: Path, reference: set[str]) -> tuple[int, list[str
             except ValueError:
                 missing = ["trainer_state.json (cut short)"]
         if missing:
-            cut.append(f"{checkpoint.name} without {', '.join(missing)}")
+            cut[checkpoint.name] = missing
         else:
             last = int(checkpoint.name.split("-")[1])
     return last, cut
 
 
 def kill_once(command: list[str], output_dir: Path, rng: random.Random, steps: int, step_seconds: float,
-              reference: set[str]) -> str | None:
-    """Start the run, SIGKILL it at a random moment; where the kill landed, or None if the run ended first."""
-    done = complete_steps(output_dir, reference)[0] if output_dir.is_dir() else 0
+              reference: set[str]) -> tuple[str, bool] | None:
+    """Start the run, SIGKILL it at a random moment. Where the kill landed and whether it cut a checkpoint short (one
+    that was not there, or not so, before this run), or None if the run ended first."""
+    done, cut_before = complete_steps(output_dir, reference) if output_dir.is_dir() else (0, {})
     # Past every checkpoint directory already there (one cut short by an earlier kill is rewritten in place).
     written = max((int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*")), default=0)
     during_write = rng.random() < 0.5 and written < steps
@@ -142,9 +143,13 @@ def kill_once(command: list[str], output_dir: Path, rng: random.Random, steps: i
     run.process.kill()
     run.wait()
     last, cut = complete_steps(output_dir, reference)
-    staged = (output_dir / ".final.tmp").exists()
-    return (f"killed {how}: last complete checkpoint-{last}" + (f"; cut short: {'; '.join(cut)}" if cut else "")
-            + ("; during the final save" if staged else ""))
+    cut_now = {name: missing for name, missing in cut.items() if cut_before.get(name) != missing}
+    landed = f"killed {how}: last complete checkpoint-{last}"
+    if cut_now:
+        landed += "; cut short: " + "; ".join(f"{n} without {', '.join(m)}" for n, m in cut_now.items())
+    if (output_dir / ".final.tmp").exists():
+        landed += "; during the final save"
+    return landed, bool(cut_now)
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -189,14 +194,14 @@ def main() -> None:
         out = tmp / f"trial-{trial}"
         resume = []
         for _ in range(rng.randint(1, 2)):
-            landed = kill_once([*glmtune, "--output_dir", str(out), *resume], out, rng, args.steps, step_seconds,
+            killed = kill_once([*glmtune, "--output_dir", str(out), *resume], out, rng, args.steps, step_seconds,
                                reference)
-            if landed is None:
+            if killed is None:
                 print(f"trial {trial}: the run ended before the kill")
                 break
             kills += 1
-            during_write += "cut short" in landed
-            print(f"trial {trial}: {landed}")
+            during_write += killed[1]
+            print(f"trial {trial}: {killed[0]}")
             resume = ["--resume_from_checkpoint", "true"]
             if complete_steps(out, reference)[0] == 0:
                 # Killed before its first checkpoint: resume refuses (no complete checkpoint), its hint says to
