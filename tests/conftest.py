@@ -110,3 +110,46 @@ def with_thinking_template(model: Path, destination: Path) -> Path:
     shutil.copytree(model, destination)
     shutil.copy(template, destination / "chat_template.jinja")
     return destination
+
+
+def adapter_difference(run: Path, other: Path) -> float:
+    """The largest absolute difference between two runs' saved adapters, over every tensor (both must hold the same
+    tensors)."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (run, other))
+    assert a.keys() == b.keys()
+    assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # trained: lora_B starts at zero
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def cut_short_copy(run: Path, steps: tuple[int, ...], destination: Path, damage: str) -> None:
+    """Copy `run`'s checkpoints at `steps` into `destination`, the last as a kill while writing it leaves it: the
+    Trainer writes trainer_state.json last, so it is either missing ("trainer state missing") or cut short."""
+    import shutil
+
+    for step in steps:
+        shutil.copytree(run / f"checkpoint-{step}", destination / f"checkpoint-{step}")
+    state = destination / f"checkpoint-{steps[-1]}" / "trainer_state.json"
+    if damage == "trainer state missing":
+        state.unlink()
+    else:
+        state.write_text(state.read_text(encoding="utf-8")[:40], encoding="utf-8")
+
+
+def stop_with_signal(signal_name: str, *args: str) -> tuple[int, str]:
+    """Run `glmtune ARGS...` in a child process, send it `signal_name` once it has logged a loss (it must log every
+    step), and wait for it: its exit code and stderr."""
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "glmtune", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # the Trainer prints each step's logged loss
+        if "'loss'" in line:
+            process.send_signal(getattr(signal, signal_name))
+            break
+    _, err = process.communicate(timeout=300)
+    return process.returncode, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_json
+from conftest import adapter_difference, cut_short_copy, stop_with_signal, write_json
 
 ROWS = 8  # preference pairs trained on: all of them in one batch, so the first logged step covers every pair
 BETA = 0.1  # TRL's default
@@ -255,6 +255,34 @@ def test_starting_from_an_sft_adapter_measures_rewards_against_the_chosen_refere
     expected = BETA * sum(margins) / len(margins)
     assert first_logged_margin(tmp_path / "base") == pytest.approx(expected, rel=1e-3, abs=1e-4)
     assert abs(expected) > 1e-3  # the check can tell the two references apart
+
+
+def test_an_interrupted_dpo_run_resumes_to_the_uninterrupted_adapter(cli, pairs, tmp_path):
+    """SIGTERM saves a checkpoint and exits 130; a checkpoint cut short by a kill is passed over. Either way
+    --resume_from_checkpoint true ends within 1e-6 of the run never interrupted (fp32, batches of 2 pairs: the resumed
+    run starts mid-epoch, so the data order is restored too)."""
+    _, data, _ = pairs
+    flags = ("--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2", "--per_device_train_batch_size",
+             "2", "--learning_rate", "2e-3", "--disable_tqdm", "true")
+    assert dpo(cli, data, tmp_path / "full", *flags).code == 0
+
+    cut = tmp_path / "cut"
+    cut_short_copy(tmp_path / "full", (2, 4), cut, "trainer state cut short")
+    result = dpo(cli, data, cut, *flags, "--resume_from_checkpoint", "true")
+    assert result.code == 0, result.err
+    assert "checkpoint-4: incomplete" in result.err and "resuming from checkpoint-2" in result.err
+    assert adapter_difference(tmp_path / "full", cut) <= 1e-6
+
+    stopped = tmp_path / "stopped"
+    code, err = stop_with_signal("SIGTERM", "dpo", "--dataset_path", data, "--output_dir", stopped, "--logging_steps",
+                                 "1", "--precision", "fp32", *flags)
+    assert code == 130, err[-2000:]
+    step = int(err.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert 1 <= step < 8 and (stopped / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (stopped / "adapter_model.safetensors").exists()
+    result = dpo(cli, data, stopped, *flags, "--resume_from_checkpoint", "true")
+    assert result.code == 0, result.err
+    assert adapter_difference(tmp_path / "full", stopped) <= 1e-6
 
 
 def test_supervised_data_is_refused_by_dpo_and_pairs_by_train(cli, pairs, tmp_path):

@@ -416,6 +416,7 @@ def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args
     from transformers.trainer_callback import PrinterCallback
 
     from glmtune.logs import progress_bars_enabled
+    from glmtune.train.epoch_order import EpochOrderCallback
     from glmtune.train.health import NumericalHealthCallback
     from glmtune.train.interrupt import StopOnSignalCallback
 
@@ -423,6 +424,7 @@ def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args
                             eval_dataset=splits.validation, processing_class=tokenizer, **method_options)
     trainer.add_callback(NumericalHealthCallback(health or HealthArguments()))
     trainer.add_callback(StopOnSignalCallback())
+    trainer.add_callback(EpochOrderCallback())  # a mid-epoch resume takes the batches the run would have taken
     if not progress_bars_enabled():  # --quiet: the Trainer would print every logged dict instead of its bar
         trainer.remove_callback(PrinterCallback)
     return trainer
