@@ -112,7 +112,10 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
         RowNotRenderable: several calls, or text beside a call, in one turn of a template that writes one call per
             turn (GLM-4-9B-chat's).
     """
-    styles = (bool(METADATA_CALLS.search(template)), "tool_calls" in template)
+    # A template that reads `tool_calls` (transformers' convention) gets them there even where it also reads
+    # `metadata` for other turns (glmtune's ChatGLM3 template does both).
+    reads_tool_calls = "tool_calls" in template
+    styles = (bool(METADATA_CALLS.search(template)) and not reads_tool_calls, reads_tool_calls)
     form = reasoning_form(template)
     tool_role = "tool" if _TOOL_ROLE.search(template) and not _OBSERVATION_ROLE.search(template) else "observation"
     messages: list[dict[str, Any]] = [{"role": "system", "content": conversation.system}] if conversation.system \
