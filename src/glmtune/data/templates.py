@@ -312,9 +312,9 @@ def generated_turn(tokenizer: Any, conversation: Conversation, i: int,
     if probed.startswith(prompt) and _PROBE in probed[len(prompt):]:
         written = history if history.startswith(prompt) and reasoning else probed.replace(_PROBE, reasoning or "")
         return GeneratedTurn(prompt, written[len(prompt):], history)
-    before = render(tokenizer, conversation.upto(i), add_generation_prompt=False, enable_thinking=enable_thinking)
     if _PROBE in probed:  # written, but not where the prompt leaves the model: the turn can't be located
         raise _not_located(tokenizer)
+    before = render(tokenizer, conversation.upto(i), add_generation_prompt=False, enable_thinking=enable_thinking)
     opened = prompt.rstrip().endswith("<think>") and prompt.startswith(before) and history.startswith(before)
     if not opened:
         if reasoning:
