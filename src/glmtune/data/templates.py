@@ -17,6 +17,8 @@ import dataclasses
 import json
 import os
 import re
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 from glmtune.data.control import encode_marked, mark_conversation
@@ -59,14 +61,30 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
                              "chat_template.jinja defines one")
     try:
         messages, extra = chat_inputs(tokenizer.chat_template, conversation)
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra, **thinking_switch(tokenizer, enable_thinking))
+        switch = thinking_switch(tokenizer, enable_thinking)
+        key = json.dumps([tokenizer.chat_template, messages, extra, add_generation_prompt, switch], ensure_ascii=False,
+                         default=str)
+        kept = _RENDERED.setdefault(tokenizer, OrderedDict())
+        text = kept.get(key)
+        if text is None:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **extra, **switch)
+            kept[key] = text
+            while len(kept) > _RENDERED_KEPT:
+                kept.popitem(last=False)
+        return text
     except TemplateError as e:  # templates refuse what their model can't take (e.g. a system message)
         where = f"{conversation.location}: " if conversation.location else ""
         raise RowNotRenderable(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: "
                                f"{e}", reason=f"refused by the chat template ({e})",
                                hint="change the data (for example drop the system prompt), or use another model"
                                ) from None
+
+
+# A row's prefixes are rendered twice, by split_by_turn (data/turns.py: does the row need splitting?) and then by
+# encode_for_training for the sample(s): the last renderings per tokenizer are kept, keyed by all the template reads.
+_RENDERED: weakref.WeakKeyDictionary[Any, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
+_RENDERED_KEPT = 64
 
 
 def has_thinking_switch(tokenizer: Any) -> bool:
