@@ -153,3 +153,29 @@ def stop_with_signal(signal_name: str, *args: str) -> tuple[int, str]:
             break
     _, err = process.communicate(timeout=300)
     return process.returncode, err
+
+# Small templates written for the tests, each reproducing what one official template does that the code must
+# handle (docs/glm-models.md names the official templates they were checked against).
+# GLM-Z1-0414: the tools in the system turn, a call written as `<|assistant|>NAME\n{arguments}` from the message's
+# `metadata`, results as `observation` turns, reasoning dropped from every assistant turn it writes
+# (`content.split('</think>')[-1]`), the think block opened by the prompt.
+Z1_LIKE = ("[gMASK]<sop>{% if tools %}<|system|>\n{% for tool in tools %}## {{ tool.function.name }}\n{% endfor %}"
+           "{% endif %}{% for m in messages %}{% set meta = m.get('metadata', '') %}"
+           "{% set visible = m.content.split('</think>')[-1].strip() %}"
+           "{% if m.role == 'user' %}<|user|>\n{{ m.content }}"
+           "{% elif m.role == 'assistant' and meta %}<|assistant|>{{ meta }}\n{{ visible }}"
+           "{% elif m.role == 'assistant' %}<|assistant|>\n{{ visible }}"
+           "{% elif m.role == 'observation' %}<|observation|>\n{{ m.content }}{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}")
+# GLM-4.7: calls without newlines, `</think>` alone before an answer without reasoning, the prompt opening the think
+# block (`</think>` instead with enable_thinking false).
+GLM47_LIKE = ("[gMASK]<sop>{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content }}"
+              "{% elif m.role == 'assistant' %}<|assistant|>{% if m.reasoning_content %}<think>"
+              "{{ m.reasoning_content }}</think>{% else %}</think>{% endif %}{{ m.content }}"
+              "{% for tc in m.tool_calls or [] %}<tool_call>{{ tc.function.name }}"
+              "{% for k, v in tc.function.arguments.items() %}<arg_key>{{ k }}</arg_key><arg_value>{{ v }}</arg_value>"
+              "{% endfor %}</tool_call>{% endfor %}{% elif m.role == 'tool' %}<|observation|><tool_response>"
+              "{{ m.content }}</tool_response>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>"
+              "{{ '</think>' if enable_thinking is defined and not enable_thinking else '<think>' }}{% endif %}")
+# GLM-4-9B-0414: the GLM-Z1 template without the think block in the generation prompt (the two share it).
+GLM4_0414_LIKE = Z1_LIKE.replace("<|assistant|>\n<think>{% endif %}", "<|assistant|>{% endif %}")

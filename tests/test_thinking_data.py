@@ -1,13 +1,15 @@
 """Reasoning and OpenAI tool calls in the data, trained as GLM-4.5+ generates them: every trained turn's ids are the
 official GLM-4.6 template's own rendering of the conversation up to that turn (transformers' renderer), and its
-supervised span is exactly reasoning + answer (+ call) + the stop token."""
+supervised span is exactly reasoning + answer (+ call) + the stop token. Templates that write a turn in history
+otherwise than it is generated (GLM-4.7's, GLM-Z1's, reproduced by the small templates in conftest.py) train each
+turn as their generation prompt followed by what the model generates."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import GLM4_0414_LIKE, GLM47_LIKE, Z1_LIKE, write_jsonl
 
 from glmtune.data.formats import read_messages, read_sharegpt
 from glmtune.data.templates import IGNORE_INDEX
@@ -192,3 +194,122 @@ def test_glm45_stops_on_its_three_tokens_and_its_template_says_it_thinks(glm45, 
     # Thinking is the template's to say, not the entry's (GLM-4-0414 shares glm4 with the thinking GLM-Z1).
     assert has_thinking_switch(tokenizer) and reasoning_form(tokenizer.chat_template) == "field"
     assert reasoning_form("{{ messages[0]['content'] }}") is None
+
+
+NO_REASONING = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}
+# What each template's model generates after its prompt, for a reasoning (None: the row has none) and an answer.
+GENERATES = {
+    "GLM-4.7": (GLM47_LIKE, None, lambda reasoning, answer: f"{reasoning or ''}</think>{answer}"),
+    "GLM-4.7 thinking off": (GLM47_LIKE, False, lambda reasoning, answer: answer),
+    "GLM-Z1": (Z1_LIKE, None, lambda reasoning, answer: f"\n{reasoning or ''}\n</think>\n\n{answer}"),
+}
+# (template, row, whether the row is split into one sample per turn)
+GENERATED_CASES = {
+    "GLM-4.7 without reasoning": ("GLM-4.7", NO_REASONING, True),  # history writes `</think>` where `<think>` opened
+    "GLM-4.7 with reasoning": ("GLM-4.7", THINKING, False),  # history writes each turn as generated
+    "GLM-4.7 thinking off": ("GLM-4.7 thinking off", NO_REASONING, False),
+    "GLM-Z1 without reasoning": ("GLM-Z1", NO_REASONING, True),
+    "GLM-Z1 with reasoning": ("GLM-Z1", THINKING, True),
+}
+
+
+def with_template(tokenizer, template: str):
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize("case", sorted(GENERATED_CASES))
+def test_each_turn_trains_as_the_generation_prompt_then_what_the_model_generates(glm45, case):
+    name, row, split = GENERATED_CASES[case]
+    template, enable_thinking, generates = GENERATES[name]
+    tokenizer, stops = glm45
+    tokenizer = with_template(tokenizer, template)
+    samples = process_row(read_messages(row, need_answer=True), tokenizer, stops,
+                          TokenizeOptions(4096, enable_thinking=enable_thinking))
+    turns = [j for j, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+    assert len(samples) == (len(turns) if split else 1) and not any(s["dropped"] for s in samples)
+    for k, j in enumerate(turns):
+        ids, labels = samples[k if split else 0]["input_ids"], samples[k if split else 0]["labels"]
+        switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        prompt = tokenizer.apply_chat_template(row["messages"][:j], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, **switch)["input_ids"]
+        message = row["messages"][j]
+        stop = "<|endoftext|>" if j + 1 == len(row["messages"]) else "<|user|>"
+        generated = tokenizer.encode(generates(message.get("reasoning_content"), message["content"]) + stop,
+                                     add_special_tokens=False)
+        end = len(prompt) + len(generated)
+        assert ids[:end] == prompt + generated
+        assert labels[len(prompt): end] == generated
+        if split:  # the sample is its turn's prompt and generation, that turn alone trained
+            assert len(ids) == end and set(labels[: len(prompt)]) == {IGNORE_INDEX}
+    if not split:
+        assert sum(label != IGNORE_INDEX for label in samples[0]["labels"]) == sum(
+            len(tokenizer.encode(generates(m.get("reasoning_content"), m["content"]), add_special_tokens=False)) + 1
+            for m in row["messages"] if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("name", ["GLM-4.7", "GLM-Z1"])
+def test_a_three_turn_conversation_keeps_every_reasoning_with_templates_that_open_the_think_block(glm45, name):
+    template, _, generates = GENERATES[name]
+    tokenizer, stops = glm45
+    tokenizer = with_template(tokenizer, template)
+    samples = process_row(read_messages(THINKING, need_answer=True), tokenizer, stops, TokenizeOptions(4096))
+    trained = "".join(tokenizer.decode([i for i, label in zip(s["input_ids"], s["labels"], strict=True)
+                                        if label != IGNORE_INDEX]) for s in samples)
+    stops_after = ["<|user|>", "<|user|>", "<|endoftext|>"]
+    answers = [m for m in THINKING["messages"] if m["role"] == "assistant"]
+    assert trained == "".join(generates(m["reasoning_content"], m["content"]) + stop
+                              for m, stop in zip(answers, stops_after, strict=True))
+
+
+def test_a_z1_call_turn_trains_as_generated_and_reads_back_as_reasoning_and_call(glm45):
+    from glmtune.data.templates import encode_prompt
+    from glmtune.inference.engine import answer_parser
+
+    tokenizer, stops = glm45
+    tokenizer = with_template(tokenizer, Z1_LIKE)
+    conversation = read_messages(TOOL_USE, need_answer=True)
+    samples = process_row(conversation, tokenizer, stops, TokenizeOptions(4096))
+    assert len(samples) == 3
+    ids, labels = samples[0]["input_ids"], samples[0]["labels"]
+    prompt = encode_prompt(tokenizer, conversation.upto(1))  # the question before the call
+    trained = tokenizer.decode(ids[len(prompt):])
+    assert ids[: len(prompt)] == prompt and labels[len(prompt):] == ids[len(prompt):]
+    assert trained == '\nAsk the tool.\n</think>\n\nweather\n{"city": "Paris"}<|observation|>'
+    # What training teaches, inference reads back: the reasoning and the call.
+    parts = answer_parser(tokenizer, prompt, conversation.tools).parse(trained.removesuffix("<|observation|>"))
+    assert parts.reasoning == "Ask the tool." and parts.content == ""
+    assert [(c.name, json.loads(c.arguments)) for c in parts.tool_calls] == [("weather", {"city": "Paris"})]
+
+
+def tokenizer_with(source, destination, template: str):
+    import shutil
+
+    shutil.copytree(source, destination)
+    (destination / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return destination
+
+
+def test_prepare_trains_glm_z1s_reasoning_as_generated(cli, tmp_path, glm45_tokenizer_dir):
+    model = tokenizer_with(glm45_tokenizer_dir, tmp_path / "z1", Z1_LIKE)
+    data = write_jsonl(tmp_path / "data.jsonl", [THINKING, NO_REASONING])
+    result = cli("prepare", "--model", model, "--data", data, "--dry_run", "true")
+    assert result.code == 0, result.err
+    assert "split by turn:     2 rows into 5 samples" in result.out
+    assert "<|assistant|>\n<think>⟦\nTwo and two.\n</think>\n\n4<|user|>⟧" in result.out
+
+
+def test_reasoning_for_glm_4_0414s_template_is_refused_with_its_rows(cli, tmp_path, glm45_tokenizer_dir):
+    model = tokenizer_with(glm45_tokenizer_dir, tmp_path / "glm-4-0414", GLM4_0414_LIKE)
+    data = write_jsonl(tmp_path / "data.jsonl", [NO_REASONING, THINKING])
+    result = cli("prepare", "--model", model, "--data", data, "--dry_run", "true")
+    assert result.code == 2
+    assert "has no place for reasoning" in result.err
+    assert "data.jsonl:2: an assistant turn carries reasoning" in result.err and "data.jsonl:1" not in result.err
+    # Its rows without reasoning train as before, as one sample.
+    assert cli("prepare", "--model", model, "--data", write_jsonl(tmp_path / "plain.jsonl", [NO_REASONING]),
+               "--dry_run", "true").code == 0

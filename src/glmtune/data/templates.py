@@ -6,14 +6,19 @@ The gap this fills: `apply_chat_template` renders text, but says neither where e
 nor which token ends it. Here the supervised span of an assistant turn starts exactly where the rendered
 generation prompt ends (GLM-4's template writes "<|assistant|>\n" in history but "<|assistant|>" as the
 generation prompt, so that newline belongs to the answer), and it ends with a token that generation stops on,
-so the tuned model stops.
+so the tuned model stops. A conversation that ends on a trained turn ends as the model generates that turn
+(`generated_turn`), which is not always how the template writes it in history (GLM-4.7, GLM-Z1).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
+import os
 import re
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 from glmtune.data.control import encode_marked, mark_conversation
@@ -56,14 +61,30 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
                              "chat_template.jinja defines one")
     try:
         messages, extra = chat_inputs(tokenizer.chat_template, conversation)
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **extra, **thinking_switch(tokenizer, enable_thinking))
+        switch = thinking_switch(tokenizer, enable_thinking)
+        key = json.dumps([tokenizer.chat_template, messages, extra, add_generation_prompt, switch], ensure_ascii=False,
+                         default=str)
+        kept = _RENDERED.setdefault(tokenizer, OrderedDict())
+        text = kept.get(key)
+        if text is None:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **extra, **switch)
+            kept[key] = text
+            while len(kept) > _RENDERED_KEPT:
+                kept.popitem(last=False)
+        return text
     except TemplateError as e:  # templates refuse what their model can't take (e.g. a system message)
         where = f"{conversation.location}: " if conversation.location else ""
         raise RowNotRenderable(f"{where}the chat template of {tokenizer.name_or_path} refused this conversation: "
                                f"{e}", reason=f"refused by the chat template ({e})",
                                hint="change the data (for example drop the system prompt), or use another model"
                                ) from None
+
+
+# A row's prefixes are rendered twice, by split_by_turn (data/turns.py: does the row need splitting?) and then by
+# encode_for_training for the sample(s): the last renderings per tokenizer are kept, keyed by all the template reads.
+_RENDERED: weakref.WeakKeyDictionary[Any, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
+_RENDERED_KEPT = 64
 
 
 def has_thinking_switch(tokenizer: Any) -> bool:
@@ -130,7 +151,7 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
             if form == "field":
                 message["reasoning_content"] = m.reasoning
             else:
-                message["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{message['content']}"
+                message["content"] = think_block(m.reasoning) + message["content"]
         messages.append(message)
     if not conversation.tools:
         return messages, {}
@@ -141,6 +162,12 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
     else:
         messages.insert(0, {"role": "system", "content": "", "tools": conversation.tools})
     return messages, {}
+
+
+def think_block(reasoning: str) -> str:
+    """Reasoning as it opens an assistant's content, for a template that reads it there (and as GLM-Z1 generates it
+    after the think block its prompt opens); the form thinking models write (DeepSeek-R1, Qwen3, GLM-Z1)."""
+    return f"<think>\n{reasoning}\n</think>\n\n"
 
 
 REASONING_HINT = ("use a model whose chat template writes reasoning (GLM-4.5/4.6/4.7, Qwen3, ...), or drop the "
@@ -163,11 +190,27 @@ def check_reasoning(tokenizer: Any, conversations: list[Conversation], enable_th
         problem, hint = "has no place for reasoning", REASONING_HINT
     elif enable_thinking is False:
         problem, hint = "is told not to think (--enable_thinking false)", "leave --enable_thinking out (or true)"
+    elif not holds_reasoning(tokenizer, enable_thinking):
+        problem, hint = "has no place for reasoning (it drops it, and its prompt opens no think block)", \
+            REASONING_HINT
     else:
         return
     raise UserError(f"{len(rows)} row(s) carry reasoning, and the chat template of {tokenizer.name_or_path} "
                     f"{problem}", problems=[f"{where}: an assistant turn carries reasoning" for where in
                                             rows[:MAX_PROBLEMS]], hint=hint)
+
+
+def holds_reasoning(tokenizer: Any, enable_thinking: bool | None = None) -> bool:
+    """Whether the model generates an assistant turn's reasoning under this template: the template writes it in the
+    turn being generated, or its generation prompt opens a think block (GLM-Z1's drops reasoning from every turn it
+    writes). A template that mentions `</think>` only to drop it (GLM-4-9B-0414's) has no place for it."""
+    probe = Conversation(messages=[Message("user", "?"), Message("assistant", "!", train=True, reasoning=_PROBE)])
+    try:
+        return _PROBE in generated_turn(tokenizer, probe, 1, enable_thinking).text
+    except RowNotRenderable:  # the template refuses the probe itself: the rows will tell
+        return True
+    except UserError:
+        return False
 
 
 def _chat_message(m: Message, styles: tuple[bool, bool], tool_role: str, location: str | None) -> dict[str, Any]:
@@ -233,24 +276,91 @@ def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: li
 
 def _render_with_answer_spans(tokenizer: Any, conversation: Conversation,
                               enable_thinking: bool | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """The whole rendered conversation and, for each trained answer, its character range: from the end of the
-    generation prompt before it to the end of the rendering through it."""
-    text = render(tokenizer, conversation, add_generation_prompt=False, enable_thinking=enable_thinking)
-    spans: list[tuple[int, int]] = []
-    for i in trained_turns(conversation):
-        prompt = render(tokenizer, conversation.upto(i), add_generation_prompt=True, enable_thinking=enable_thinking)
-        last = i + 1 == len(conversation.messages)  # the usual case: no need to render the whole again
-        through = text if last else render(tokenizer, conversation.upto(i + 1), add_generation_prompt=False,
-                                           enable_thinking=enable_thinking)
-        if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
-            raise AnswerNotLocated(
-                f"the chat template of {tokenizer.name_or_path} renders a conversation's turns differently depending "
-                "on what follows them, so answers can't be located in it",
-                reason="answer not locatable in the rendered template (an empty answer, or a template that rewrites "
-                       "history)",
-                hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
-        spans.append((len(prompt), len(through)))
+    """The rendered conversation and, for each trained answer, its character range: from the end of the generation
+    prompt before it to the end of what the model generates there. A conversation that ends on a trained turn ends
+    as that turn is generated, which the template may write otherwise in history (GLM-4.7's `</think>` alone,
+    GLM-Z1's dropped reasoning)."""
+    turns = {i: generated_turn(tokenizer, conversation, i, enable_thinking) for i in trained_turns(conversation)}
+    last = turns.get(len(conversation.messages) - 1)
+    text = last.prompt + last.text if last else render(tokenizer, conversation, add_generation_prompt=False,
+                                                       enable_thinking=enable_thinking)
+    spans = []
+    for turn in turns.values():
+        end = len(turn.prompt) + len(turn.text)
+        if text[:end] != turn.prompt + turn.text:
+            raise _not_located(tokenizer)
+        spans.append((len(turn.prompt), end))
     return text, spans
+
+
+# Reasoning no real row holds: rendered in a turn's place, it shows whether and how a template writes reasoning there.
+_PROBE = "glmtune-reasoning-probe"
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedTurn:
+    """An assistant turn as the model generates it."""
+
+    prompt: str  # the generation prompt the template renders for the conversation before the turn
+    text: str  # what follows it: reasoning with the template's think markup, answer, calls (not the stop token)
+    history: str  # the conversation through the turn as the template writes it, the turn last
+
+
+def generated_turn(tokenizer: Any, conversation: Conversation, i: int,
+                   enable_thinking: bool | None = None) -> GeneratedTurn:
+    """Assistant turn i as the model generates it: the template's generation prompt for the messages before it, then
+    the part of the template's own rendering of the turn (as the last one) that follows that prompt. The think markup
+    comes from the template: where it writes a turn without reasoning otherwise than the prompt began it (GLM-4.7's
+    prompt opens `<think>`, its turn is `</think>` + answer), the turn is rendered with a probe reasoning and the
+    probe then replaced; where it drops reasoning from the turn too but its prompt opens a think block (GLM-Z1),
+    the reasoning follows that opening as `think_block` writes it, then the turn as the template writes it.
+
+    Raises:
+        UserError: reasoning in a turn that the template neither writes nor opens a think block for (GLM-4-9B-0414).
+        AnswerNotLocated: a turn the template writes otherwise than its generation prompt begins it.
+    """
+    prompt = render(tokenizer, conversation.upto(i), add_generation_prompt=True, enable_thinking=enable_thinking)
+    through = conversation.upto(i + 1)
+    history = render(tokenizer, through, add_generation_prompt=False, enable_thinking=enable_thinking)
+    reasoning = conversation.messages[i].reasoning
+    if history.startswith(prompt) and not reasoning:
+        return GeneratedTurn(prompt, history[len(prompt):], history)
+    if reasoning_form(tokenizer.chat_template) is None:  # (reasoning there: chat_inputs refused it)
+        raise _not_located(tokenizer)
+    messages = [*through.messages[:i], dataclasses.replace(through.messages[i], reasoning=_PROBE)]
+    probed = render(tokenizer, dataclasses.replace(through, messages=messages), add_generation_prompt=False,
+                    enable_thinking=enable_thinking)
+    if probed.startswith(prompt) and _PROBE in probed[len(prompt):]:
+        written = history if history.startswith(prompt) and reasoning else probed.replace(_PROBE, reasoning or "")
+        return GeneratedTurn(prompt, written[len(prompt):], history)
+    if _PROBE in probed:  # written, but not where the prompt leaves the model: the turn can't be located
+        raise _not_located(tokenizer)
+    before = render(tokenizer, conversation.upto(i), add_generation_prompt=False, enable_thinking=enable_thinking)
+    opened = prompt.rstrip().endswith("<think>") and prompt.startswith(before) and history.startswith(before)
+    if not opened:
+        if reasoning:
+            raise UserError(f"{conversation.location + ': ' if conversation.location else ''}an assistant turn "
+                            f"carries reasoning, and the chat template of {tokenizer.name_or_path} has no place for "
+                            "it (it drops it, and its prompt opens no think block)", hint=REASONING_HINT)
+        raise _not_located(tokenizer)
+    generation_prompt, turn = prompt[len(before):], history[len(before):]
+    at = generation_prompt.rstrip().rfind("<think>")
+    block = think_block(reasoning or "")
+    if not block.startswith(generation_prompt[at:]):
+        raise _not_located(tokenizer)
+    # The turn as the template writes it, after what it shares with the prompt (GLM-Z1: "<|assistant|>\n" before an
+    # answer, "<|assistant|>" before a call's NAME).
+    shared = len(os.path.commonprefix([generation_prompt[:at], turn]))
+    return GeneratedTurn(prompt, block[len(generation_prompt) - at:] + turn[shared:], history)
+
+
+def _not_located(tokenizer: Any) -> AnswerNotLocated:
+    return AnswerNotLocated(
+        f"the chat template of {tokenizer.name_or_path} renders a conversation's turns differently depending "
+        "on what follows them, so answers can't be located in it",
+        reason="answer not locatable in the rendered template (an empty answer, or a template that rewrites "
+               "history)",
+        hint="use a template whose rendering of a conversation prefix is a prefix of the whole")
 
 
 def trained_turns(conversation: Conversation) -> list[int]:
