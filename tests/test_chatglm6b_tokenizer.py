@@ -16,7 +16,6 @@ from glmtune.data.tokenize import TokenizeOptions, process_conversation
 from glmtune.models.chatglm.ice_tokenizer import build_ice_tokenizer, is_ice_tokenizer_dir
 
 GMASK, SOP, EOP, MASK = 130001, 130004, 130005, 130000
-DOCUMENTED_DIFFERENCE = "[gMASK]<sop>hello"  # "[gMASK]" text is the token here, ordinary pieces officially
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +90,9 @@ def test_vocabulary_size_and_special_ids(tokenizer, golden):
 
 
 def test_encode_gives_the_official_ids(tokenizer, golden):
+    # Special-token text included: "[gMASK]<sop>hello" is "▁[" "g" "MASK" "]", <sop>, "▁hello", as officially.
+    assert "[gMASK]<sop>hello" in [case["text"] for case in golden["strings"]]
     for case in golden["strings"]:
-        if case["text"] == DOCUMENTED_DIFFERENCE:
-            assert tokenizer.encode(case["text"], add_special_tokens=False) == [GMASK] + case["ids_no_special"][4:]
-            continue
         assert tokenizer.encode(case["text"]) == case["ids"], case["text"]  # [gMASK] <sop> appended
         assert tokenizer.encode(case["text"], add_special_tokens=False) == case["ids_no_special"], case["text"]
     # A pair is the official training layout: a [gMASK] <sop> b <eop>.
@@ -121,18 +119,38 @@ def test_chat_template_gives_the_official_prompt_ids(tokenizer, golden):
 
 
 def test_save_pretrained_reloads_with_plain_autotokenizer(tokenizer, golden, tmp_path):
+    """transformers alone (which does not know glmtune's class) loads the saved files as its generic tokenizer:
+    the official ids for text and for the chat prompt; special-token text in a plain encode is parsed there, as
+    transformers' tokenizers do (glmtune's load_tokenizer restores the official encode: the next test)."""
     from transformers import AutoTokenizer
 
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     for case in golden["strings"]:
-        assert reloaded.encode(case["text"]) == tokenizer.encode(case["text"]), case["text"]
+        if "[gMASK]" in case["text"]:
+            assert reloaded.encode(case["text"], add_special_tokens=False)[:2] == [GMASK, SOP]
+        else:
+            assert reloaded.encode(case["text"]) == tokenizer.encode(case["text"]), case["text"]
         assert reloaded.decode(case["ids"]) == case["decode_ids"], case["text"]
     assert list(reloaded.apply_chat_template(chat_messages(golden), add_generation_prompt=True, return_dict=False)) == \
         golden["chat"]["input_ids"]
     assert (reloaded.padding_side, reloaded.bos_token, reloaded.eos_token, reloaded.pad_token) == (
         "left", "<sop>", "<eop>", "<pad>")
     assert len(reloaded) == len(tokenizer)
+
+
+def test_glmtune_reloads_a_saved_tokenizer_with_the_official_encode(tokenizer, golden, official, tmp_path):
+    from glmtune.models.loading import load_tokenizer
+
+    encode, _ = official
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(str(tmp_path))
+    assert type(reloaded) is type(tokenizer)
+    for case in golden["strings"]:
+        assert reloaded.encode(case["text"]) == case["ids"], case["text"]
+    assert reloaded.encode("x<eop>\ny", add_special_tokens=False) == encode("x") + [EOP] + encode("y")
+    assert list(reloaded.apply_chat_template(chat_messages(golden), add_generation_prompt=True, return_dict=False)) \
+        == golden["chat"]["input_ids"]
 
 
 # Texts beyond the golden file: whitespace runs past 80, mixed tabs and newlines, leading/trailing spaces, CRLF,
@@ -164,13 +182,19 @@ def test_encode_and_decode_agree_with_sentencepiece_on_other_texts(tokenizer, of
         assert tokenizer.decode(expected) == decode(expected), repr(text)
 
 
-def test_special_token_text_is_split_out(tokenizer, official):
+def test_special_token_text_is_encoded_as_officially(tokenizer, official):
     encode, _ = official
-    # As officially: [MASK], <pad>, <unk> in a text are those tokens, and the whitespace around them goes.
+    # As officially: [MASK], <pad>, <unk>, <sop>, <eop> in a text are those tokens, and the whitespace around them
+    # goes; "[gMASK]" is ordinary text.
     assert tokenizer.encode("a \n[MASK]\t b<pad>c", add_special_tokens=False) == encode("a") + [MASK] + encode(
         "b") + [3] + encode("c")
-    # The documented difference: next to <sop>/<eop>/[gMASK] whitespace stays (an answer between them keeps it).
-    assert tokenizer.encode("x<eop>\ny", add_special_tokens=False) == encode("x") + [EOP] + encode("\ny")
+    assert tokenizer.encode("x<eop>\ny <sop> [gMASK]z", add_special_tokens=False) == encode("x") + [EOP] + encode(
+        "y") + [SOP] + encode("[gMASK]z")
+    # The chat template's markup: [gMASK] is the token, and whitespace next to [gMASK], <sop>, <eop> stays, so that
+    # an answer rendered between them is encoded as ptuning/main.py encodes it alone.
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\na "}]
+    assert tokenizer.apply_chat_template(messages, return_dict=False) == encode("q") + [GMASK, SOP] + encode(
+        "\na ") + [EOP]
 
 
 def test_training_layout_is_the_official_ptuning_layout(tokenizer, official, directory):

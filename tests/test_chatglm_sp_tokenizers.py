@@ -11,9 +11,6 @@ from glmtune.data.conversation import Conversation, Message
 from glmtune.data.templates import IGNORE_INDEX, encode_for_training, encode_prompt
 
 FAMILIES = {"v2": "chatglm2-6b", "v3": "chatglm3-6b"}
-# Texts holding special-token strings: glmtune recognises them as those tokens, as transformers' own tokenizers
-# do; the official ChatGLM2/3 tokenizers encode them as ordinary pieces (a documented difference).
-SPECIAL_TEXT = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|", "</s>", "<unk>", "<s>")
 QUERY = "写一首关于春天的短诗\nThen translate it to English."
 
 
@@ -43,16 +40,37 @@ def test_vocabulary_size_and_special_ids(family):
 
 
 def test_encode_and_decode_give_the_official_results(family):
+    """Every golden string, those holding special-token text ("[gMASK]<sop>hello", "<|user|>", "</s>") included:
+    the official tokenizers encode that text as ordinary pieces, and so does a plain encode here."""
     _, tokenizer, golden, _ = family
-    checked = 0
+    assert any("<|user|>" in case["text"] for case in golden["strings"])
     for case in golden["strings"]:
-        if any(s in case["text"] for s in SPECIAL_TEXT):
-            continue
         assert tokenizer.encode(case["text"]) == case["ids"], case["text"]  # [gMASK] sop prepended
         assert tokenizer.encode(case["text"], add_special_tokens=False) == case["ids_no_special"], case["text"]
+        assert tokenizer(case["text"])["input_ids"] == case["ids"], case["text"]
         assert tokenizer.decode(case["ids_no_special"]) == case["decode_ids_no_special"], case["text"]
-        checked += 1
-    assert checked >= 30
+
+
+def test_saved_tokenizer_reloads_with_the_same_encodes(family, shared_dir, tmp_path):
+    """save_pretrained (as merge and convert write it), then glmtune's load_tokenizer: the official plain encode
+    and the chat template's markup as control tokens, as before saving. transformers alone loads the same files as
+    its generic tokenizer: the same chat ids, and special-token text in a plain encode parsed as those tokens."""
+    from transformers import AutoTokenizer
+
+    from glmtune.models.loading import load_tokenizer
+
+    name, tokenizer, golden, _ = family
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, generic = load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(tmp_path)
+    messages = history(shared_dir)
+    for other in (reloaded, generic):
+        assert list(other.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)) == golden[
+            "chat"]["input_ids"]
+    for case in golden["strings"]:
+        assert reloaded.encode(case["text"]) == case["ids"], case["text"]
+    assert type(reloaded) is type(tokenizer) and type(generic) is not type(tokenizer)
+    gmask, sop = tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"])
+    assert generic.encode("[gMASK]<sop>x", add_special_tokens=False)[:2] == [gmask, sop]
 
 
 def test_chat_template_gives_the_official_prompt_ids(family, shared_dir):

@@ -65,8 +65,10 @@ def control_counts(tokenizer, ids: list[int]) -> dict[str, int]:
 
 
 def test_the_forged_text_holds_every_control_token_of_the_template(family):
-    """The test means something: encoded as the tokenizer parses any text, the forged text is control tokens."""
-    forged = control_counts(family.tokenizer, family.tokenizer.encode(FORGED, add_special_tokens=False))
+    """The test means something: parsed as a rendered template is (by the tokenizer's backend: a plain encode of
+    ChatGLM-6B/2/3 keeps such text as text, as their official tokenizers), the forged text is control tokens."""
+    ids = family.tokenizer.backend_tokenizer.encode(FORGED, add_special_tokens=False).ids
+    forged = control_counts(family.tokenizer, ids)
     roles = {"<|assistant|>", "<|user|>"} if "<|assistant|>" in family.tokenizer.added_tokens_encoder else set()
     assert {"[gMASK]", "<sop>", *roles} <= set(forged)
 

@@ -29,6 +29,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     native = None if trust_remote_code else native_tokenizer(Path(source))
     if native is not None:
         return native.build(Path(source))  # THUDM's remote-code tokenizers, rebuilt natively
+    from glmtune.models.chatglm.official_encode import load_saved
+
+    saved = load_saved(Path(source))  # one of those, saved by glmtune: a class AutoTokenizer does not know
+    if saved is not None:
+        return saved
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

@@ -14,11 +14,11 @@ against `sentencepiece` itself:
 - encode() appends "[gMASK]" and "<sop>" (a pair: a [gMASK] <sop> b <eop>); decode() drops control tokens, maps
   the whitespace pieces back, and applies transformers 4's clean_up_tokenization (" ." -> "."), as the official one.
 
-Deliberate differences, for the chat template, which writes "[gMASK]<sop>" and "<eop>" as text:
-- "[gMASK]" in a text is that token (the official tokenizer encodes it as ordinary pieces: "▁[" "g" "MASK" "]").
-- Whitespace next to "[gMASK]", "<sop>" or "<eop>" in a text is kept; the official tokenizer drops it (as this one
-  does next to "[MASK]", "<pad>", "<unk>"). Kept, so that a prompt and an answer rendered around "[gMASK]<sop>"
-  and "<eop>" are encoded exactly as the official training (ptuning/main.py) encodes them apart.
+- Special-token text: a plain encode parses "[MASK]", "<sop>", "<eop>", "<pad>" and "<unk>" and drops the
+  whitespace around them (transformers 4's special tokens), and keeps "[gMASK]" as ordinary pieces ("▁[" "g" "MASK"
+  "]"), as the official one (models/chatglm/official_encode.py). The chat template, which writes "[gMASK]<sop>"
+  and "<eop>", is encoded with all three parsed and the whitespace next to them kept, so that a prompt and an
+  answer rendered around them are encoded exactly as the official training (ptuning/main.py) encodes them apart.
 
 A known gap: a compatibility character followed by a combining mark ("²" + U+0301) loses the mark, where
 SentencePiece keeps it (`tokenizers`' Precompiled normalizer looks a short grapheme up by its prefix).
@@ -39,6 +39,7 @@ from glmtune.artifacts import read_json_object
 
 PIECES_FILE = "ice_text.model"
 SUFFIX = ["[gMASK]", "<sop>"]  # what the official encode() puts after every text
+OFFICIAL_PARSED = ["[MASK]", "<sop>", "<eop>", "<pad>", "<unk>"]  # the official tokenizer's special tokens
 MAX_BLANK = 80  # the longest run of spaces with a piece of its own, "<|blank_80|>"
 
 # ChatGLMForConditionalGeneration.chat(): the bare query without history, else "[Round i]\n问：q\n答：a\n" per
@@ -73,7 +74,8 @@ def is_ice_tokenizer_dir(directory: Path) -> bool:
 def build_ice_tokenizer(directory: Path) -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
-    from transformers import PreTrainedTokenizerFast
+
+    from glmtune.models.chatglm.official_encode import ChatGLMOfficialTokenizer
 
     pieces, charsmap = read_sentencepiece_model(directory / PIECES_FILE)
     lowest = min(score for _, score, kind in pieces if kind == NORMAL)
@@ -116,16 +118,17 @@ def build_ice_tokenizer(directory: Path) -> Any:
         decoders.Replace("<|tab|>", "\t"),
         *[decoders.Replace(f"<|blank_{n}|>", " " * n) for n in range(2, MAX_BLANK + 1)],
     ])
-    # The official tokenizer splits its special tokens out of a text, and strips the whitespace around them
-    # (transformers 4's default for special tokens given as strings); for "[gMASK]", "<sop>", "<eop>" see above.
+    # The template's markup: [MASK], <pad>, <unk> strip the whitespace around them (transformers 4's default for
+    # special tokens given as strings), "[gMASK]", "<sop>", "<eop>" keep it (see above).
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False, lstrip=True, rstrip=True) for t in ["[MASK]", "<pad>", "<unk>"]]
         + [AddedToken(t, special=True, normalized=False) for t in ["[gMASK]", "<sop>", "<eop>"]])
     backend.post_processor = processors.TemplateProcessing(
         single="$A " + " ".join(SUFFIX), pair="$A " + " ".join(SUFFIX) + " $B:1 <eop>:1",
         special_tokens=[(t, backend.token_to_id(t)) for t in [*SUFFIX, "<eop>"]])
-    return PreTrainedTokenizerFast(
+    return ChatGLMOfficialTokenizer(
         tokenizer_object=backend,
+        text_parsed_tokens=OFFICIAL_PARSED,
         bos_token="<sop>",
         eos_token="<eop>",
         unk_token="<unk>",

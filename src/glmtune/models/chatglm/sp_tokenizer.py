@@ -7,9 +7,9 @@ split one by one; rebuilt here as `tokenizers` BPE (merges from transformers' Se
 with the official special tokens after the 64,789 pieces: [MASK] [gMASK] [sMASK] sop eop, and for ChatGLM3 the
 role tokens. Proven id for id against the official outputs in the golden fixtures.
 
-Two deliberate differences, both the usual behaviour of transformers' own tokenizers: special-token text in the
-input ("[gMASK]", "<|user|>", "</s>") is recognised as that token (the official tokenizer encodes it as ordinary
-pieces), and sop/eop are named "<sop>"/"<eop>" so that the plain word "sop" stays ordinary text.
+Special-token text in a plain encode ("[gMASK]", "<|user|>", "</s>") is ordinary pieces, as officially; the chat
+template's own markup is parsed (models/chatglm/official_encode.py). One deliberate difference: sop/eop are named
+"<sop>"/"<eop>" so that the plain word "sop" stays ordinary text.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ def build_chatglm_sp_tokenizer(directory: Path, family: str) -> Any:
     import sentencepiece
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import generate_merges
+
+    from glmtune.models.chatglm.official_encode import ChatGLMOfficialTokenizer
 
     pieces = sentencepiece.SentencePieceProcessor(model_file=str(directory / PIECES_FILE))
     vocab = {pieces.id_to_piece(i): i for i in range(pieces.get_piece_size())}
@@ -101,8 +102,9 @@ def build_chatglm_sp_tokenizer(directory: Path, family: str) -> Any:
     backend.post_processor = processors.TemplateProcessing(
         single=" ".join(PREFIX) + " $A", pair=" ".join(PREFIX) + " $A $B:1",
         special_tokens=[(t, backend.token_to_id(t)) for t in PREFIX])
-    return PreTrainedTokenizerFast(
+    return ChatGLMOfficialTokenizer(
         tokenizer_object=backend,
+        text_parsed_tokens=[],  # the official encode parses no special-token text
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<unk>",  # the official pad id is 0
