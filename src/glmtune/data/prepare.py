@@ -173,8 +173,12 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
 
 
 def cache_key(data: LoadedData, **settings: Any) -> str:
-    """A hash of everything that decides the tokenized result, the code that reads and renders data included."""
-    code = "".join(sorted(p.read_text(encoding="utf-8") for p in Path(__file__).parent.glob("*.py")))
+    """A hash of everything that decides the tokenized result, the code that reads and renders data included, and
+    glmtune's own tokenizer classes (how they encode text can change while their vocabulary, and so the tokenizer's
+    fingerprint, stays the same)."""
+    package = Path(__file__).parent.parent
+    sources = [*package.joinpath("data").glob("*.py"), *package.joinpath("models", "chatglm").glob("*.py")]
+    code = "".join(sorted(p.read_text(encoding="utf-8") for p in sources))
     fields = {"version": __version__, "code": sha256_text(code), "inputs": list(data.inputs.values()),
               "format": data.format,
               "rows": data.rows_read, "bad_rows": len(data.bad_rows), **settings}
