@@ -37,7 +37,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the tokenizer of '{name}': {_first_line(e)}", hint=HINT) from None
+        raise UserError(f"cannot load the tokenizer of '{name}': {first_line(e)}", hint=HINT) from None
     if tokenizer.pad_token_id is None:  # batching needs one; eos is the usual stand-in for causal LMs
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -81,7 +81,7 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
         return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                     dtype=dtype or torch.float32, **quantized)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the model '{name}': {_first_line(e)}", hint=HINT) from None
+        raise UserError(f"cannot load the model '{name}': {first_line(e)}", hint=HINT) from None
 
 
 def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
@@ -142,6 +142,7 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (the whole message can be a page of library detail)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -18,7 +18,7 @@ from typing import Any
 from glmtune.artifacts import read_json_object
 from glmtune.errors import UserError
 from glmtune.inference.engine import BASE_ADAPTER
-from glmtune.models.loading import _first_line
+from glmtune.models.loading import first_line
 from glmtune.serve.errors import APIError
 
 log = logging.getLogger("glmtune.serve")
@@ -90,7 +90,7 @@ def load_adapters(engine: Any, specs: list[AdapterSpec]) -> None:
                 engine.model = PeftModel.from_pretrained(engine.model, str(spec.path), adapter_name=spec.name)
         except (RuntimeError, ValueError, KeyError) as e:  # peft: size mismatch, target modules not found, ...
             raise UserError(f"{where} does not fit the model '{engine.model_name}': it was trained on "
-                            f"'{trained_on}' ({_first_line(e)})",
+                            f"'{trained_on}' ({first_line(e)})",
                             hint=f"serve it with --model {trained_on}, or leave it out") from None
         if trained_on and Path(str(trained_on)).name != Path(engine.model_name).name:
             log.warning(f"{where} was trained on '{trained_on}' and is served on '{engine.model_name}' "
@@ -112,7 +112,7 @@ def check_mixable(engine: Any, name: str) -> None:
             engine.model(input_ids=token, **generation_kwargs_for([name]))
     except (ValueError, TypeError) as e:
         shown = "the --peft_path adapter" if name == PEFT_PATH_ADAPTER else f"--adapter {name}"
-        raise UserError(f"{shown} cannot be picked per request: {_first_line(e)}",
+        raise UserError(f"{shown} cannot be picked per request: {first_line(e)}",
                         hint="peft mixes adapters only for LoRA on linear layers without DoRA; serve this adapter "
                              "alone, with --peft_path and no --adapter") from None
 
