@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("glmtune.commands.prepare", "Tokenize a data file into a training dataset directory."),
     "train": ("glmtune.commands.train", "LoRA fine-tuning on a prepared dataset."),
     "dpo": ("glmtune.commands.dpo", "Preference tuning (DPO) of a LoRA adapter on prepared chosen/rejected pairs."),
-    "kto": ("glmtune.commands.kto", "Preference tuning (KTO) of a LoRA adapter on answers labelled good or bad."),
+    "kto": ("glmtune.commands.kto", "Preference tuning (KTO): each answer of a pair labelled good or bad."),
     "orpo": ("glmtune.commands.orpo", "Preference tuning (ORPO: SFT and preference in one, no reference model)."),
     "simpo": ("glmtune.commands.simpo", "Preference tuning (SimPO, or CPO) of a LoRA adapter, no reference model."),
     "infer": ("glmtune.commands.infer", "Answer prompts with a base model and an optional adapter."),

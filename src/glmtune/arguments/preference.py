@@ -15,12 +15,11 @@ PAIRS_HELP = ("Dataset directory of preference pairs written by `glmtune prepare
 
 @dataclass
 class KtoArguments(DpoArguments):
-    """`glmtune kto`'s own options: DPO's (a starting adapter, the reference model), on answers labelled good or bad."""
+    """`glmtune kto`'s own options: DPO's (a starting adapter, the reference model)."""
 
     help_overrides = {
-        "dataset_path": "Dataset directory written by `glmtune prepare` of answers labelled desirable or not (rows "
-                        "with a true/false `label`), or of preference pairs (each pair: its chosen answer desirable, "
-                        "its rejected one not), or a data file of either, tokenized here with the options above.",
+        "dataset_path": PAIRS_HELP + " Each pair gives KTO two rows: its chosen answer desirable, its rejected one "
+                                     "not.",
         "peft_path": "LoRA adapter to start from and go on training (a `glmtune train` output, e.g. the SFT run); "
                      "default: a new adapter from the LoRA options.",
     }

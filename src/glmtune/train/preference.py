@@ -16,6 +16,7 @@ manifest.json, written last.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ class PreferenceMethod:
     trainer_class: type[Trainer]  # TRL's trainer, taking glmtune's tokenized rows
     metrics: tuple[str, ...]  # what the trainer logs that the manifest and the result keep (first and last logged)
     reference: bool  # whether the loss measures the policy against a reference model (--reference)
+    check: Callable[[Any], None] | None = None  # the method's refusals of its config, before anything loads
 
 
 @dataclass
@@ -90,6 +92,8 @@ def run_preference(method: PreferenceMethod, model_args: ModelArguments, method_
     resume = check_output(training_args, method_args.overwrite_output_dir, tuple(inputs))
     precision_args = precision_args or PrecisionArguments()
     precision, training_args = choose_run_precision(model_args, precision_args, training_args)
+    if method.check is not None:
+        method.check(training_args)
     dataset_dir, dataset_manifest = prepare_data(method_args.dataset_path, model_args.model or adapter_base,
                                                  training_args, method_args, model_args.trust_remote_code,
                                                  preference=True)
