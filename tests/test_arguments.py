@@ -75,9 +75,12 @@ def command_dataclasses(verb: str, monkeypatch: pytest.MonkeyPatch) -> list[type
                      **kwargs: Any) -> None:
         parse_arguments(prog, dataclass_types)
 
+    from glmtune.commands import preference  # the help page of dpo, kto, orpo and simpo
+
     for catch in (parse_arguments, command_help):
-        if hasattr(module, catch.__name__):
-            monkeypatch.setattr(module, catch.__name__, catch)
+        for holder in (module, preference):
+            if hasattr(holder, catch.__name__):
+                monkeypatch.setattr(holder, catch.__name__, catch)
     with pytest.raises(SystemExit):
         module.main(["--help"])
     assert caught, verb

@@ -93,7 +93,7 @@ def test_skeleton_docstring_lists_real_steps_in_the_order_sft_and_dpo_take_them(
     for name in steps:
         function = getattr(skeleton, name, None) or getattr(processes, name, None)
         assert inspect.isfunction(function), f"{name}: no such public function in skeleton.py or processes.py"
-    for method in ("sft", "dpo"):
+    for method in ("sft", "preference"):  # preference.py: the run of dpo, kto, orpo and simpo
         source = (TRAIN_DIR / f"{method}.py").read_text(encoding="utf-8")
         body = source[source.index(f"def run_{method}("):]
         called = [name for name in steps if f"{name}(" in body]
