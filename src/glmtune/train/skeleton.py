@@ -1,7 +1,9 @@
 """The steps every training method shares, as public functions in the order a run takes them.
 
-A method module (train/sft.py, train/dpo.py) is one `run_<method>()` that calls these steps top to bottom and adds
-only what is particular to it: its trainer class, collator or loss, the checks it needs and the metrics it reports.
+A method module (train/sft.py, train/preference.py) is one `run_<method>()` that calls these steps top to bottom and
+adds only what is particular to it: its trainer class, collator or loss, the checks it needs and the metrics it
+reports. The preference methods (train/dpo.py, kto.py, orpo.py, simpo.py) share one run, `run_preference`, and each
+only describes itself as a `PreferenceMethod`.
 
  1. check_output            --output_dir may be written, or the checkpoint to resume from (resolve_resume)
  2. choose_run_precision    fp32, bf16 or fp16 for this hardware, and the training arguments set to match
@@ -18,7 +20,7 @@ only what is particular to it: its trainer class, collator or loss, the checks i
 13. save_final              adapter, tokenizer, <command>_config.yaml, loss plot, manifest.json last; staged, then moved
 14. end_process_group       by the command, on every process (train/processes.py)
 
-Adding a method (KTO, ORPO, ...) is two files:
+Adding a method is two files (a preference method: one PreferenceMethod in its module instead of a run):
 
 - `train/<method>.py`: `run_<method>(...)` calling the steps above with the method's Trainer (or TRL trainer and
   config), its own checks, and the manifest fields it adds; see train/dpo.py for a TRL trainer.
