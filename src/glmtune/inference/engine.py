@@ -16,6 +16,7 @@ from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.inference.answers import AnswerParser
+from glmtune.inference.batch_generation import BatchGenerator, supports_batched_steps
 from glmtune.inference.decoding import AnswerDecoder
 from glmtune.inference.streaming import Completion, TextStream, count_completion
 from glmtune.inference.tool_calls import tool_call_form
@@ -111,14 +112,25 @@ class Engine:
             UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves it
                 no room.
         """
-        prompt = encode_prompt(self.tokenizer, conversation.prompt_part(), settings.enable_thinking)
-        budget = self._answer_budget(settings, prompt, conversation)
+        prompt, budget, parser = self.prepare(conversation, settings)
         input_ids, attention_mask = left_pad([prompt], self.tokenizer.pad_token_id)  # (1, prompt)
         config = generation_config(settings, budget, self.stop_ids, self.tokenizer.pad_token_id)
         if stop_strings:
             config.stop_strings = stop_strings
-        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids,
-                          answer_parser(self.tokenizer, prompt, conversation.tools))
+        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids, parser)
+
+    def prepare(self, conversation: Conversation, settings: GenerationSettings) -> tuple[list[int], int, AnswerParser]:
+        """One answer's prompt ids, its budget of new tokens and its parser (stream()'s checks and errors)."""
+        prompt = encode_prompt(self.tokenizer, conversation.prompt_part(), settings.enable_thinking)
+        budget = self._answer_budget(settings, prompt, conversation)
+        return prompt, budget, answer_parser(self.tokenizer, prompt, conversation.tools)
+
+    def batch_generator(self) -> BatchGenerator | None:
+        """A continuous batch over this model (see batch_generation), or None for a model whose cache rows can't
+        be joined (then answers are generated one at a time)."""
+        if not supports_batched_steps(self.model):
+            return None
+        return BatchGenerator(self.model, self.stop_ids)
 
     def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
         """New tokens allowed for one prompt; checked for every prompt before anything is generated."""

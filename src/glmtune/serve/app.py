@@ -30,6 +30,7 @@ from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.inference.engine import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from glmtune.serve.batching import BatchLimits, make_worker
 from glmtune.serve.errors import APIError, error_response
 from glmtune.serve.intake import RequestLimits, parse_request, read_body
 from glmtune.serve.messages import BadRequest, request_conversation, request_thinking
@@ -58,7 +59,8 @@ NAME_SHOWN_CHARS = 100  # how much of an unknown model name an error repeats
 
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
-               enable_thinking: bool | None = None, limits: RequestLimits | None = None) -> FastAPI:
+               enable_thinking: bool | None = None, limits: RequestLimits | None = None,
+               batching: BatchLimits | None = None) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
 
     Args:
@@ -70,9 +72,10 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         enable_thinking: the chat template's thinking switch (--enable_thinking), unless a request's
             chat_template_kwargs sets it.
         limits: what one request may ask (size, messages, prompt, max_tokens, n); None: serve's defaults.
+        batching: how large the running batch may grow; None: serve's defaults.
     """
     limits = limits or RequestLimits.from_arguments()
-    worker = Worker(engine, max_queue)
+    worker = make_worker(engine, max_queue, batching)
     context = context_length(engine.model.config)
     created = int(time.time())
     # One thread: the checks tokenize, and two requests' checks would only share the same cores.
