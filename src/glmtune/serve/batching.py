@@ -61,6 +61,7 @@ class BatchWorker(Worker):
         self._rows: list[_Choice] = []
         self._jobs: dict[Job, _Started] = {}
         self._prepared: dict[Job, tuple[list[int], int, Any]] = {}
+        self.peak_batch_size = 0  # the most rows the batch has held (tests and benchmarks read it)
 
     @property
     def batch_size(self) -> int:
@@ -133,6 +134,7 @@ class BatchWorker(Worker):
         self._jobs[job].open.add(index)
         row = _Choice(job, index, sequence, StopCutter(job.stop), parser.splitter())
         self._rows.append(row)
+        self.peak_batch_size = max(self.peak_batch_size, len(self._rows))
         self._advance(row)
 
     def _advance(self, row: _Choice) -> None:
