@@ -245,3 +245,47 @@ def test_ci_runs_the_readmes_setup_and_test_command():
     command = "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
     assert command in README.read_text(encoding="utf-8")
     assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_numeric_tests_again_with_autos_other_cpu_choice():
+    """As docs/install.md says: the tests marked numeric hold with fp32 and with bf16, whatever this CPU has."""
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(r"^GLMTUNE_CPU_BF16=\$other \.venv/bin/python -m pytest -q -m numeric$", ci, flags=re.MULTILINE)
+
+
+# A measured figure: a number with a unit or a ratio ("1.55x", "3%", "7.86 GiB", "0.62 s/step", "457 tokens/s"), a
+# difference ("1.1e-6"), or a table cell holding a number.
+FIGURE = re.compile(r"\d(?:[\d,.]*\d)?\s*(?:x\b|%|GiB|MiB|MB|s/step|s\b|tokens/s|rows/s)|\d\.?\d*e-\d"
+                    r"|^\|.*\|\s*[\d.,]+\s*\|", re.MULTILINE)
+# What reproduces it: a bench script or a glmtune command, in a shell block or an inline code span.
+REPRODUCER = re.compile(r"bench/\S+|(?:^|[\s`/])glmtune\s")
+
+
+def sections_without_their_command(text: str) -> list[str]:
+    """The headings of the `##` sections that give a measured figure (in prose or a table) but neither show the
+    command that reproduces it nor say that the command was not recorded."""
+    missing = []
+    for section in re.split(r"^(?=## )", text, flags=re.MULTILINE)[1:]:
+        heading, _, body = section.partition("\n")
+        code = re.findall(r"```[^\n]*\n(.*?)```", body, flags=re.DOTALL) + re.findall(r"`([^`\n]+)`", body)
+        figures = FIGURE.search(re.sub(r"```.*?```|`[^`\n]+`", "", body, flags=re.DOTALL))
+        said_unrecorded = "not recorded" in " ".join(body.split())
+        if figures and not said_unrecorded and not any(REPRODUCER.search(span) for span in code):
+            missing.append(heading)
+    return missing
+
+
+def test_every_benchmark_figure_stands_next_to_the_command_that_reproduces_it():
+    text = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    assert len(re.findall(r"^## ", text, flags=re.MULTILINE)) >= 8  # the sections were found
+    assert sections_without_their_command(text) == []
+
+
+def test_a_benchmark_figure_without_its_command_is_reported():
+    figure = "Measured today: 2.1x the baseline, 1.3 GiB.\n"
+    assert sections_without_their_command(f"# B\n\n## Speed\n\n{figure}") == ["## Speed"]
+    assert sections_without_their_command(f"## Speed\n\n```bash\n.venv/bin/python bench/x.py\n```\n\n{figure}") == []
+    assert sections_without_their_command(f"## Speed\n\n{figure}Run `.venv/bin/glmtune demo`.\n") == []
+    assert sections_without_their_command(f"## Speed\n\n{figure}The exact command was not recorded.\n") == []
+    assert sections_without_their_command("## Words\n\nNo figure here, only `bench/x.py`.\n") == []
+    assert sections_without_their_command("## Table\n\n| way | tokens |\n|---|---|\n| one | 1256 |\n") == ["## Table"]

@@ -28,6 +28,7 @@ def trained(tmp_path_factory, tiny_model):
     return tmp / "data", tmp / "run"
 
 
+@pytest.mark.numeric  # --precision auto: fp32 or bf16 by the CPU; holds either way (CI runs both)
 def test_tuned_adapter_answers_the_training_questions(cli, trained, tmp_path, demo_rows):
     _, run = trained
     result = cli("infer", "--peft_path", run, "--input", demo_data_path(), "--output", tmp_path / "answers.jsonl",
@@ -45,6 +46,7 @@ def test_base_model_alone_does_not_know_the_answers(cli, trained, tiny_model, de
     assert json.loads(result.out)["response"] != demo_rows[0]["output"]
 
 
+@pytest.mark.numeric
 def test_run_directory_holds_a_plain_peft_adapter_and_its_records(trained, tiny_model, demo_rows):
     import torch
     from peft import PeftModel

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from glmtune.errors import UserError
-from glmtune.train.precision import Hardware, choose_precision
+from glmtune.train.precision import CPU_BF16_OVERRIDE, Hardware, choose_precision
 
 CPU_WITHOUT_BF16 = Hardware(cuda=False, bf16_units=None)
 CPU_WITH_AMX = Hardware(cuda=False, bf16_units="the CPU (AMX)")
@@ -26,12 +26,45 @@ def test_auto_on_a_cpu_without_bf16_units_is_fp32_on_the_real_detection_path(mon
 
     from glmtune.train.precision import detect_hardware
 
+    monkeypatch.delenv(CPU_BF16_OVERRIDE, raising=False)  # CI sets it to run the numeric tests both ways
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert choose_precision("auto", False, False, detect_hardware()).name == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert choose_precision("auto", False, False, detect_hardware()).name == "bf16"
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_glmtune_cpu_bf16_decides_autos_cpu_choice_whatever_the_cpu_has(monkeypatch, has_bf16):
+    import torch
+
+    from glmtune.train.precision import detect_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setenv(CPU_BF16_OVERRIDE, "1")
+    chosen = choose_precision("auto", False, False, detect_hardware())
+    assert chosen.name == "bf16" and CPU_BF16_OVERRIDE in chosen.reason  # the log says why
+    monkeypatch.setenv(CPU_BF16_OVERRIDE, "0")
+    assert choose_precision("auto", False, False, detect_hardware()).name == "fp32"
+    monkeypatch.setenv(CPU_BF16_OVERRIDE, "")  # empty: as if unset, the CPU decides
+    assert choose_precision("auto", False, False, detect_hardware()).name == ("bf16" if has_bf16 else "fp32")
+    monkeypatch.setenv(CPU_BF16_OVERRIDE, "yes")
+    with pytest.raises(UserError, match=f"{CPU_BF16_OVERRIDE}='yes': expected 0 or 1"):
+        detect_hardware()
+
+
+def test_glmtune_cpu_bf16_leaves_a_gpus_choice_alone(monkeypatch):
+    import torch
+
+    from glmtune.train.precision import detect_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setenv(CPU_BF16_OVERRIDE, "1")
+    assert choose_precision("auto", False, False, detect_hardware()).name == "fp16"
 
 
 def test_explicit_choices_and_the_seed_flags_win_over_auto():

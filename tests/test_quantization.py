@@ -50,6 +50,7 @@ def train(cli, data, out, *extra):
                "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "1", *extra)
 
 
+@pytest.mark.numeric  # --precision auto: fp32 or bf16 by the CPU; holds either way (CI runs both)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_lora_trains_through_evaluations_and_the_adapter_answers_on_the_plain_base(
         cli, quant_setup, tmp_path, monkeypatch, bits):

@@ -41,10 +41,13 @@ class Outcome:
 
     texts: dict[int, str] = field(default_factory=dict)
     ends: dict[int, ChoiceEnd] = field(default_factory=dict)
+    logprobs: dict[int, list] = field(default_factory=dict)  # each choice's TokenLogprob entries, pieces' and end's
     pieces: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
     def deliver(self, event) -> None:
+        if isinstance(event, AnswerPiece | ChoiceEnd) and event.logprobs is not None:
+            self.logprobs.setdefault(event.index, []).extend(event.logprobs)
         if isinstance(event, AnswerPiece):
             self.texts[event.index] = self.texts.get(event.index, "") + event.delta.content
             self.pieces += 1
@@ -61,9 +64,12 @@ class Outcome:
 
 
 def job(question: str, outcome: Outcome, max_tokens: int, stop: list[str] | None = None, temperature: float = 0.0,
-        seed: int | None = None, n: int = 1) -> Job:
+        seed: int | None = None, n: int = 1, prompts: list[list[int]] | None = None,
+        logprobs: int | None = None) -> Job:
+    """A chat job over `question`, or with `prompts` a text completion's (raw token ids; `question` unused)."""
     settings = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature)
-    return Job(Conversation(messages=[Message("user", question)]), settings, n, stop or [], seed, outcome.deliver)
+    return Job(Conversation(messages=[Message("user", question)]), settings, n, stop or [], seed, outcome.deliver,
+               prompts=prompts, logprobs=logprobs)
 
 
 def wait_until(condition, seconds: float = 60) -> None:
@@ -142,6 +148,36 @@ def test_seeded_samples_in_a_batch_equal_the_same_request_alone(batching, questi
     for a, t, spec in zip(alone, together, specs, strict=True):
         assert [a.answer(i) for i in range(spec["n"])] == [t.answer(i) for i in range(spec["n"])]
     assert alone[1].answer(0) != alone[1].answer(1)  # the choices of one request are different draws
+
+
+def test_logprobs_and_raw_prompts_in_a_running_batch_equal_one_at_a_time_answers(serial, batching, engine,
+                                                                                 questions):
+    """Each row's log-probabilities come from its own row of the step's raw logits, and are handed on with the same
+    pieces as the serial Worker's; a text completion's raw prompts are continued as plain text, choice i answering
+    prompts[i // n]."""
+    ids = [engine.tokenizer(q)["input_ids"] for q in questions[:2]]
+    specs = [{"question": questions[0], "max_tokens": 20, "logprobs": 3},
+             {"question": "", "max_tokens": 9, "prompts": ids, "n": 2},
+             {"question": questions[2], "max_tokens": 14, "logprobs": 0, "stop": ["never-said"]},
+             {"question": "", "max_tokens": 12, "prompts": ids[1:], "logprobs": 2},
+             {"question": questions[3], "max_tokens": 6}]
+    expected = one_at_a_time(serial, specs)
+    batched = staggered(batching, specs, after_pieces=1)
+    for b, e, spec in zip(batched, expected, specs, strict=True):
+        choices = spec.get("n", 1) * len(spec.get("prompts") or [None])
+        assert [b.answer(i) for i in range(choices)] == [e.answer(i) for i in range(choices)]
+        assert b.logprobs.keys() == e.logprobs.keys() == (set(range(choices)) if "logprobs" in spec else set())
+        for i in b.logprobs:
+            mine, theirs = b.logprobs[i], e.logprobs[i]
+            assert [t.token_id for t in mine] == [t.token_id for t in theirs]
+            assert len(mine) == b.answer(i)[2]  # one entry per generated token
+            assert [t.logprob for t in mine] == pytest.approx([t.logprob for t in theirs], abs=1e-4)
+            assert [[t for t, _ in m.top] for m in mine] == [[t for t, _ in m.top] for m in theirs]
+            assert all(len(m.top) == spec["logprobs"] for m in mine)
+    # Choice i answers prompts[i // n]: the second prompt's two choices agree, and begin its longer answer alone.
+    second = batched[1].answer(2)[0]
+    assert batched[1].answer(3)[0] == second != batched[1].answer(0)[0] and batched[3].answer(0)[0].startswith(second)
+    assert batching.peak_batch_size >= 3
 
 
 def test_a_cancelled_job_leaves_the_batch_at_the_next_step_and_the_others_finish(serial, batching, questions):

@@ -116,6 +116,11 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
                                    "larger than it runs alone).", default=16384)
     served_model_name: str | None = option("The model's name in the API (default: the adapter directory's name, else "
                                            "the model's).")
+    adapter: list[str] | None = option("Serve a LoRA adapter of this base model under a name of its own: NAME=PATH; "
+                                       "repeat the flag for several. A request's model picks one; the base model "
+                                       "answers alone under its name (with --peft_path: --peft_path's adapter "
+                                       "answers under that name, the base alone under the base's).",
+                                       action="extend")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,3 +130,7 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
                            "max_tokens_limit", "max_n", "max_batch_size", "max_batch_tokens")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise UserError("--served_model_name must not be empty")
+        if self.adapter:
+            from glmtune.serve.adapters import parse_adapter_specs
+
+            parse_adapter_specs(self.adapter)  # every malformed value, duplicate or missing directory, now

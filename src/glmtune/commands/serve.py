@@ -1,6 +1,7 @@
 """glmtune serve: answer OpenAI-style chat completion requests (streamed or not) with a base model and an optional
-LoRA adapter, or a merged model, on http://HOST:PORT/v1. Requests join a running batch and are generated together
-(up to --max_batch_size answers); a bounded number wait, more are answered 429."""
+LoRA adapter, several adapters on one base (--adapter NAME=PATH, picked by each request's model), or a merged
+model, on http://HOST:PORT/v1. Requests join a running batch and are generated together (up to --max_batch_size
+answers, several adapters' in one); a bounded number wait, more are answered 429."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvic
 
     from glmtune.data.templates import thinking_switch
     from glmtune.inference.engine import Engine
+    from glmtune.serve.adapters import load_adapters, parse_adapter_specs, served_models
     from glmtune.serve.app import create_app
     from glmtune.serve.batching import BatchLimits
     from glmtune.serve.intake import RequestLimits
@@ -50,10 +52,14 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvic
     engine = Engine(model_args.model, args.peft_path, model_args.trust_remote_code, model_args.quantization_bit)
     thinking_switch(engine.tokenizer, args.enable_thinking)  # a template without the switch refuses the flag now
     name = args.served_model_name or served_name(args.peft_path, engine.model_name)
+    specs = parse_adapter_specs(args.adapter or [])
+    models = served_models(name, served_name(None, engine.model_name), bool(args.peft_path), specs)
+    load_adapters(engine, specs)
     app = create_app(engine, name, api_key, args.max_queue, args.enable_thinking, RequestLimits.from_arguments(args),
-                     BatchLimits.from_arguments(args))
+                     models, BatchLimits.from_arguments(args))
     host, port = listener.getsockname()[:2]
-    print(f"Serving '{name}' at {base_url(host, port)} (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    served = ", ".join(f"'{n}'" for n in models.names)
+    print(f"Serving {served} at {base_url(host, port)} (OpenAI-compatible; Ctrl-C stops)", flush=True)
     if api_key is None and host not in ("127.0.0.1", "::1"):
         logger.warning(f"listening on {host} without an API key: anyone who can reach it can use it "
                        f"(set {API_KEY_ENV} or --api_key)")

@@ -14,6 +14,10 @@ is dropped, and columns that became padding in every row are trimmed, so the cac
 rows x the longest prompt + answer. Each step feeds every row its last token with explicit positions (the count of
 real tokens before it, as `generate` derives them from a left-padded mask), so a row computes what it would alone.
 
+Each forward pass names every row's adapter (peft's `adapter_names`, as `generate` gets them), so that requests for
+different adapters of one base share the batch; a sequence that asks for log-probabilities records each token's from
+its row of the raw logits (inference/logprobs.py), before its own temperature and top-p.
+
 Each sequence samples from its own logits with its own `torch.Generator`: a seeded request draws the same tokens
 whatever else is in the batch (up to float rounding of a batched matmul, which can flip a near-tie in greedy or
 sampled choices alike: the same caveat as `infer`'s batches).
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from glmtune.inference.logprobs import TokenLogprob, token_logprob
 
 
 @dataclass
@@ -42,6 +48,9 @@ class Sequence:
     new_ids: list[int] = field(default_factory=list)
     finished: str | None = None  # "stop" (a stop token) or "length" (the budget ran out)
     generator: Any = None
+    adapter: str | None = None  # the peft adapter that answers (GenerationSettings.adapter); None: the model as loaded
+    logprobs: int | None = None  # record each token's log-probability and this many most likely tokens'; None: none
+    entries: list[TokenLogprob] = field(default_factory=list)  # one per new token, when `logprobs` is set
 
     @property
     def footprint(self) -> int:
@@ -81,8 +90,11 @@ class BatchGenerator:
         """Positions the cache holds now, padding included (rows x length)."""
         return 0 if self._mask is None else int(self._mask.numel())
 
-    def add(self, prompt: list[int], budget: int, sampling: Sampling) -> Sequence:
-        """Prefill `prompt` and draw its first token; the sequence joins the batch unless that token ended it."""
+    def add(self, prompt: list[int], budget: int, sampling: Sampling, adapter: str | None = None,
+            logprobs: int | None = None) -> Sequence:
+        """Prefill `prompt` and draw its first token; the sequence joins the batch unless that token ended it.
+        `adapter`: the peft adapter that answers it in every forward pass (its row's entry in `adapter_names`);
+        `logprobs`: record its tokens' log-probabilities (Sequence.entries) with this many most likely tokens'."""
         import torch
 
         generator = torch.Generator()
@@ -90,11 +102,12 @@ class BatchGenerator:
             generator.seed()
         else:
             generator.manual_seed(sampling.seed % 2**64)
-        sequence = Sequence(prompt, budget, sampling, generator=generator)
+        sequence = Sequence(prompt, budget, sampling, generator=generator, adapter=adapter, logprobs=logprobs)
         ids = torch.tensor([prompt], dtype=torch.long, device=self._device)  # (1, prompt)
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             position_ids=torch.arange(len(prompt), device=self._device).unsqueeze(0), use_cache=True)
+                             position_ids=torch.arange(len(prompt), device=self._device).unsqueeze(0), use_cache=True,
+                             **_adapter_kwargs([sequence]))
         self._take(sequence, out.logits[0, -1])
         if sequence.finished is None:
             self._join(sequence, out.past_key_values, torch.ones_like(ids))
@@ -112,7 +125,7 @@ class BatchGenerator:
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)  # (rows, length + 1)
         with torch.no_grad():
             out = self.model(input_ids=last, attention_mask=self._mask, position_ids=positions,
-                             cache=self._cache, use_cache=True)
+                             cache=self._cache, use_cache=True, **_adapter_kwargs(rows))
         self._cache = out.past_key_values
         logits = out.logits[:, -1]  # (rows, vocab)
         for row, sequence in enumerate(rows):
@@ -164,10 +177,19 @@ class BatchGenerator:
         """Draw the sequence's next token from its logits (vocab,) and note whether that ends it."""
         token = next_token(logits, sequence.sampling, sequence.generator)
         sequence.new_ids.append(token)
+        if sequence.logprobs is not None:
+            sequence.entries.append(token_logprob(logits, token, sequence.logprobs))  # the raw logits, as generate's
         if token in self.stop_ids:
             sequence.finished = "stop"
         elif len(sequence.new_ids) >= sequence.budget:
             sequence.finished = "length"
+
+
+def _adapter_kwargs(rows: list[Sequence]) -> dict[str, Any]:
+    """The forward's keywords that pick each row's adapter (peft's adapter_names, one per row), as generate gets."""
+    from glmtune.inference.engine import generation_kwargs_for  # the engine imports this module
+
+    return generation_kwargs_for([s.adapter for s in rows])
 
 
 def next_token(logits: Any, sampling: Sampling, generator: Any) -> int:

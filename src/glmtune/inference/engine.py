@@ -24,6 +24,7 @@ from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, stop_token_ids, tokenizer_fingerprint
 
 DEFAULT_MAX_NEW_TOKENS = 256
+BASE_ADAPTER = "__base__"  # peft's name, in adapter_names, for a row answered by the base model alone
 
 
 @dataclass
@@ -33,6 +34,9 @@ class GenerationSettings:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     enable_thinking: bool | None = None  # the chat template's thinking switch; None: the template's default
+    # Which loaded adapter answers (serve's --adapter): its peft name, or BASE_ADAPTER for none; None: the model as
+    # loaded (its active adapter, if any).
+    adapter: str | None = None
 
 
 class Engine:
@@ -102,22 +106,26 @@ class Engine:
                                 progress, parsers)
 
     def stream(self, conversation: Conversation, settings: GenerationSettings,
-               stop_strings: list[str] | None = None) -> TextStream:
+               stop_strings: list[str] | None = None, logprobs: int | None = None) -> TextStream:
         """One answer, as text pieces while it is generated (see TextStream). The prompt is checked now;
         generation starts when iteration does. `stop_strings` end generation at the token that completes one of
         them (transformers' StopStringCriteria); the text still holds it, for the caller to cut, and the
-        completion's finish_reason stays "length" unless a stop token came first.
+        completion's finish_reason stays "length" unless a stop token came first. `logprobs`: record each token's
+        log-probability and this many most likely tokens' (TextStream.logprobs); None: none.
 
         Raises:
             UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves it
                 no room.
         """
         prompt, budget, parser = self.prepare(conversation, settings)
-        input_ids, attention_mask = left_pad([prompt], self.tokenizer.pad_token_id)  # (1, prompt)
-        config = generation_config(settings, budget, self.stop_ids, self.tokenizer.pad_token_id)
-        if stop_strings:
-            config.stop_strings = stop_strings
-        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids, parser)
+        return self._stream(prompt, budget, settings, stop_strings, logprobs, parser)
+
+    def stream_prompt(self, prompt: list[int], settings: GenerationSettings, stop_strings: list[str] | None = None,
+                      logprobs: int | None = None) -> TextStream:
+        """As `stream`, for a prompt that is already token ids (a text completion: no chat template); the answer
+        is read as plain text (no reasoning or tool calls split off)."""
+        return self._stream(prompt, self.prompt_budget(prompt, settings), settings, stop_strings, logprobs,
+                            AnswerParser())
 
     def prepare(self, conversation: Conversation, settings: GenerationSettings) -> tuple[list[int], int, AnswerParser]:
         """One answer's prompt ids, its budget of new tokens and its parser (stream()'s checks and errors)."""
@@ -125,12 +133,25 @@ class Engine:
         budget = self._answer_budget(settings, prompt, conversation)
         return prompt, budget, answer_parser(self.tokenizer, prompt, conversation.tools)
 
+    def prompt_budget(self, prompt: list[int], settings: GenerationSettings) -> int:
+        """New tokens allowed after a prompt of token ids (stream_prompt()'s checks and errors)."""
+        return self._answer_budget(settings, prompt, Conversation(messages=[]))
+
     def batch_generator(self) -> BatchGenerator | None:
         """A continuous batch over this model (see batch_generation), or None for a model whose cache rows can't
         be joined (then answers are generated one at a time)."""
         if not supports_batched_steps(self.model):
             return None
         return BatchGenerator(self.model, self.stop_ids)
+
+    def _stream(self, prompt: list[int], budget: int, settings: GenerationSettings, stop_strings: list[str] | None,
+                logprobs: int | None, parser: AnswerParser) -> TextStream:
+        input_ids, attention_mask = left_pad([prompt], self.tokenizer.pad_token_id)  # (1, prompt)
+        config = generation_config(settings, budget, self.stop_ids, self.tokenizer.pad_token_id)
+        if stop_strings:
+            config.stop_strings = stop_strings
+        return TextStream(self.model, self.tokenizer, input_ids, attention_mask, config, self.stop_ids, parser,
+                          logprobs, generation_kwargs_for([settings.adapter]))
 
     def _answer_budget(self, settings: GenerationSettings, prompt: list[int], conversation: Conversation) -> int:
         """New tokens allowed for one prompt; checked for every prompt before anything is generated."""
@@ -175,13 +196,26 @@ def generate_batched(model: Any, tokenizer: Any, stop_ids: list[int], prompts: l
         config = generation_config(settings, max(budgets[i] for i in batch), stop_ids, tokenizer.pad_token_id)
         with torch.no_grad():
             output = model.generate(input_ids=input_ids.to(model.device),
-                                    attention_mask=attention_mask.to(model.device), generation_config=config)
+                                    attention_mask=attention_mask.to(model.device), generation_config=config,
+                                    **generation_kwargs_for([settings.adapter] * len(batch)))
         for row, index in enumerate(batch):
             # Each answer keeps its own budget, whatever it was batched with.
             new_tokens = output[row, input_ids.shape[1]:][: budgets[index]]
             parts = parsers[index].parse(decoder.decode(new_tokens.tolist()))
             answers[index] = count_completion(parts, len(prompts[index]), new_tokens.tolist(), stop_ids)
     return [answers[i] for i in range(len(prompts))]
+
+
+def generation_kwargs_for(adapters: list[str | None]) -> dict[str, Any]:
+    """generate()'s (and forward's) keywords that pick each row's adapter: peft's `adapter_names`, one per row
+    (BASE_ADAPTER for the base alone), so that rows for different adapters share one batch. peft mixes adapters
+    only for LoRA on linear, embedding and conv layers, unmerged, without DoRA (serve checks each adapter it loads);
+    with n samples per row, repeat the row's name n times. All None (the model as loaded): no keyword."""
+    if all(a is None for a in adapters):
+        return {}
+    if any(a is None for a in adapters):
+        raise ValueError(f"every row of a batch names its adapter, or none does; got {adapters}")
+    return {"adapter_names": list(adapters)}
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[Any, Any]:

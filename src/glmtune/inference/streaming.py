@@ -8,15 +8,17 @@ criterion checks before each new token, so the worker ends within one token.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import StoppingCriteria
+from transformers import StoppingCriteria, TextIteratorStreamer
 
 from glmtune.inference.answers import AnswerDelta, AnswerParser, AnswerParts
 from glmtune.inference.decoding import AnswerDecoder
+from glmtune.inference.logprobs import LogprobRecorder
 from glmtune.inference.tool_calls import ToolCall
 
 
@@ -54,15 +56,20 @@ class TextStream:
     `pieces()` gives the raw decoded text, markers included. Once iteration ends, `completion` holds the whole
     answer and its counts: read through deltas(), the very parts (and tool-call ids) the deltas gave; read through
     pieces(), the whole text split once at its end. Closing the iterator early (or an exception in the reader, such
-    as KeyboardInterrupt) stops the generation; `completion` then stays None."""
+    as KeyboardInterrupt) stops the generation; `completion` then stays None. With `logprobs` (how many most
+    likely tokens to report per step, 0 for none), `logprobs.entries` grows by one entry per generated token, each
+    before that token's text is handed on; without, `logprobs` is None."""
 
     def __init__(self, model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, generation_config: Any,
-                 stop_ids: list[int], parser: AnswerParser | None = None):
+                 stop_ids: list[int], parser: AnswerParser | None = None, logprobs: int | None = None,
+                 generate_kwargs: dict[str, Any] | None = None):
         self.completion: Completion | None = None
         self.parser = parser or AnswerParser()
+        self.logprobs = None if logprobs is None else LogprobRecorder(logprobs)
         self._model, self._tokenizer = model, tokenizer
         self._input_ids, self._attention_mask = input_ids, attention_mask  # (1, prompt)
         self._config, self._stop_ids = generation_config, stop_ids
+        self._generate_kwargs = generate_kwargs or {}  # e.g. peft's adapter_names (generation_kwargs_for)
         self._cancel = threading.Event()
         self._text, self._new_ids = "", []
 
@@ -93,20 +100,24 @@ class TextStream:
 
     def _generate(self) -> Iterator[str]:
         """The decoded pieces; once exhausted, `_text` and `_new_ids` hold the whole answer."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList
 
         decoder = AnswerDecoder(self._tokenizer)
         # The decoder stands in for the tokenizer: the streamer only decodes.
-        streamer = TextIteratorStreamer(decoder, skip_prompt=True)
+        streamer = TextIteratorStreamer(decoder, skip_prompt=True) if self.logprobs is None else \
+            _RecordingStreamer(decoder, self.logprobs)
         result: dict[str, Any] = {}
 
         def work() -> None:
             try:
+                hooked = contextlib.nullcontext() if self.logprobs is None else self.logprobs.hooked(self._model)
                 # The tokenizer lets transformers match the config's stop strings, if any.
-                result["output"] = self._model.generate(
-                    input_ids=self._input_ids, attention_mask=self._attention_mask, generation_config=self._config,
-                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]),
-                    tokenizer=self._tokenizer)
+                with hooked:
+                    result["output"] = self._model.generate(
+                        input_ids=self._input_ids, attention_mask=self._attention_mask,
+                        generation_config=self._config, streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(self._cancel)]), tokenizer=self._tokenizer,
+                        **self._generate_kwargs)
             except BaseException as e:  # handed to the reader, which re-raises it
                 result["error"] = e
                 streamer.end()  # wakes the reader, which would otherwise wait forever
@@ -124,6 +135,19 @@ class TextStream:
             raise result["error"]
         self._new_ids = result["output"][0, self._input_ids.shape[1]:].tolist()
         self._text = decoder.decode(self._new_ids)
+
+
+class _RecordingStreamer(TextIteratorStreamer):
+    """A TextIteratorStreamer that records each new token's log-probability before handing its text on."""
+
+    def __init__(self, decoder: AnswerDecoder, recorder: LogprobRecorder):
+        super().__init__(decoder, skip_prompt=True)
+        self.recorder = recorder
+
+    def put(self, value: Any) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):  # the first call hands over the prompt
+            self.recorder.record(int(value.reshape(-1)[0]))
+        super().put(value)
 
 
 class _Cancelled(StoppingCriteria):

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible HTTP API: `GET /v1/models` and `POST /v1/chat/completions`, streamed or not.
+"""The OpenAI-compatible HTTP API: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`
+(streamed or not, with logprobs when asked), and, outside /v1 and the API key, `GET /health` and `GET /metrics`
+(Prometheus text).
 
 Every request is checked before it takes a place in the worker's line (its body by `intake`; here its roles, the
 chat template, its limits and the token budget against the model's context), so that a bad request answers 4xx at
@@ -13,27 +15,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
-from glmtune.inference.engine import DEFAULT_MAX_NEW_TOKENS, GenerationSettings
+from glmtune.serve.adapters import ServedModels
 from glmtune.serve.batching import BatchLimits, make_worker
-from glmtune.serve.errors import APIError, error_response
+from glmtune.serve.budget import answer_settings, check_asked
+from glmtune.serve.completions import CompletionAnswer, prepare_completion
+from glmtune.serve.errors import APIError, client_closed, error_response, internal_error
 from glmtune.serve.intake import RequestLimits, parse_request, read_body
+from glmtune.serve.logprob_fields import chat_logprobs
 from glmtune.serve.messages import BadRequest, request_conversation, request_thinking
+from glmtune.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from glmtune.serve.metrics import Metrics, MetricsMiddleware, RequestTiming
 from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, Job, JobEnd, JobError, QueueFull, Worker
 from glmtune.serve.schemas import (
     AssistantMessage,
@@ -41,40 +47,41 @@ from glmtune.serve.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
+    CompletionRequest,
     Delta,
     ModelCard,
     ModelList,
     StreamedToolCall,
     ToolCallItem,
     Usage,
+    sse_data,
 )
 
-log = logging.getLogger("glmtune.serve")
 DISCONNECT_POLL_S = 0.25  # how often a request waiting on the worker checks that its client is still there
-# Below this a temperature is greedy decoding (vLLM's threshold): dividing logits by less overflows to inf, and
-# sampling from the NaN probabilities that follow raises.
-GREEDY_BELOW_TEMPERATURE = 1e-5
-NAME_SHOWN_CHARS = 100  # how much of an unknown model name an error repeats
 
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
                enable_thinking: bool | None = None, limits: RequestLimits | None = None,
-               batching: BatchLimits | None = None) -> FastAPI:
+               models: ServedModels | None = None, batching: BatchLimits | None = None) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
 
     Args:
         engine: a glmtune Engine, or a stand-in with its `tokenizer`, `model.config` and `stream` (the tests inject
             a slow one).
-        model_name: the model id /v1/models lists and answers carry.
+        model_name: the model id /v1/models lists and answers carry (when `models` is None).
         api_key: the bearer key every request must send; None for none.
         max_queue: requests that may wait while one is answered; one more answers 429.
         enable_thinking: the chat template's thinking switch (--enable_thinking), unless a request's
             chat_template_kwargs sets it.
         limits: what one request may ask (size, messages, prompt, max_tokens, n); None: serve's defaults.
+        models: the served names and the adapter each answers with (--adapter); None: `model_name` alone, answered
+            by the model as loaded.
         batching: how large the running batch may grow; None: serve's defaults.
     """
     limits = limits or RequestLimits.from_arguments()
+    models = models or ServedModels({model_name: None})
     worker = make_worker(engine, max_queue, batching)
     context = context_length(engine.model.config)
     created = int(time.time())
@@ -90,7 +97,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         checker.shutdown(wait=False, cancel_futures=True)
 
     def check_key(request: Request) -> None:
-        if api_key is None:
+        if api_key is None or not request.url.path.startswith("/v1/"):  # /health and /metrics are open, as vLLM's
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         # compare_digest: the time taken must not tell how much of a guessed key was right
@@ -100,16 +107,18 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
 
     app = FastAPI(title="glmtune", lifespan=lifespan, dependencies=[Depends(check_key)])
     app.state.worker = worker
+    metrics = app.state.metrics = Metrics(lambda: worker.waiting, lambda: worker.batch_size)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     add_error_handlers(app)
 
     @app.get("/v1/models")
     def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, created=created)])
+        return ModelList(data=[ModelCard(id=name, created=created) for name in models.names])
 
     @app.get("/v1/models/{name:path}")
     def get_model(name: str) -> ModelCard:
-        check_model(name, model_name)
-        return ModelCard(id=model_name, created=created)
+        models.adapter_for(name)
+        return ModelCard(id=name, created=created)
 
     def busy() -> APIError:
         return APIError(429, f"the server is busy: {max_queue} requests are already waiting; retry shortly",
@@ -117,39 +126,87 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
 
     def check(body_bytes: bytes, content_type: str | None) -> tuple[ChatCompletionRequest, Conversation, int, Any]:
         body = parse_request(body_bytes, content_type, limits.max_messages)
-        check_model(body.model, model_name)
-        return body, *prepare(engine, body, context, enable_thinking, limits)
+        adapter = models.adapter_for(body.model)
+        conversation, prompt_tokens, settings = prepare(engine, body, context, enable_thinking, limits)
+        settings.adapter = adapter
+        return body, conversation, prompt_tokens, settings
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> Any:
+    def check_completion(body_bytes: bytes, content_type: str | None) -> tuple[CompletionRequest, list, Any]:
+        body = parse_request(body_bytes, content_type, limits.max_messages, CompletionRequest)
+        adapter = models.adapter_for(body.model)
+        prompts, settings = prepare_completion(engine, body, context, limits)
+        settings.adapter = adapter
+        return body, prompts, settings
+
+    async def admit(request: Request, checked: Callable[[bytes, str | None], Any]) -> Any:
+        """The request read and checked (`checked` on the checker's thread), within --max_queue at a time."""
         nonlocal admitted
         if admitted >= max_queue:  # refused before its body is read: overload costs little
             raise busy()
         admitted += 1
         try:
             body_bytes = await read_body(request, limits.max_request_bytes)
-            loop = asyncio.get_running_loop()
-            body, conversation, prompt_tokens, settings = await loop.run_in_executor(
-                checker, check, body_bytes, request.headers.get("content-type"))
+            return await asyncio.get_running_loop().run_in_executor(
+                checker, checked, body_bytes, request.headers.get("content-type"))
         finally:
             admitted -= 1
-        inbox: asyncio.Queue = asyncio.Queue()
+
+    def launch(request: Request, job_for: Callable[[Callable[[Any], None]], Job], prompt_tokens: int,
+               timing: RequestTiming) -> AsyncIterator[Any]:
+        """The job (made by `job_for` around its deliver callback) in the worker's line; its events."""
+        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
 
         def deliver(event: Any) -> None:  # called from the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
                 loop.call_soon_threadsafe(inbox.put_nowait, event)
 
-        job = Job(conversation, settings, body.n or 1, body.stop_strings(), body.seed, deliver)
+        job = job_for(deliver)
         try:
             worker.submit(job)
         except QueueFull:
             raise busy() from None
-        events = job_events(job, inbox, request, worker)
-        answer = Answer(model_name, prompt_tokens, job.n)
+        metrics.count_prompt(prompt_tokens)
+        return job_events(job, inbox, request, worker, timing)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Any:
+        timing = metrics.timing()
+        body, conversation, prompt_tokens, settings = await admit(request, check)
+        events = launch(request, lambda deliver: Job(conversation, settings, body.n or 1, body.stop_strings(),
+                                                     body.seed, deliver, logprobs=body.top_logprobs_asked()),
+                        prompt_tokens, timing)
+        answer = Answer(body.model, prompt_tokens, body.n or 1, engine.tokenizer, bool(body.logprobs))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(answer.sse(events, usage), media_type="text/event-stream")
         return await answer.whole(events)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Any:
+        timing = metrics.timing()
+        body, prompts, settings = await admit(request, check_completion)
+        n = body.n or 1
+        prompt_tokens = sum(len(p) for p in prompts)
+        events = launch(request, lambda deliver: Job(Conversation(), settings, n, body.stop_strings(), body.seed,
+                                                     deliver, prompts=prompts, logprobs=body.logprobs),
+                        prompt_tokens, timing)
+        answer = CompletionAnswer(body.model, prompt_tokens, n * len(prompts), engine.tokenizer,
+                                  body.logprobs is not None)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(answer.sse(events, usage), media_type="text/event-stream")
+        return await answer.whole(events)
+
+    @app.get("/health", response_model=None)
+    def health() -> Any:
+        """200 once the model is loaded and the worker runs (the app exists only once the model is loaded)."""
+        if not worker.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
 
@@ -160,17 +217,9 @@ def prepare(engine: Any, body: ChatCompletionRequest, context: int | None, enabl
     limits = limits or RequestLimits.from_arguments()
     if body.functions:
         raise APIError(400, "'functions' is not supported by this server: use 'tools'", param="functions")
-    unserved = body.unserved()
-    if unserved:
-        raise APIError(400, f"'{unserved}' is not supported by this server: leave it out", param=unserved)
-    if (body.n or 1) > limits.max_n:
-        raise APIError(400, f"n is {body.n}; this server answers at most {limits.max_n} choices per request "
-                       "(its --max_n)", param="n")
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    if max_tokens is not None and max_tokens > limits.max_tokens_limit:
-        raise APIError(400, f"{param} is {max_tokens}; this server answers at most {limits.max_tokens_limit} "
-                       "tokens per choice (its --max_tokens_limit)", param=param)
+    check_asked(body, limits, body.n or 1)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     try:
         conversation = request_conversation(body)
         thinking = request_thinking(engine.tokenizer, body, enable_thinking)
@@ -182,31 +231,16 @@ def prepare(engine: Any, body: ChatCompletionRequest, context: int | None, enabl
         raise APIError(400, e.message, param="messages") from None
     except TemplateError as e:  # the template's own raise_exception (roles out of order, ...) or a tool it can't render
         raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
-
-    if limits.max_prompt_tokens is not None and prompt_tokens > limits.max_prompt_tokens:
-        raise APIError(400, f"the prompt is {prompt_tokens} tokens; this server takes at most "
-                       f"{limits.max_prompt_tokens} (its --max_prompt_tokens)", param="messages",
-                       code="context_length_exceeded")
-    if context is not None and prompt_tokens >= context:
-        raise APIError(400, f"the prompt is {prompt_tokens} tokens; the model's context is {context} tokens",
-                       param="messages", code="context_length_exceeded")
-    if context is not None and max_tokens is not None and prompt_tokens + max_tokens > context:
-        raise APIError(400, f"{param} {max_tokens} plus the {prompt_tokens}-token prompt exceed the model's "
-                       f"context of {context} tokens: ask for at most {context - prompt_tokens}",
-                       param=param, code="context_length_exceeded")
-    if max_tokens is None:  # glmtune's default answer length (as `infer` and `chat`), within the context
-        max_tokens = min(DEFAULT_MAX_NEW_TOKENS, context - prompt_tokens) if context else DEFAULT_MAX_NEW_TOKENS
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if temperature < GREEDY_BELOW_TEMPERATURE:
-        temperature = 0.0
-    settings = GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0,
-                                  enable_thinking=thinking)
+    # No max_tokens: glmtune's default answer length (as `infer` and `chat`), within the context.
+    settings = answer_settings(body, prompt_tokens, context, limits, "messages", thinking)
     return conversation, prompt_tokens, settings
 
 
-async def job_events(job: Job, inbox: asyncio.Queue, request: Request, worker: Worker) -> AsyncIterator[Any]:
-    """The job's events until its end. However this ends (the end, an error, the client leaving, the response's
-    task cancelled), the job is cancelled, so that a client that left frees the worker."""
+async def job_events(job: Job, inbox: asyncio.Queue, request: Request, worker: Worker,
+                     timing: RequestTiming | None = None) -> AsyncIterator[Any]:
+    """The job's events until its end (each shown to `timing`, for /metrics). However this ends (the end, an error,
+    the client leaving, the response's task cancelled), the job is cancelled, so that a client that left frees the
+    worker."""
     try:
         while True:
             try:
@@ -219,6 +253,8 @@ async def job_events(job: Job, inbox: asyncio.Queue, request: Request, worker: W
                 return
             if event is None:
                 continue
+            if timing is not None:
+                timing.observe(event)
             yield event
             if isinstance(event, JobEnd | JobError):
                 return
@@ -229,9 +265,10 @@ async def job_events(job: Job, inbox: asyncio.Queue, request: Request, worker: W
 class Answer:
     """Turns a job's events into a chat.completion, or into chat.completion.chunk server-sent events."""
 
-    def __init__(self, model_name: str, prompt_tokens: int, n: int):
+    def __init__(self, model_name: str, prompt_tokens: int, n: int, tokenizer: Any = None, logprobs: bool = False):
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.model_name, self.prompt_tokens, self.n = model_name, prompt_tokens, n
+        self.tokenizer, self.logprobs = tokenizer, logprobs  # logprobs: the request asked for them
 
     def usage(self, completion_tokens: int) -> Usage:
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
@@ -239,8 +276,11 @@ class Answer:
 
     async def whole(self, events: AsyncIterator[Any]) -> ChatCompletion | JSONResponse:
         texts, reasoning, calls = [""] * self.n, [""] * self.n, [[] for _ in range(self.n)]
+        entries: list[list[Any]] = [[] for _ in range(self.n)]
         ends = {}
         async for event in events:
+            if isinstance(event, AnswerPiece | ChoiceEnd):
+                entries[event.index] += event.logprobs or []
             if isinstance(event, AnswerPiece):
                 texts[event.index] += event.delta.content
                 reasoning[event.index] += event.delta.reasoning
@@ -251,12 +291,13 @@ class Answer:
             elif isinstance(event, JobError):
                 return internal_error(event.error)
         if len(ends) < self.n:  # the client left; nobody reads this
-            return error_response(APIError(499, "the client closed the request", code="client_closed"))
+            return client_closed()
         # OpenAI's content is null when the answer is tool calls alone.
         choices = [Choice(index=i, message=AssistantMessage(content=texts[i] or (None if calls[i] else ""),
                                                             reasoning_content=reasoning[i] or None,
                                                             tool_calls=calls[i] or None),
-                          finish_reason=ends[i].finish_reason) for i in range(self.n)]
+                          finish_reason=ends[i].finish_reason, logprobs=self._logprobs(entries[i]))
+                   for i in range(self.n)]
         return ChatCompletion(id=self.id, created=self.created, model=self.model_name, choices=choices,
                               usage=self.usage(sum(e.completion_tokens for e in ends.values())))
 
@@ -266,21 +307,26 @@ class Answer:
         calls = [0] * self.n  # each choice's calls so far: a streamed call's index
         async for event in events:
             if isinstance(event, JobError):
-                yield _data(internal_error(event.error).body.decode())
+                yield sse_data(internal_error(event.error).body.decode())
                 break
             if isinstance(event, JobEnd):
                 if include_usage:
                     yield self._chunk([], usage=self.usage(completion_tokens))
-                yield _data("[DONE]")
+                yield sse_data("[DONE]")
                 break
             if event.index not in started:  # OpenAI opens each choice with the role
                 started.add(event.index)
                 yield self._chunk([ChunkChoice(index=event.index, delta=Delta(role="assistant", content=""))])
             if isinstance(event, AnswerPiece):
-                yield self._chunk([ChunkChoice(index=event.index, delta=self._delta(event, calls))])
+                yield self._chunk([ChunkChoice(index=event.index, delta=self._delta(event, calls),
+                                               logprobs=self._logprobs(event.logprobs))])
             elif isinstance(event, ChoiceEnd):
                 completion_tokens += event.completion_tokens
-                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.finish_reason)])
+                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.finish_reason,
+                                               logprobs=self._logprobs(event.logprobs) if event.logprobs else None)])
+
+    def _logprobs(self, entries: list[Any] | None) -> ChoiceLogprobs | None:
+        return chat_logprobs(self.tokenizer, entries or []) if self.logprobs else None
 
     @staticmethod
     def _delta(piece: AnswerPiece, calls: list[int]) -> Delta:
@@ -296,18 +342,7 @@ class Answer:
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model_name, choices=choices,
                                     usage=usage)
-        return _data(chunk.model_dump_json())
-
-
-def _data(payload: str) -> str:
-    return f"data: {payload}\n\n"
-
-
-def check_model(name: str, model_name: str) -> None:
-    if name != model_name:
-        shown = name if len(name) <= NAME_SHOWN_CHARS else f"{name[:NAME_SHOWN_CHARS]}..."
-        raise APIError(404, f"the model '{shown}' does not exist: this server serves '{model_name}'", param="model",
-                       code="model_not_found")
+        return sse_data(chunk.model_dump_json())
 
 
 def context_length(config: Any) -> int | None:
@@ -317,11 +352,6 @@ def context_length(config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def internal_error(error: BaseException) -> JSONResponse:
-    log.error("generation failed", exc_info=error)
-    return error_response(APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error"))
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -6,8 +6,9 @@ Between steps the worker admits choices from the head of the waiting line while 
 max_tokens, the most the left-padded cache can come to hold), and drops the rows of finished and cancelled jobs
 (a client that left). Past that room, requests wait in the bounded line as before (429 when it is full); the line
 is first come, first served, so a large request at its head is not overtaken. A request larger than the whole
-budget runs alone rather than never. Each choice keeps its own sampling, seed, budget, stop strings and parser, and
-its events are the serial Worker's: the app cannot tell them apart.
+budget runs alone rather than never. Each choice keeps its own sampling, seed, budget, stop strings, parser (a text
+completion's raw prompt is read as plain text), adapter and log-probabilities, and its events are the serial
+Worker's: the app cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from glmtune.inference.answers import AnswerSplitter
 from glmtune.inference.batch_generation import BatchGenerator, Sampling, Sequence
 from glmtune.inference.decoding import AnswerDecoder
-from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, Job, JobEnd, JobError, StopCutter, Worker
+from glmtune.serve.scheduler import ChoiceEnd, Handout, Job, JobEnd, JobError, PlainSplitter, StopCutter, Worker
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,12 @@ class _Choice:
     index: int
     sequence: Sequence
     cutter: StopCutter
-    splitter: AnswerSplitter
+    splitter: AnswerSplitter | PlainSplitter
+    handout: Handout
     shown: str = ""  # decoded text already handed to the cutter
+
+
+_Prompt = tuple[list[int], int, Any]  # prompt ids, budget of new tokens, AnswerParser (None: a raw prompt's plain text)
 
 
 @dataclass
@@ -60,7 +65,7 @@ class BatchWorker(Worker):
         self.decoder = AnswerDecoder(engine.tokenizer)
         self._rows: list[_Choice] = []
         self._jobs: dict[Job, _Started] = {}
-        self._prepared: dict[Job, tuple[list[int], int, Any]] = {}
+        self._prepared: dict[Job, list[_Prompt]] = {}
         self.peak_batch_size = 0  # the most rows the batch has held (tests and benchmarks read it)
 
     @property
@@ -102,37 +107,45 @@ class BatchWorker(Worker):
             job = self._waiting[0]
             if job not in self._prepared:
                 try:
-                    self._prepared[job] = self.engine.prepare(job.conversation, job.settings)
+                    self._prepared[job] = self._prepare(job)
                 except BaseException as e:
                     self._waiting.popleft()
                     job.deliver(JobError(e))
                     continue
-            prompt, budget, _ = self._prepared[job]
+            started = self._jobs.setdefault(job, _Started())
+            prompt, budget, _ = self._prepared[job][started.choices // job.n]
             longest = max(longest, len(prompt) + budget)
             if rows and (rows + 1 > self.limits.max_batch_size or (rows + 1) * longest > self.limits.max_batch_tokens):
                 break
-            started = self._jobs.setdefault(job, _Started())
             admitted.append((job, started.choices))
             started.choices += 1
             rows += 1
-            if started.choices == job.n:
+            if started.choices == job.choices:
                 self._waiting.popleft()
         return admitted
 
+    def _prepare(self, job: Job) -> list[_Prompt]:
+        """Each of the job's prompts, its budget and its parser (None: plain text): the serial Worker's checks."""
+        if job.prompts is None:
+            return [self.engine.prepare(job.conversation, job.settings)]
+        return [(prompt, self.engine.prompt_budget(prompt, job.settings), None) for prompt in job.prompts]
+
     def _start(self, job: Job, index: int) -> None:
         """Prefill one choice and hand over its first token."""
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() or job not in self._jobs:  # its client left, or an earlier choice failed it
             return self._forget(job)
-        prompt, budget, parser = self._prepared[job]
+        prompt, budget, parser = self._prepared[job][index // job.n]
         # Choice i draws from seed + i: each choice repeats with its seed, whatever shares the batch.
         seed = None if job.seed is None else job.seed + index
         sampling = Sampling(job.settings.temperature, job.settings.top_p, seed)
         try:
-            sequence = self.generator.add(prompt, budget, sampling)
+            sequence = self.generator.add(prompt, budget, sampling, job.settings.adapter, job.logprobs)
         except BaseException as e:
             return self._fail(job, e)
         self._jobs[job].open.add(index)
-        row = _Choice(job, index, sequence, StopCutter(job.stop), parser.splitter())
+        splitter = PlainSplitter() if parser is None else parser.splitter()
+        handout = Handout(job, index, None if job.logprobs is None else sequence.entries)
+        row = _Choice(job, index, sequence, StopCutter(job.stop), splitter, handout)
         self._rows.append(row)
         self.peak_batch_size = max(self.peak_batch_size, len(self._rows))
         self._advance(row)
@@ -144,30 +157,29 @@ class BatchWorker(Worker):
         if sequence.finished is None and text.endswith("\ufffd"):
             return  # an incomplete multi-byte character: wait for the token that completes it
         piece, row.shown = text[len(row.shown):], text
-        for delta in row.splitter.feed(row.cutter.feed(piece)):
-            job.deliver(AnswerPiece(row.index, delta))
+        row.handout.deliver(row.splitter.feed(row.cutter.feed(piece)))
         if sequence.finished is None and not row.cutter.stopped:
             return
         self.generator.remove(sequence)  # a stop string ends it before its budget does
         self._rows.remove(row)
-        for delta in row.splitter.feed(row.cutter.flush()) + row.splitter.finish():
-            job.deliver(AnswerPiece(row.index, delta))
+        row.handout.deliver(row.splitter.feed(row.cutter.flush()) + row.splitter.finish())
         reason = "tool_calls" if row.splitter.parts.tool_calls else "stop" if row.cutter.stopped else \
             sequence.finished or "length"
-        completion_tokens = len(sequence.new_ids)
-        job.deliver(ChoiceEnd(row.index, reason, completion_tokens))
+        job.deliver(ChoiceEnd(row.index, reason, len(sequence.new_ids), row.handout.rest()))
         started = self._jobs[job]
         started.open.discard(row.index)
-        if started.choices == job.n and not started.open:
+        if started.choices == job.choices and not started.open:
             self._forget(job)
             job.deliver(JobEnd())
 
     def _drop_cancelled(self) -> None:
-        """A client that left: its rows leave the batch before the next step."""
+        """A client that left: its rows leave the batch before the next step (and a job that left the line after
+        it was prepared is forgotten)."""
         for row in [r for r in self._rows if r.job.cancelled.is_set()]:
             self.generator.remove(row.sequence)
             self._rows.remove(row)
-            self._forget(row.job)
+        for job in [j for j in self._prepared if j.cancelled.is_set()]:
+            self._forget(job)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         for row in [r for r in self._rows if r.job is job]:

@@ -3,9 +3,13 @@ their exception types."""
 
 from __future__ import annotations
 
+import logging
+
 from fastapi.responses import JSONResponse
 
 from glmtune.serve.schemas import ErrorBody, ErrorResponse
+
+log = logging.getLogger("glmtune.serve")
 
 
 class APIError(Exception):
@@ -20,3 +24,13 @@ class APIError(Exception):
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body.model_dump(), status_code=error.status, headers=error.headers)
+
+
+def internal_error(error: BaseException) -> JSONResponse:
+    log.error("generation failed", exc_info=error)
+    return error_response(APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error"))
+
+
+def client_closed() -> JSONResponse:
+    """The answer to a request whose client left: nobody reads it, but the status is logged and counted."""
+    return error_response(APIError(499, "the client closed the request", code="client_closed"))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from glmtune.serve.errors import APIError
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 MAX_JSON_DEPTH = 64
 BODY_TIMEOUT_S = 30.0  # a client that takes longer to send its request is answered 408 and its connection freed
 MAX_VALIDATION_ERRORS = 5
+Request_ = TypeVar("Request_", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_request(body: bytes, content_type: str | None, max_messages: int) -> ChatCompletionRequest:
-    """A body's bytes -> the validated request.
+def parse_request(body: bytes, content_type: str | None, max_messages: int,
+                  schema: type[Request_] = ChatCompletionRequest) -> Request_:
+    """A body's bytes -> the validated request (a chat completion's, or `schema`'s).
 
     Raises:
         APIError: 400, saying what is wrong and where (`param`: the field's path, as `messages.0.content`).
@@ -109,7 +111,7 @@ def parse_request(body: bytes, content_type: str | None, max_messages: int) -> C
         raise APIError(400, f"messages: {len(messages)} messages; this server takes at most {max_messages} "
                        "(its --max_messages)", param="messages", code="too_many_messages")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise validation_error(e, data) from None
 

@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from glmtune.data.conversation import Conversation
-from glmtune.inference.answers import AnswerDelta
+from glmtune.inference.answers import AnswerDelta, AnswerParts
 
 if TYPE_CHECKING:
     from glmtune.inference.engine import GenerationSettings
+    from glmtune.inference.logprobs import TokenLogprob
 
 
 @dataclass
 class AnswerPiece:
     index: int  # which choice
     delta: AnswerDelta  # reasoning, text or a tool call
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the last piece, when asked for
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ChoiceEnd:
     index: int
     finish_reason: str  # "stop" (a stop token or stop string), "length" or "tool_calls"
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # tokens not yet handed on with a piece (those past a stop string)
 
 
 @dataclass
@@ -61,6 +64,14 @@ class Job:
     seed: int | None
     deliver: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # A text completion's prompts, as token ids (no chat template; `conversation` is then unused): choice i answers
+    # prompts[i // n]. None: a chat completion, whose n choices answer `conversation`.
+    prompts: list[list[int]] | None = None
+    logprobs: int | None = None  # report each token's log-probability and this many most likely tokens'
+
+    @property
+    def choices(self) -> int:
+        return self.n * (len(self.prompts) if self.prompts is not None else 1)
 
 
 class Worker:
@@ -83,6 +94,16 @@ class Worker:
         """Jobs in line, not counting the one running."""
         with self._changed:
             return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (GET /health)."""
+        return self._thread.is_alive() and not self._closed
+
+    @property
+    def batch_size(self) -> int:
+        """Requests being generated now (the /metrics gauge)."""
+        return 0 if self._running is None else 1
 
     def submit(self, job: Job) -> None:
         with self._changed:
@@ -129,26 +150,77 @@ class Worker:
             # Before the first choice: the n choices are n draws, reproducible together. OpenAI's seed is any 64-bit
             # integer; numpy's (which set_seed seeds too) is 0 .. 2**32 - 1.
             set_seed(job.seed % 2**32)
-        for index in range(job.n):
-            stream = self.engine.stream(job.conversation, job.settings, job.stop or None)
-            # Stop strings cut the raw text, then the answer is split (a stop string inside the reasoning ends it).
-            cutter, splitter = StopCutter(job.stop), stream.parser.splitter()
-            pieces = stream.pieces()
-            try:
-                for piece in pieces:
-                    if job.cancelled.is_set():
-                        return  # the `finally` closes the stream, which stops generation within one token
-                    for delta in splitter.feed(cutter.feed(piece)):
-                        job.deliver(AnswerPiece(index, delta))
-            finally:
-                pieces.close()
-            for delta in splitter.feed(cutter.flush()) + splitter.finish():
-                job.deliver(AnswerPiece(index, delta))
-            completion = stream.completion
-            reason = "tool_calls" if splitter.parts.tool_calls else "stop" if cutter.stopped else \
-                completion.finish_reason
-            job.deliver(ChoiceEnd(index, reason, completion.completion_tokens))
+        for index in range(job.choices):
+            if not self._answer_choice(job, index):
+                return
         job.deliver(JobEnd())
+
+
+    def _answer_choice(self, job: Job, index: int) -> bool:
+        """Generate one choice and hand on its events; False when the job was cancelled on the way."""
+        stream = self._stream(job, index)
+        # Stop strings cut the raw text, then the answer is split (a stop string inside the reasoning ends it).
+        cutter = StopCutter(job.stop)
+        splitter = stream.parser.splitter() if job.prompts is None else PlainSplitter()
+        recorded = getattr(stream, "logprobs", None)
+        handout = Handout(job, index, None if recorded is None else recorded.entries)
+        pieces = stream.pieces()
+        try:
+            for piece in pieces:
+                if job.cancelled.is_set():
+                    return False  # the `finally` closes the stream, which stops generation within one token
+                handout.deliver(splitter.feed(cutter.feed(piece)))
+        finally:
+            pieces.close()
+        handout.deliver(splitter.feed(cutter.flush()) + splitter.finish())
+        completion = stream.completion
+        reason = "tool_calls" if splitter.parts.tool_calls else "stop" if cutter.stopped else \
+            completion.finish_reason
+        job.deliver(ChoiceEnd(index, reason, completion.completion_tokens, handout.rest()))
+        return True
+
+    def _stream(self, job: Job, index: int) -> Any:
+        extra = {} if job.logprobs is None else {"logprobs": job.logprobs}  # stand-in engines take no logprobs
+        if job.prompts is not None:
+            return self.engine.stream_prompt(job.prompts[index // job.n], job.settings, job.stop or None, **extra)
+        return self.engine.stream(job.conversation, job.settings, job.stop or None, **extra)
+
+
+class Handout:
+    """Hands a choice's deltas to its job, each with the log-probabilities of the tokens generated since the
+    previous one (when the job asked for them). `recorded`: the choice's entries, a list that grows as its tokens
+    are generated (LogprobRecorder.entries, or a batch row's); None: not asked for."""
+
+    def __init__(self, job: Job, index: int, recorded: list[TokenLogprob] | None):
+        self.job, self.index, self.recorded = job, index, recorded
+        self.taken = 0
+
+    def deliver(self, deltas: list[AnswerDelta]) -> None:
+        for delta in deltas:
+            self.job.deliver(AnswerPiece(self.index, delta, self.rest()))
+
+    def rest(self) -> list[TokenLogprob] | None:
+        """The entries not handed on yet (and now taken)."""
+        if self.recorded is None:
+            return None
+        entries = self.recorded[self.taken:]
+        self.taken += len(entries)
+        return entries
+
+
+class PlainSplitter:
+    """A text completion's answer as it is: every piece is text (no reasoning or tool calls split off, nothing
+    stripped); the interface of AnswerSplitter."""
+
+    def __init__(self) -> None:
+        self.parts = AnswerParts()
+
+    def feed(self, text: str) -> list[AnswerDelta]:
+        self.parts.content += text
+        return [AnswerDelta(content=text)] if text else []
+
+    def finish(self) -> list[AnswerDelta]:
+        return []
 
 
 class StopCutter:

@@ -1,10 +1,11 @@
-"""The requests and answers of OpenAI's chat completions API, as far as glmtune serves it.
+"""The requests and answers of OpenAI's chat completions and (legacy) text completions APIs, as far as glmtune serves
+them.
 
 Requests are validated strictly, as OpenAI validates them: a string where a number belongs is refused, not coerced,
 and a field OpenAI does not know is refused ("Unrecognized request argument supplied", OpenAI's own 400), in a
 message too. OpenAI's fields that glmtune does not implement are type-checked like the others, then: those that only
 label a request (`user`, `metadata`, `store`, ...) are ignored; those that would change the answer (penalties,
-`logprobs`, `response_format` for JSON, ...) are refused unless given their neutral value (what their absence
+`response_format` for JSON, `echo`, ...) are refused unless given their neutral value (what their absence
 means), since answering as if they were absent would mislead the client.
 """
 
@@ -76,9 +77,10 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None  # "auto" and "none" are served
     chat_template_kwargs: dict[str, Any] | None = None  # {"enable_thinking": bool}, as vLLM takes it
     # Refused unless given their neutral value (UNSERVED).
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs true
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
-    logprobs: bool | None = None
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     audio: dict[str, Any] | None = None
@@ -88,7 +90,6 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     # Labels, accepted and ignored.
     parallel_tool_calls: bool | None = None
     user: str | None = None
@@ -100,21 +101,74 @@ class ChatCompletionRequest(BaseModel):
 
     def unserved(self) -> str | None:
         """The first field given a value this server does not serve, or None."""
-        for name, neutral in UNSERVED.items():
-            value = getattr(self, name)
-            if value is not None and value != neutral:
-                return name
-        return None
+        return first_unserved(self, UNSERVED)
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many most likely tokens to report per token; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# Each field glmtune does not serve -> its neutral value, the one accepted (None: no value is).
+UNSERVED: dict[str, Any] = {"functions": None, "function_call": None,
+                            "response_format": {"type": "text"}, "reasoning_effort": None, "audio": None,
+                            "modalities": ["text"], "prediction": None, "web_search_options": None,
+                            "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
+
+
+def first_unserved(request: BaseModel, unserved: dict[str, Any]) -> str | None:
+    for name, neutral in unserved.items():
+        value = getattr(request, name)
+        if value is not None and value != neutral:
+            return name
+    return None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's legacy text completion: the prompt is text (or token ids) continued as it is, no chat template."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str
+    # OpenAI's four forms: a text, texts, token ids, lists of token ids. Several prompts answer n choices each.
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                            Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: OpenAI's default for completions, 16
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy form: how many most likely tokens per token
+    # Refused unless given their neutral value (COMPLETION_UNSERVED).
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=20)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    # Labels, accepted and ignored.
+    user: str | None = None
+
+    def unserved(self) -> str | None:
+        if self.best_of is not None and self.best_of != (self.n or 1):  # best_of == n: every candidate is returned
+            return "best_of"
+        return first_unserved(self, COMPLETION_UNSERVED)
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-# Each field glmtune does not serve -> its neutral value, the one accepted (None: no value is).
-UNSERVED: dict[str, Any] = {"functions": None, "function_call": None, "logprobs": False, "top_logprobs": 0,
-                            "response_format": {"type": "text"}, "reasoning_effort": None, "audio": None,
-                            "modalities": ["text"], "prediction": None, "web_search_options": None,
-                            "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}
+COMPLETION_UNSERVED: dict[str, Any] = {"echo": False, "suffix": None, "frequency_penalty": 0, "presence_penalty": 0,
+                                       "logit_bias": {}}
 
 
 class Usage(BaseModel):
@@ -130,11 +184,26 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCallItem] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class TokenLogprobItem(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobItem] | None  # every generated token (reasoning and tool-call tokens included)
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -161,7 +230,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -171,6 +240,33 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None  # only in the last chunk, when stream_options.include_usage asks for it
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # where each token starts in the choice's text
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class TextCompletion(BaseModel):
+    """A text completion, and (as OpenAI streams it) each of its chunks."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None  # a chunk's only in the last, when stream_options.include_usage asks for it
 
 
 class ModelCard(BaseModel):
@@ -194,3 +290,8 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def sse_data(payload: str) -> str:
+    """One server-sent event, as OpenAI streams answers."""
+    return f"data: {payload}\n\n"

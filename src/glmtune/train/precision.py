@@ -5,11 +5,16 @@ matmuls several times faster than fp32. On CPUs without them torch emulates bf16
 (measured on a 2-core AMD EPYC without AVX512: a 2048^2 matmul takes longer in bf16), so there auto means fp32.
 GPUs without bf16 get fp16 with loss scaling, the seed's --fp16. The LoRA weights stay fp32 (peft keeps adapters
 in fp32 over a 16-bit base) and so does the optimizer; the Trainer's autocast runs the compute in 16 bits.
+
+GLMTUNE_CPU_BF16=0 or 1 says whether to treat the CPU as having bf16 units, whatever it has: a testing and diagnostic
+knob (docs/install.md), so that the tests can run auto's CPU choices of both kinds of machine on either. Nothing else
+reads it, and it never changes a GPU's choice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +23,7 @@ from glmtune.errors import UserError
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
+CPU_BF16_OVERRIDE = "GLMTUNE_CPU_BF16"
 ArgsT = TypeVar("ArgsT", bound="TrainingArguments")  # TrainingArguments, or a subclass such as TRL's DPOConfig
 
 
@@ -43,6 +49,12 @@ def detect_hardware() -> Hardware:
 
     if torch.cuda.is_available():
         return Hardware(cuda=True, bf16_units="the GPU" if torch.cuda.is_bf16_supported() else None)
+    override = os.environ.get(CPU_BF16_OVERRIDE, "")
+    if override:
+        if override not in ("0", "1"):
+            raise UserError(f"{CPU_BF16_OVERRIDE}={override!r}: expected 0 or 1",
+                            hint=f"unset {CPU_BF16_OVERRIDE} to detect the CPU's bf16 units")
+        return Hardware(cuda=False, bf16_units=f"the CPU ({CPU_BF16_OVERRIDE}=1)" if override == "1" else None)
     if torch.cpu._is_amx_tile_supported():
         return Hardware(cuda=False, bf16_units="the CPU (AMX)")
     if torch.cpu._is_avx512_bf16_supported():
