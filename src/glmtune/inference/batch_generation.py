@@ -110,7 +110,7 @@ class BatchGenerator:
                              **_adapter_kwargs([sequence]))
         self._take(sequence, out.logits[0, -1])
         if sequence.finished is None:
-            self._join(sequence, out.past_key_values, torch.ones_like(ids))
+            self._join(sequence, out.cache, torch.ones_like(ids))
         return sequence
 
     def step(self) -> list[Sequence]:
@@ -126,7 +126,7 @@ class BatchGenerator:
         with torch.no_grad():
             out = self.model(input_ids=last, attention_mask=self._mask, position_ids=positions,
                              cache=self._cache, use_cache=True, **_adapter_kwargs(rows))
-        self._cache = out.past_key_values
+        self._cache = out.cache
         logits = out.logits[:, -1]  # (rows, vocab)
         for row, sequence in enumerate(rows):
             self._take(sequence, logits[row])
