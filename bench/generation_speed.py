@@ -1,10 +1,11 @@
-"""Generation throughput: `infer`'s batches against one prompt at a time, and `serve` with 8 concurrent clients
-against one client, in the same run, on the tiny demo GLM (random weights, greedy, a fixed answer length).
+"""Generation throughput: `infer`'s batches against one prompt at a time, and `serve` with 1, 4, 8 and 16 concurrent
+clients, in the same run, on the tiny demo GLM (random weights, greedy, a fixed answer length).
 
     .venv/bin/python bench/generation_speed.py [--prompts 64] [--max_new_tokens 32] [--batch_size 16]
 
-Prints generated tokens per second for each way. The server answers one request at a time (one worker, a
-bounded queue: see glmtune/serve), so concurrency there buys no throughput; the table shows it.
+Prints generated tokens per second for each way and, for serve, the time to first token and the p50/p99 request
+latency (streamed requests, as a chat client sends them). serve batches concurrent requests (continuous batching,
+see glmtune/serve/batching.py): the target is 8 clients at 5x or more one client's tokens/s.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+CLIENTS = (1, 4, 8, 16)
 
 
 def build_model(directory: Path) -> tuple[Path, list[str]]:
@@ -39,20 +43,43 @@ def infer_tokens_per_second(engine, prompts: list[str], max_new_tokens: int, bat
     return sum(c.completion_tokens for c in completions) / seconds
 
 
-def serve_tokens_per_second(url: str, prompts: list[str], max_new_tokens: int, clients: int) -> float:
+@dataclass
+class ServeRun:
+    tokens_per_second: float
+    first_token_s: list[float]  # per request
+    latency_s: list[float]
+
+
+def serve_run(url: str, prompts: list[str], max_new_tokens: int, clients: int) -> ServeRun:
+    """Every prompt streamed by `clients` concurrent clients (greedy: each answer ends at max_tokens or at its
+    stop token, the same whatever the concurrency)."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=url, api_key="unused")
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
 
-    def ask(prompt: str) -> int:
-        answer = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
-                                                max_tokens=max_new_tokens, temperature=0)
-        return answer.usage.completion_tokens
+    def ask(prompt: str) -> tuple[int, float, float]:
+        start = time.perf_counter()
+        first, tokens = None, 0
+        for chunk in client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=max_new_tokens, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}):
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        end = time.perf_counter() - start
+        return tokens, first if first is not None else end, end
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        tokens = sum(pool.map(ask, prompts))
-    return tokens / (time.perf_counter() - start)
+        results = list(pool.map(ask, prompts))
+    seconds = time.perf_counter() - start
+    return ServeRun(sum(r[0] for r in results) / seconds, [r[1] for r in results], [r[2] for r in results])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -73,15 +100,23 @@ def main() -> None:
         rows = [(f"infer, batches of {args.batch_size}",
                  infer_tokens_per_second(engine, prompts, args.max_new_tokens, args.batch_size)),
                 ("infer, one prompt at a time", infer_tokens_per_second(engine, prompts, args.max_new_tokens, 1))]
-        with running(create_app(engine, "bench")) as base:
-            url = base + "/v1"
-            rows += [("serve, 8 concurrent clients", serve_tokens_per_second(url, prompts, args.max_new_tokens, 8)),
-                     ("serve, 1 client", serve_tokens_per_second(url, prompts, args.max_new_tokens, 1))]
+        serve_rows = []
+        with running(create_app(engine, "bench", max_queue=max(CLIENTS))) as base:
+            serve_run(base + "/v1", prompts[:4], args.max_new_tokens, 4)  # warm-up: first-call costs out of the way
+            for clients in CLIENTS:
+                serve_rows.append((clients, serve_run(base + "/v1", prompts, args.max_new_tokens, clients)))
     print(f"\n{args.prompts} prompts, up to {args.max_new_tokens} new tokens each, tiny demo GLM, "
           f"{os.cpu_count()} CPU cores")
     print("| way | generated tokens/s |\n|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:.0f} |")
+    one = serve_rows[0][1].tokens_per_second
+    print("\n| serve, concurrent clients | generated tokens/s | x one client | time to first token p50 / p99 (s) "
+          "| latency p50 / p99 (s) |\n|---|---|---|---|---|")
+    for clients, run in serve_rows:
+        print(f"| {clients} | {run.tokens_per_second:.0f} | {run.tokens_per_second / one:.1f} | "
+              f"{percentile(run.first_token_s, 50):.2f} / {percentile(run.first_token_s, 99):.2f} | "
+              f"{percentile(run.latency_s, 50):.2f} / {percentile(run.latency_s, 99):.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """glmtune serve --adapter: two adapters trained on different facts behind one server, each request answered by
-the adapter its `model` names (as `infer --peft_path` answers), also when both are in flight at once; the base
-answers as the base; /v1/models lists them all; an unknown model is a 404; bad --adapter values are refused."""
+the adapter its `model` names (as `infer --peft_path` answers), also when both are in flight at once (in one batch,
+with the base's rows too); the base answers as the base; /v1/models lists them all; an unknown model is a 404; bad
+--adapter values are refused."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -53,7 +55,7 @@ def server(tiny_model, adapters) -> Iterator[SimpleNamespace]:
     """One server over the tiny model with both adapters (through the serve command's own builder)."""
     server, listener = start(tiny_model, adapter=[f"{name}={path}" for name, path in adapters.items()])
     with serving(server, listener) as base:
-        yield SimpleNamespace(url=base, api=client(base, key="unused"))
+        yield SimpleNamespace(url=base, api=client(base, key="unused"), worker=server.config.app.state.worker)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,32 @@ def test_adapters_in_flight_at_once_each_keep_their_answer(server, infer_answers
     with ThreadPoolExecutor(len(names)) as pool:
         answers = list(pool.map(lambda n: ask(client(server.url, key="unused"), n), names))
     assert answers == [infer_answers["base" if n == tiny_model.name else n] for n in names]
+
+
+def test_two_adapters_and_the_base_in_one_batch_each_answer_as_infer_does(server, infer_answers, tiny_model,
+                                                                          monkeypatch):
+    """Rows for different adapters share the batch's forward passes (peft's adapter_names, one per row, in the
+    prefill and every step), and each still gets its own adapter's answer."""
+    from glmtune.serve.batching import BatchWorker
+
+    worker = server.worker
+    assert isinstance(worker, BatchWorker)
+    mixes: list[set[str | None]] = []
+    step = worker.generator.step
+
+    def slow_step():  # slower steps, so that the requests sent together surely overlap in the batch
+        mixes.append({s.adapter for s in worker.generator.sequences})
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(worker.generator, "step", slow_step)
+    worker.peak_batch_size = 0
+    names = ["alpha", "bravo", tiny_model.name, "alpha", "bravo"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(lambda n: ask(client(server.url, key="unused"), n), names))
+    assert answers == [infer_answers["base" if n == tiny_model.name else n] for n in names]
+    assert worker.peak_batch_size >= 2
+    assert max(len(mix) for mix in mixes) >= 2  # some step ran rows of different adapters together
 
 
 def test_the_base_answers_as_the_base(server, infer_answers, tiny_model):

@@ -98,7 +98,7 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
     api_key: str | None = option(f"Require 'Authorization: Bearer KEY' on every request (default: the {API_KEY_ENV} "
                                  "environment variable, which keeps the key out of the process list; neither: no "
                                  "key).")
-    max_queue: int = option("Requests that may wait in line while one is answered, and that may be read and "
+    max_queue: int = option("Requests that may wait in line while the batch is full, and that may be read and "
                             "checked at once; more are answered 429.", default=64)
     max_request_bytes: int = option("Largest request body in bytes; a larger one is answered 413.",
                                     default=2 * 1024 * 1024)
@@ -108,7 +108,12 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
     max_tokens_limit: int = option("Largest max_tokens (or max_completion_tokens) a request may ask; more is "
                                    "answered 400.", default=4096)
     max_n: int = option("Most choices (n) in one request; more are answered 400 (OpenAI's own limit is 128; the "
-                        "choices are generated one after another).", default=16)
+                        "choices are generated together, each a row of the batch).", default=16)
+    max_batch_size: int = option("Most answers generated together (each choice of each request is one); requests "
+                                 "past it wait in line.", default=16)
+    max_batch_tokens: int = option("Most key/value cache positions of the running batch, counted as answers x the "
+                                   "longest prompt + max_tokens among them; requests past it wait in line (one "
+                                   "larger than it runs alone).", default=16384)
     served_model_name: str | None = option("The model's name in the API (default: the adapter directory's name, else "
                                            "the model's).")
     adapter: list[str] | None = option("Serve a LoRA adapter of this base model under a name of its own: NAME=PATH; "
@@ -122,7 +127,7 @@ class ServeArguments(ThinkingArguments, AdapterArguments):
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be in 0..65535, got {self.port}")
         check_at_least_one(self, "max_queue", "max_request_bytes", "max_messages", "max_prompt_tokens",
-                           "max_tokens_limit", "max_n")
+                           "max_tokens_limit", "max_n", "max_batch_size", "max_batch_tokens")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise UserError("--served_model_name must not be empty")
         if self.adapter:

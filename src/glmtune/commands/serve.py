@@ -1,7 +1,7 @@
 """glmtune serve: answer OpenAI-style chat completion requests (streamed or not) with a base model and an optional
 LoRA adapter, several adapters on one base (--adapter NAME=PATH, picked by each request's model), or a merged
-model, on http://HOST:PORT/v1. Requests are answered one at a time, in order; a bounded
-number wait, more are answered 429."""
+model, on http://HOST:PORT/v1. Requests join a running batch and are generated together (up to --max_batch_size
+answers, several adapters' in one); a bounded number wait, more are answered 429."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvic
     from glmtune.inference.engine import Engine
     from glmtune.serve.adapters import load_adapters, parse_adapter_specs, served_models
     from glmtune.serve.app import create_app
+    from glmtune.serve.batching import BatchLimits
     from glmtune.serve.intake import RequestLimits
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -55,7 +56,7 @@ def build_server(model_args: ModelArguments, args: ServeArguments) -> tuple[uvic
     models = served_models(name, served_name(None, engine.model_name), bool(args.peft_path), specs)
     load_adapters(engine, specs)
     app = create_app(engine, name, api_key, args.max_queue, args.enable_thinking, RequestLimits.from_arguments(args),
-                     models)
+                     models, BatchLimits.from_arguments(args))
     host, port = listener.getsockname()[:2]
     served = ", ".join(f"'{n}'" for n in models.names)
     print(f"Serving {served} at {base_url(host, port)} (OpenAI-compatible; Ctrl-C stops)", flush=True)

@@ -16,6 +16,7 @@ from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.inference.answers import AnswerParser
+from glmtune.inference.batch_generation import BatchGenerator, supports_batched_steps
 from glmtune.inference.decoding import AnswerDecoder
 from glmtune.inference.streaming import Completion, TextStream, count_completion
 from glmtune.inference.tool_calls import tool_call_form
@@ -116,17 +117,32 @@ class Engine:
             UserError: a prompt the chat template can't render, an empty prompt, or --max_length that leaves it
                 no room.
         """
-        prompt = encode_prompt(self.tokenizer, conversation.prompt_part(), settings.enable_thinking)
-        budget = self._answer_budget(settings, prompt, conversation)
-        return self._stream(prompt, budget, settings, stop_strings, logprobs,
-                            answer_parser(self.tokenizer, prompt, conversation.tools))
+        prompt, budget, parser = self.prepare(conversation, settings)
+        return self._stream(prompt, budget, settings, stop_strings, logprobs, parser)
 
     def stream_prompt(self, prompt: list[int], settings: GenerationSettings, stop_strings: list[str] | None = None,
                       logprobs: int | None = None) -> TextStream:
         """As `stream`, for a prompt that is already token ids (a text completion: no chat template); the answer
         is read as plain text (no reasoning or tool calls split off)."""
-        budget = self._answer_budget(settings, prompt, Conversation(messages=[]))
-        return self._stream(prompt, budget, settings, stop_strings, logprobs, AnswerParser())
+        return self._stream(prompt, self.prompt_budget(prompt, settings), settings, stop_strings, logprobs,
+                            AnswerParser())
+
+    def prepare(self, conversation: Conversation, settings: GenerationSettings) -> tuple[list[int], int, AnswerParser]:
+        """One answer's prompt ids, its budget of new tokens and its parser (stream()'s checks and errors)."""
+        prompt = encode_prompt(self.tokenizer, conversation.prompt_part(), settings.enable_thinking)
+        budget = self._answer_budget(settings, prompt, conversation)
+        return prompt, budget, answer_parser(self.tokenizer, prompt, conversation.tools)
+
+    def prompt_budget(self, prompt: list[int], settings: GenerationSettings) -> int:
+        """New tokens allowed after a prompt of token ids (stream_prompt()'s checks and errors)."""
+        return self._answer_budget(settings, prompt, Conversation(messages=[]))
+
+    def batch_generator(self) -> BatchGenerator | None:
+        """A continuous batch over this model (see batch_generation), or None for a model whose cache rows can't
+        be joined (then answers are generated one at a time)."""
+        if not supports_batched_steps(self.model):
+            return None
+        return BatchGenerator(self.model, self.stop_ids)
 
     def _stream(self, prompt: list[int], budget: int, settings: GenerationSettings, stop_strings: list[str] | None,
                 logprobs: int | None, parser: AnswerParser) -> TextStream:

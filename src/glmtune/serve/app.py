@@ -31,6 +31,7 @@ from glmtune.data.conversation import Conversation
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import UserError
 from glmtune.serve.adapters import ServedModels
+from glmtune.serve.batching import BatchLimits, make_worker
 from glmtune.serve.budget import answer_settings, check_asked
 from glmtune.serve.completions import CompletionAnswer, prepare_completion
 from glmtune.serve.errors import APIError, client_closed, error_response, internal_error
@@ -63,7 +64,7 @@ DISCONNECT_POLL_S = 0.25  # how often a request waiting on the worker checks tha
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
                enable_thinking: bool | None = None, limits: RequestLimits | None = None,
-               models: ServedModels | None = None) -> FastAPI:
+               models: ServedModels | None = None, batching: BatchLimits | None = None) -> FastAPI:
     """The FastAPI app of the OpenAI-compatible API over `engine`; its worker thread runs for the app's lifespan.
 
     Args:
@@ -77,10 +78,11 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         limits: what one request may ask (size, messages, prompt, max_tokens, n); None: serve's defaults.
         models: the served names and the adapter each answers with (--adapter); None: `model_name` alone, answered
             by the model as loaded.
+        batching: how large the running batch may grow; None: serve's defaults.
     """
     limits = limits or RequestLimits.from_arguments()
     models = models or ServedModels({model_name: None})
-    worker = Worker(engine, max_queue)
+    worker = make_worker(engine, max_queue, batching)
     context = context_length(engine.model.config)
     created = int(time.time())
     # One thread: the checks tokenize, and two requests' checks would only share the same cores.

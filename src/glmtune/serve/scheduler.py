@@ -20,7 +20,7 @@ from glmtune.inference.answers import AnswerDelta, AnswerParts
 
 if TYPE_CHECKING:
     from glmtune.inference.engine import GenerationSettings
-    from glmtune.inference.logprobs import LogprobRecorder, TokenLogprob
+    from glmtune.inference.logprobs import TokenLogprob
 
 
 @dataclass
@@ -162,7 +162,8 @@ class Worker:
         # Stop strings cut the raw text, then the answer is split (a stop string inside the reasoning ends it).
         cutter = StopCutter(job.stop)
         splitter = stream.parser.splitter() if job.prompts is None else PlainSplitter()
-        handout = _Handout(job, index, getattr(stream, "logprobs", None))
+        recorded = getattr(stream, "logprobs", None)
+        handout = Handout(job, index, None if recorded is None else recorded.entries)
         pieces = stream.pieces()
         try:
             for piece in pieces:
@@ -185,11 +186,12 @@ class Worker:
         return self.engine.stream(job.conversation, job.settings, job.stop or None, **extra)
 
 
-class _Handout:
+class Handout:
     """Hands a choice's deltas to its job, each with the log-probabilities of the tokens generated since the
-    previous one (when the job asked for them)."""
+    previous one (when the job asked for them). `recorded`: the choice's entries, a list that grows as its tokens
+    are generated (LogprobRecorder.entries, or a batch row's); None: not asked for."""
 
-    def __init__(self, job: Job, index: int, recorded: LogprobRecorder | None):
+    def __init__(self, job: Job, index: int, recorded: list[TokenLogprob] | None):
         self.job, self.index, self.recorded = job, index, recorded
         self.taken = 0
 
@@ -201,7 +203,7 @@ class _Handout:
         """The entries not handed on yet (and now taken)."""
         if self.recorded is None:
             return None
-        entries = self.recorded.entries[self.taken:]
+        entries = self.recorded[self.taken:]
         self.taken += len(entries)
         return entries
 
