@@ -8,7 +8,8 @@ reward metrics in the manifest.
 The reference model costs no second copy of the base weights. The policy is a PeftModel and TRL computes the
 reference log-probabilities through the same weights: with the adapters disabled (the base model), or, when the run
 starts from an adapter (--peft_path) with --reference start, through a frozen copy of that adapter (TRL's "ref"
-adapter, adapter-sized). The run directory is laid out as train's: checkpoints while training, then the adapter, the
+adapter, adapter-sized). Full and freeze runs (--finetuning_type) train the model's own weights: TRL then keeps a
+frozen copy of the whole model as the reference (twice the weights' memory). The run directory is laid out as train's: checkpoints while training, then the adapter, the
 tokenizer, dpo_config.yaml, the loss plot and manifest.json, written last.
 """
 
@@ -120,12 +121,12 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
     clear_output(training_args, resume)
 
     trainer = build_trainer(PretokenizedDPOTrainer, model, training_args, splits, tokenizer, health_args,
-                            ref_model=None)
+                            loraplus_lr_ratio=lora_args.loraplus_lr_ratio, ref_model=None)
     reference = _settle_reference(trainer.model, start_adapter, dpo_args.reference)
     logger.info(f"reference model: {reference}")
     result = run_training(trainer, resume)
     eval_metrics = trainer.evaluate() if splits.validation is not None else {}
-    if REF_ADAPTER in trainer.model.peft_config:  # the output holds the trained adapter only
+    if REF_ADAPTER in getattr(trainer.model, "peft_config", {}):  # the output holds the trained adapter only
         trainer.model.delete_adapter(REF_ADAPTER)
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry and "rewards/margins" in entry]
@@ -148,7 +149,10 @@ def run_dpo(model_args: ModelArguments, dpo_args: DpoArguments, lora_args: LoraA
 def _settle_reference(model: PeftModel, start_adapter: Path | None, reference: str) -> str:
     """Make the reference what was asked for, and say what it is. TRL gives any PeftModel a frozen "ref" copy of its
     adapter: with a new adapter that copy is the zero update (LoRA's B starts at 0), so disabling the adapters gives
-    the same log-probabilities with less compute; with --reference base it is dropped on purpose."""
+    the same log-probabilities with less compute; with --reference base it is dropped on purpose. A model without
+    adapters (full or freeze tuning) gets TRL's frozen copy of itself."""
+    if not hasattr(model, "peft_config"):
+        return "a frozen copy of the model as DPO starts (made by TRL: a second copy of the weights)"
     if start_adapter is not None and reference == "start":
         assert REF_ADAPTER in model.peft_config  # TRL 1.16's behaviour, which this option relies on
         return f"the base model with a frozen copy of the starting adapter {start_adapter}"

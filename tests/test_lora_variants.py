@@ -1,0 +1,203 @@
+"""LoRA variants (DoRA, rsLoRA, PiSSA, LoRA+) and full / freeze tuning: each trains what it says, records what it
+is, and its output loads (and merges) where it should; bad combinations are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from glmtune.demo import demo_data_path
+from glmtune.errors import UserError
+
+TRAIN = ["--max_steps", "8", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--lora_dropout", "0",
+         "--save_strategy", "no", "--logging_steps", "1", "--precision", "fp32"]
+PROOF = re.compile(r"merged vs base \+ adapter = (\S+) over (\d+) probes \(tolerance (\S+) in torch\.(\w+)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model):
+    from glmtune.cli import main
+
+    path = tmp_path_factory.mktemp("variants") / "data"
+    assert main(["prepare", "--jsonl_path", str(demo_data_path()), "--save_path", str(path),
+                 "--model", str(tiny_model)]) == 0
+    return path
+
+
+def train(cli, data, output, *flags: str):
+    result = cli("train", "--dataset_path", data, "--output_dir", output, *TRAIN, *flags)
+    assert result.code == 0, result.err
+    return json.loads((output / "manifest.json").read_text())
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize(("flags", "recorded"), [
+    (["--use_dora"], {"use_dora": True, "r": 8}),
+    (["--use_rslora"], {"use_rslora": True, "r": 8}),
+    # PiSSA's adapter is saved converted to a plain LoRA on the original base: twice the rank, plain init
+    (["--init_lora_weights", "pissa"], {"init_lora_weights": True, "r": 16}),
+])
+def test_variant_trains_records_itself_and_merges_with_its_proof(cli, data, tiny_model, tmp_path, flags, recorded):
+    run = tmp_path / "run"
+    manifest = train(cli, data, run, *flags, "--save_strategy", "steps", "--save_steps", "8")
+    losses = [e["loss"] for e in json.loads((run / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+              if "loss" in e]
+    assert losses[-1] < losses[0] * 0.8
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert {key: adapter[key] for key in recorded} == recorded
+    assert manifest["finetuning_type"] == "lora" and manifest["config"]["init_lora_weights"] == (
+        "pissa" if "pissa" in flags else "true")
+    merged = cli("merge", "--peft_path", run, "--output_dir", tmp_path / "merged", "--dtype", "fp32")
+    assert merged.code == 0, merged.err
+    diff, _, tolerance, dtype = PROOF.search(merged.out).groups()
+    assert dtype == "float32" and float(diff) <= float(tolerance) < 1e-2
+
+
+def test_pissa_adapter_on_the_original_base_is_the_trained_model(cli, data, tiny_model, tmp_path, tokenizer):
+    """The checkpoint holds PiSSA's own adapter (on the residual base peft rebuilds when loading it): the trained
+    model. The final adapter, converted, must compute the same on the untouched base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    train(cli, data, run, "--init_lora_weights", "pissa", "--save_strategy", "steps", "--save_steps", "8")
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "checkpoint-8").eval()
+    converted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = tokenizer("What is a bond? It is a loan.")["input_ids"]
+    expected = logits(trained, ids)
+    assert (logits(converted, ids) - expected).abs().max() < 1e-3
+    assert (logits(base, ids) - expected).abs().max() > 1e-1  # the adapter changes something the check can see
+
+
+def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny_model, tokenizer, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from glmtune.arguments import LoraArguments
+    from glmtune.train.skeleton import Splits, add_lora, build_trainer
+
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model), str(tiny_model), LoraArguments(), None)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, use_cpu=True, report_to=[])
+    trainer = build_trainer(Trainer, model, args, Splits(Dataset.from_dict({"input_ids": [[1, 2]]}), None), tokenizer,
+                            loraplus_lr_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rates = {names[id(p)]: group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    b = {n: lr for n, lr in rates.items() if "lora_B" in n}
+    a = {n: lr for n, lr in rates.items() if "lora_A" in n}
+    assert b and a and len(rates) == sum(p.requires_grad for p in model.parameters())
+    assert all(lr == pytest.approx(16e-3) for lr in b.values()) and all(lr == pytest.approx(1e-3) for lr in a.values())
+
+
+def test_loraplus_run_trains(cli, data, tmp_path):
+    manifest = train(cli, data, tmp_path / "run", "--loraplus_lr_ratio", "16", "--max_steps", "3")
+    assert manifest["global_step"] == 3 and manifest["config"]["loraplus_lr_ratio"] == 16
+
+
+def base_tensors(tiny_model) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(tiny_model / "model.safetensors")
+
+
+def changed_tensors(tiny_model, run) -> set[str]:
+    from safetensors.torch import load_file
+
+    before, after = base_tensors(tiny_model), load_file(run / "model.safetensors")
+    assert set(after) == set(before)
+    return {name for name in before if not (after[name] == before[name]).all()}
+
+
+def test_full_run_trains_every_weight_and_loads_in_infer(cli, data, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    manifest = train(cli, data, run, "--finetuning_type", "full", "--learning_rate", "1e-4")
+    assert manifest["finetuning_type"] == "full" and not (run / "adapter_config.json").exists()
+    assert changed_tensors(tiny_model, run) == set(base_tensors(tiny_model))
+    result = cli("infer", "--model", run, "--prompt", "What is a bond?", "--max_new_tokens", "4")
+    assert result.code == 0, result.err
+
+
+def test_freeze_run_trains_exactly_the_last_blocks(cli, data, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    manifest = train(cli, data, run, "--finetuning_type", "freeze", "--freeze_trainable_layers", "1",
+                     "--learning_rate", "1e-4")
+    assert manifest["finetuning_type"] == "freeze"
+    last = {name for name in base_tensors(tiny_model) if name.startswith("model.layers.3.")}
+    assert last and changed_tensors(tiny_model, run) == last
+    assert cli("infer", "--model", run, "--prompt", "What is a bond?", "--max_new_tokens", "4").code == 0
+
+
+@pytest.mark.parametrize(("finetuning_type", "layers", "modules"), [
+    ("full", 2, "all"), ("freeze", 2, "all"), ("freeze", -1, "all"), ("freeze", 1, "mlp")])
+def test_trainable_parameter_counts_are_the_models_own(tiny_model, finetuning_type, layers, modules):
+    from transformers import AutoModelForCausalLM
+
+    from glmtune.arguments import LoraArguments
+    from glmtune.train.finetuning import make_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    make_trainable(model, "tiny", LoraArguments(finetuning_type=finetuning_type, freeze_trainable_layers=layers,
+                                                freeze_trainable_modules=modules))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    blocks = model.model.layers
+    chosen = {2: blocks[2:], -1: blocks[:1], 1: [blocks[3].mlp]}[layers] if finetuning_type == "freeze" else [model]
+    assert trainable == sum(p.numel() for module in chosen for p in module.parameters())
+
+
+def test_freeze_more_layers_than_the_model_has_is_refused(cli, data, tmp_path):
+    result = cli("train", "--dataset_path", data, "--output_dir", tmp_path / "run", *TRAIN,
+                 "--finetuning_type", "freeze", "--freeze_trainable_layers", "5")
+    assert result.code != 0 and "--freeze_trainable_layers 5: the model has 4 decoder blocks" in result.err
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"init_lora_weights": "bogus"}, "--init_lora_weights bogus is unknown"),
+    ({"init_lora_weights": "eva"}, "--init_lora_weights eva needs calibration data"),
+    ({"init_lora_weights": "pissa", "use_dora": True}, "can't carry DoRA's magnitudes"),
+    ({"finetuning_type": "full", "use_dora": True}, "--use_dora: LoRA options, and --finetuning_type is full"),
+    ({"finetuning_type": "bogus"}, "--finetuning_type bogus is unknown"),
+    ({"loraplus_lr_ratio": 0}, "--loraplus_lr_ratio must be positive"),
+])
+def test_bad_lora_options_are_refused(options, message):
+    from glmtune.arguments import LoraArguments
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        LoraArguments(**options)
+
+
+def test_pissa_niter_is_accepted():
+    from glmtune.arguments import LoraArguments
+
+    assert LoraArguments(init_lora_weights="pissa_niter_4").init_lora_weights == "pissa_niter_4"
+
+
+def test_full_tuning_refuses_a_quantized_base(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from glmtune.arguments import LoraArguments
+    from glmtune.train.finetuning import make_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.quantization_config = {"load_in_4bit": True}  # as bitsandbytes leaves it
+    with pytest.raises(UserError, match="packed 4/8-bit weights can't be trained"):
+        make_trainable(model, "tiny", LoraArguments(finetuning_type="full"))
+
+
+def test_merge_of_a_full_run_says_no_merge_is_needed(cli, tmp_path, tiny_model):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model, run)
+    (run / "manifest.json").write_text(json.dumps({"command": "train", "finetuning_type": "full"}))
+    result = cli("merge", "--peft_path", run, "--output_dir", tmp_path / "merged")
+    assert result.code != 0 and "--finetuning_type full run" in result.err and "no merge is needed" in result.err
+    assert not (tmp_path / "merged").exists()
