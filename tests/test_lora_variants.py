@@ -201,3 +201,34 @@ def test_merge_of_a_full_run_says_no_merge_is_needed(cli, tmp_path, tiny_model):
     result = cli("merge", "--peft_path", run, "--output_dir", tmp_path / "merged")
     assert result.code != 0 and "--finetuning_type full run" in result.err and "no merge is needed" in result.err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "freeze"])
+def test_dpo_trains_the_models_own_weights_against_a_frozen_copy(cli, tmp_path, finetuning_type):
+    """DPO without an adapter: TRL's reference is a frozen copy of the starting model, and the margin grows."""
+    from conftest import SHARED, write_json
+    from safetensors.torch import load_file
+
+    from glmtune.cli import main
+    from glmtune.models.tiny import build_tiny_glm
+
+    source = SHARED / "data" / "preference" / "dpo_en_demo.json"
+    if not source.is_file():
+        pytest.skip(f"the shared data file {source} is absent")
+    rows = [r for r in json.loads(source.read_text(encoding="utf-8")) if len(r["conversations"]) == 1][:8]
+    texts = [m["value"] for r in rows for m in (*r["conversations"], r["chosen"], r["rejected"])]
+    model = build_tiny_glm(tmp_path / "model", texts, hidden_size=64, num_layers=2, vocab_size=600)
+    assert main(["prepare", "--jsonl_path", str(write_json(tmp_path / "pairs.json", rows)), "--save_path",
+                 str(tmp_path / "data"), "--model", str(model), "--max_seq_length", "96"]) == 0
+    run = tmp_path / "run"
+    result = cli("dpo", "--dataset_path", tmp_path / "data", "--output_dir", run, "--per_device_train_batch_size", 8,
+                 "--logging_steps", "1", "--precision", "fp32", "--save_strategy", "no", "--max_steps", "4",
+                 "--learning_rate", "1e-3", "--finetuning_type", finetuning_type, "--freeze_trainable_layers", "1")
+    assert result.code == 0, result.err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["finetuning_type"] == finetuning_type and "frozen copy of the model" in manifest["reference"]
+    assert manifest["last_logged_rewards"]["rewards/margins"] > manifest["first_logged_rewards"]["rewards/margins"]
+    before, after = load_file(model / "model.safetensors"), load_file(run / "model.safetensors")
+    changed = {name for name in before if not (after[name] == before[name]).all()}
+    assert changed == (set(before) if finetuning_type == "full" else
+                       {name for name in before if name.startswith("model.layers.1.")})

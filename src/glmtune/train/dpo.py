@@ -9,8 +9,9 @@ The reference model costs no second copy of the base weights. The policy is a Pe
 reference log-probabilities through the same weights: with the adapters disabled (the base model), or, when the run
 starts from an adapter (--peft_path) with --reference start, through a frozen copy of that adapter (TRL's "ref"
 adapter, adapter-sized). Full and freeze runs (--finetuning_type) train the model's own weights: TRL then keeps a
-frozen copy of the whole model as the reference (twice the weights' memory). The run directory is laid out as train's: checkpoints while training, then the adapter, the
-tokenizer, dpo_config.yaml, the loss plot and manifest.json, written last.
+frozen copy of the whole model as the reference (twice the weights' memory). The run directory is laid out as
+train's: checkpoints while training, then the adapter (or the whole model), the tokenizer, dpo_config.yaml, the loss
+plot and manifest.json, written last.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def decoder_blocks(model: PreTrainedModel) -> tuple[str, int]:
 
     config = model.config
     count = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
-    lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module) == count]
+    lists = [name for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == count]
     if not lists:
         raise UserError(f"{type(model).__name__} has no list of {count} decoder blocks to choose from",
                         hint="--finetuning_type full or lora")
