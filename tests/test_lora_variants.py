@@ -232,3 +232,44 @@ def test_dpo_trains_the_models_own_weights_against_a_frozen_copy(cli, tmp_path, 
     changed = {name for name in before if not (after[name] == before[name]).all()}
     assert changed == (set(before) if finetuning_type == "full" else
                        {name for name in before if name.startswith("model.layers.1.")})
+
+
+@pytest.mark.parametrize(("model_type", "finetuning_type", "layers"), [
+    ("glm", "full", 2), ("glm", "freeze", 1), ("glm", "freeze", -1), ("glm4_moe", "freeze", 1)])
+def test_plan_counts_what_full_and_freeze_train_as_the_model_does(model_type, finetuning_type, layers):
+    """plan's trainable count is what make_trainable leaves trainable on the built model; each trained weight costs
+    fp32 master weights, gradients and AdamW's two states."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from glmtune.arguments import LoraArguments
+    from glmtune.plan.memory import Setup, estimate
+    from glmtune.plan.shape import shape_from_config
+    from glmtune.train.finetuning import make_trainable
+
+    config = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+              "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
+    if model_type == "glm4_moe":
+        config.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                      first_k_dense_replace=1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    make_trainable(model, "tiny", LoraArguments(finetuning_type=finetuning_type, freeze_trainable_layers=layers))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = shape_from_config(config)
+    result = estimate(shape, Setup(128, 1, 8, (), dtype="bf16", finetuning_type=finetuning_type,
+                                   trainable_layers=layers))
+    assert result.trainable_parameters == trainable
+    assert result.lines["gradients"] == 4 * trainable and result.lines["optimizer states"] == 8 * trainable
+    assert "LoRA weights" not in result.lines
+
+
+def test_plan_prints_full_tuning_and_refuses_it_quantized(cli, tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "glm", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}))
+    result = cli("plan", "--model", model, "--device", "cpu", "--device_memory_gib", "8", "--finetuning_type", "full")
+    assert result.code == 0 and "full tuning:" in result.out and "LoRA weights" not in result.out
+    refused = cli("plan", "--model", model, "--finetuning_type", "full", "--quantization_bit", "4")
+    assert refused.code != 0 and "can't be quantized" in refused.err
