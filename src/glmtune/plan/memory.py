@@ -18,8 +18,8 @@ from glmtune.plan.shape import (
     active_parameter_count,
     is_moe_layer,
     layer_linears,
-    lora_parameter_count,
     layer_parameter_count,
+    lora_parameter_count,
     parameter_count,
 )
 
