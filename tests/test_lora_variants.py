@@ -174,10 +174,12 @@ def test_bad_lora_options_are_refused(options, message):
         LoraArguments(**options)
 
 
-def test_pissa_niter_is_accepted():
+def test_pissa_niter_and_a_yaml_boolean_init_are_accepted():
     from glmtune.arguments import LoraArguments
+    from glmtune.arguments.training import peft_lora_init
 
     assert LoraArguments(init_lora_weights="pissa_niter_4").init_lora_weights == "pissa_niter_4"
+    assert peft_lora_init(LoraArguments(init_lora_weights=False).init_lora_weights) is False
 
 
 def test_full_tuning_refuses_a_quantized_base(tiny_model):

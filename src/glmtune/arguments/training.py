@@ -76,6 +76,8 @@ class LoraArguments(Options):
         if self.moe_aux_loss_coef is not None and self.moe_aux_loss_coef <= 0:
             raise UserError(f"--moe_aux_loss_coef must be positive, got {self.moe_aux_loss_coef}",
                             hint="leave it out to train without the balancing loss")
+        if isinstance(self.init_lora_weights, bool):  # a YAML config's `init_lora_weights: true`
+            self.init_lora_weights = str(self.init_lora_weights).lower()
         check_lora_init(self.init_lora_weights)
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
             raise UserError(f"--loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}",

@@ -11,6 +11,7 @@ only what is particular to it: its trainer class, collator or loss, the checks i
  6. load_splits             the `train` split and the `validation` split, if any
  7. load_model_for_training the base model in the run's precision, quantized when asked
  8. attach_adapter          seeded (seed_run): a new LoRA adapter, or an earlier run's adapter trained further
+                            (or, for full and freeze tuning, the model's own weights made trainable)
  9. clear_output            only now, every check passed: an old run's files go
 10. build_trainer           the method's Trainer class on the model, splits and tokenizer
 11. run_training            Trainer.train with the long-lived objects frozen (long_lived_objects_frozen)
