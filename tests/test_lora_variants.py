@@ -275,3 +275,25 @@ def test_plan_prints_full_tuning_and_refuses_it_quantized(cli, tmp_path):
     assert result.code == 0 and "full tuning:" in result.out and "LoRA weights" not in result.out
     refused = cli("plan", "--model", model, "--finetuning_type", "full", "--quantization_bit", "4")
     assert refused.code != 0 and "can't be quantized" in refused.err
+
+
+def test_on_a_4bit_base_dora_trains_and_pissa_and_full_tuning_are_refused(cli, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from glmtune.cli import main
+    from glmtune.models.tiny import build_tiny_glm
+
+    rows = json.loads(demo_data_path().read_text(encoding="utf-8"))
+    model = build_tiny_glm(tmp_path / "m", [r["output"] for r in rows], hidden_size=64, num_layers=2)
+    assert main(["prepare", "--jsonl_path", str(demo_data_path()), "--save_path", str(tmp_path / "d"),
+                 "--model", str(model)]) == 0
+
+    def run(name, *flags):
+        return cli("train", "--dataset_path", tmp_path / "d", "--output_dir", tmp_path / name, "--max_steps", "2",
+                   "--per_device_train_batch_size", "4", "--quantization_bit", "4", "--save_strategy", "no", *flags)
+
+    assert run("dora", "--use_dora", "true").code == 0
+    assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"] is True
+    pissa = run("pissa", "--init_lora_weights", "pissa")
+    assert pissa.code != 0 and "Please initialize PiSSA under float32" in pissa.err and "olora" in pissa.err
+    full = run("full", "--finetuning_type", "full")
+    assert full.code != 0 and "packed 4/8-bit weights can't be trained" in full.err
