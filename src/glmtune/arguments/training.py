@@ -14,6 +14,13 @@ from glmtune.errors import UserError
 EvalMetric = Literal["bleu-4", "bleu-4-jieba", "rouge-1", "rouge-2", "rouge-l", "exact_match", "perplexity"]
 EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
 
+FinetuningType = Literal["lora", "full", "freeze"]
+# peft's init_lora_weights values that need nothing beyond the model (pissa_niter_N is pissa with N fast-SVD
+# iterations); eva and corda need calibration data, loftq a LoftQ config, and glmtune gives them none.
+LORA_INITS: tuple[str, ...] = ("true", "false", "gaussian", "pissa", "pissa_niter_N", "olora", "orthogonal")
+NEEDS_DATA_INITS = {"eva": "calibration data", "corda": "calibration data", "lora_ga": "calibration gradients",
+                    "loftq": "a LoftQ config (and an unquantized base)"}
+
 DpoReference = Literal["start", "base"]
 DPO_REFERENCES: tuple[str, ...] = get_args(DpoReference)
 
@@ -39,6 +46,26 @@ class LoraArguments(Options):
                                              "load-balancing loss (DeepSeek-V3's) to the gradients, to keep a "
                                              "trained router (--train_router) spreading tokens over the experts. "
                                              "Default: off.")
+    use_dora: bool = option("DoRA: train each adapted weight's magnitude apart from its direction (peft's "
+                            "use_dora); slower per step.", default=False)
+    use_rslora: bool = option("rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (peft's use_rslora), "
+                              "which keeps high ranks learning.", default=False)
+    init_lora_weights: str = option("How the new adapter starts (peft's init_lora_weights): true (B = 0), false, "
+                                    "gaussian, pissa, pissa_niter_N (PiSSA by N fast-SVD iterations), olora, "
+                                    "orthogonal. PiSSA and OLoRA move part of each base weight into the adapter; "
+                                    "the saved adapter is converted back to a plain LoRA on the original base.",
+                                    default="true")
+    loraplus_lr_ratio: float | None = option("LoRA+: the B matrices learn this many times faster than the A "
+                                             "matrices (--learning_rate); LoRA+'s authors suggest 16. Default: off.")
+    finetuning_type: FinetuningType = option("What the run trains: 'lora' (an adapter), 'full' (every weight of "
+                                             "the model) or 'freeze' (the last --freeze_trainable_layers blocks). "
+                                             "full and freeze save a whole model, loaded with --model.",
+                                             default="lora")
+    freeze_trainable_layers: int = option("--finetuning_type freeze: train the last N decoder blocks (negative: "
+                                          "the first -N).", default=2)
+    freeze_trainable_modules: str = option("--finetuning_type freeze: within those blocks, train only the modules "
+                                           "whose names contain one of these comma-separated words (e.g. mlp), or "
+                                           "'all'.", default="all")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,6 +76,51 @@ class LoraArguments(Options):
         if self.moe_aux_loss_coef is not None and self.moe_aux_loss_coef <= 0:
             raise UserError(f"--moe_aux_loss_coef must be positive, got {self.moe_aux_loss_coef}",
                             hint="leave it out to train without the balancing loss")
+        if isinstance(self.init_lora_weights, bool):  # a YAML config's `init_lora_weights: true`
+            self.init_lora_weights = str(self.init_lora_weights).lower()
+        check_lora_init(self.init_lora_weights)
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise UserError(f"--loraplus_lr_ratio must be positive, got {self.loraplus_lr_ratio}",
+                            hint="LoRA+'s authors suggest 16; leave it out for plain LoRA")
+        if self.freeze_trainable_layers == 0:
+            raise UserError("--freeze_trainable_layers 0 trains nothing",
+                            hint="N > 0 trains the last N blocks, N < 0 the first -N")
+        if self.use_dora and lora_init_mutates_base(self.init_lora_weights):
+            raise UserError(f"--use_dora with --init_lora_weights {self.init_lora_weights}: the adapter saved for the "
+                            "original base can't carry DoRA's magnitudes", hint="use one or the other")
+        lora_only = [flag for flag, given in (("--use_dora", self.use_dora), ("--use_rslora", self.use_rslora),
+                                              ("--init_lora_weights", self.init_lora_weights.lower() != "true"),
+                                              ("--loraplus_lr_ratio", self.loraplus_lr_ratio is not None)) if given]
+        if self.finetuning_type != "lora" and lora_only:
+            raise UserError(f"{', '.join(lora_only)}: LoRA options, and --finetuning_type is {self.finetuning_type}",
+                            hint="leave them out, or --finetuning_type lora")
+
+
+def check_lora_init(value: str) -> None:
+    """--init_lora_weights: one of LORA_INITS (pissa_niter_N with N a whole number).
+
+    Raises:
+        UserError: an unknown name, or one of peft's that needs data glmtune does not give it.
+    """
+    name = value.lower()
+    if name in LORA_INITS or (name.startswith("pissa_niter_") and name.removeprefix("pissa_niter_").isdigit()):
+        return
+    if name in NEEDS_DATA_INITS:
+        raise UserError(f"--init_lora_weights {value} needs {NEEDS_DATA_INITS[name]}, which glmtune does not give "
+                        "peft", hint=f"choose one of {', '.join(LORA_INITS)}")
+    raise UserError(f"--init_lora_weights {value} is unknown", hint=f"choose one of {', '.join(LORA_INITS)}")
+
+
+def peft_lora_init(value: str) -> bool | str:
+    """The value peft's LoraConfig takes: true/false as booleans, the names as they are."""
+    name = value.lower()
+    return {"true": True, "false": False}.get(name, name)
+
+
+def lora_init_mutates_base(value: str) -> bool:
+    """PiSSA and OLoRA take their start from the base weights and subtract it from them: the trained adapter fits the
+    changed base, and must be converted to fit the original one (train/skeleton.py, save_final)."""
+    return value.lower().startswith("pissa") or value.lower() == "olora"
 
 
 @dataclass

@@ -82,11 +82,15 @@ def run(args: PlanArguments) -> Estimate:
     if args.train_router and not shape.moe_layers:  # as train refuses it (train/skeleton.check_moe_options)
         raise UserError(f"--train_router: {args.model} ({shape.model_type}) is not a mixture of experts",
                         hint="leave --train_router out")
+    if args.finetuning_type != "lora" and args.quantization_bit:  # as train refuses it (train/finetuning.py)
+        raise UserError(f"--finetuning_type {args.finetuning_type} trains the model's own weights, which can't be "
+                        "quantized", hint="leave --quantization_bit out, or plan LoRA on the quantized base")
     device = args.device or default_device()
     setup = Setup(args.max_seq_length, args.per_device_train_batch_size, args.lora_rank,
                   tuple(resolve_targets(shape, args.target_modules)), args.gradient_checkpointing, args.precision,
                   QUANTIZATION_BITS.get(args.quantization_bit), args.chunked_loss, args.lora_dropout,
-                  args.attn_implementation, device, train_router=args.train_router)
+                  args.attn_implementation, device, train_router=args.train_router,
+                  finetuning_type=args.finetuning_type, trainable_layers=args.freeze_trainable_layers)
     result = estimate(shape, setup)
     budget, where = device_memory(device, args.device_memory_gib)
     print(render(args.model, shape, setup, result, budget, where))
@@ -99,9 +103,10 @@ def render(model: str, shape: ModelShape, setup: Setup, result: Estimate, budget
     targets = ",".join(t.name for t in setup.targets) + (" + the routers" if setup.train_router else "")
     active = (f", {result.active_parameters / 1e6:,.1f}M active per token"
               if shape.moe_layers and result.active_parameters else "")
+    tuning = f"LoRA r{setup.lora_rank} on {targets}" if setup.finetuning_type == "lora" else {
+        "full": "full tuning", "freeze": f"freeze tuning of {setup.trainable_layers} blocks"}[setup.finetuning_type]
     head = [f"model: {model} ({shape.model_type}, {result.parameters / 1e6:,.1f}M parameters{active}; "
-            f"LoRA r{setup.lora_rank} "
-            f"on {targets}: {result.trainable_parameters / 1e6:,.2f}M trainable)",
+            f"{tuning}: {result.trainable_parameters / 1e6:,.2f}M trainable)",
             f"run: {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}"
             + (f", {setup.quantization} weights" if setup.quantization else "")
             + f", gradient checkpointing {'on' if setup.gradient_checkpointing else 'off'}, "
@@ -153,7 +158,7 @@ def suggestions(shape: ModelShape, setup: Setup, accumulation: int, budget: floa
         current = replace(current, dtype="bf16")
         steps.append(("bf16 base weights and compute (--precision bf16)", current))
     for bits, name in QUANTIZATION_BITS.items():
-        if not fits(current) and current.quantization != "4bit":
+        if not fits(current) and current.quantization != "4bit" and current.finetuning_type == "lora":
             quantized = replace(current, quantization=name, dtype="bf16" if current.dtype == "fp32" else current.dtype)
             # Not where it raises the peak: a MoE's fused experts, most of its weights, can't be quantized and are
             # then kept in fp32 (memory.weight_bytes).

@@ -5,6 +5,10 @@ adapter (unmerged, same dtype) on a few chat-templated probe prompts, within a t
 The gap this fills: `merge_and_unload` gives no evidence that the merged model behaves like base + adapter, and
 the usual ways a merge goes wrong (an adapter on a module the merge skips, a lossy dtype, a wrong base) show only
 in the outputs. A failed proof leaves no output directory.
+
+The LoRA variants merge the same way: DoRA's magnitudes and rsLoRA's scale go through merge_and_unload, and a PiSSA
+or OLoRA run saves its adapter already converted to a plain LoRA on the original base (train/skeleton.py,
+keep_initial_adapter). A full or freeze run saved a whole model: merge says so and writes nothing.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
     import torch
     from peft import PeftModel
 
+    refuse_whole_model(peft_path)
     base = model or adapter_base_model(peft_path)
     if not base:
         raise UserError(f"the adapter {peft_path} does not name its base model", hint="pass --model BASE_MODEL")
@@ -135,6 +140,21 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
                        "cannot tell a merged adapter from a missing one (an untrained adapter, or a dtype too coarse)")
     return MergeReport(output_dir, str(torch_dtype).removeprefix("torch."), architecture, len(probes), diff,
                        tolerance, effect, needs_glmtune)
+
+
+def refuse_whole_model(path: Path) -> None:
+    """A full or freeze run (--finetuning_type) saved a whole model, not an adapter: there is nothing to fold in.
+
+    Raises:
+        UserError: `path` holds a model's weights and no adapter.
+    """
+    if (path / "adapter_config.json").is_file() or not (path / "config.json").is_file():
+        return
+    manifest = read_json_object(path / MANIFEST, "manifest") if (path / MANIFEST).is_file() else {}
+    kind = manifest.get("finetuning_type")
+    what = f"a --finetuning_type {kind} run" if kind in ("full", "freeze") else "a whole model"
+    raise UserError(f"{path} is {what}: it holds the model's own weights, not an adapter, so no merge is needed",
+                    hint=f"use it as it is: glmtune infer --model {path} (or chat, eval, serve)")
 
 
 def resolve_dtype(base: str, dtype: str) -> str:

@@ -18,6 +18,7 @@ from glmtune.plan.shape import (
     active_parameter_count,
     is_moe_layer,
     layer_linears,
+    layer_parameter_count,
     lora_parameter_count,
     parameter_count,
 )
@@ -54,6 +55,8 @@ class Setup:
     attention: str = "sdpa"
     device: str = "cpu"
     train_router: bool = False  # MoE (--train_router): the routers' weights are trained too, saved with the adapter
+    finetuning_type: str = "lora"  # "full" / "freeze": the model's own weights trained, no adapter
+    trainable_layers: int = 2  # freeze: the last N decoder blocks (the first -N when negative)
 
     @property
     def tokens(self) -> int:
@@ -82,6 +85,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         The bytes of each component, in the order `glmtune plan` prints them, and the parameter counts.
     """
     params = parameter_count(shape)
+    if setup.finetuning_type != "lora":
+        return whole_model_estimate(shape, setup, params)
     lora = lora_parameter_count(shape, list(setup.targets), setup.lora_rank)
     router = router_parameter_count(shape) if setup.train_router else 0
     lines = {
@@ -104,6 +109,35 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         if not lines[line]:
             del lines[line]
     return Estimate(lines, lora + router, params, active_parameter_count(shape))
+
+
+def whole_model_estimate(shape: ModelShape, setup: Setup, params: int) -> Estimate:
+    """Full and freeze tuning (train/finetuning.py): the trained weights are kept in fp32 (master weights; a copy up
+    from bf16/fp16), with an fp32 gradient and AdamW's two fp32 states each. Every linear layer keeps its input for
+    its weight's gradient, as LoRA without dropout on every linear does; for freeze this is an upper bound (the
+    frozen blocks below the first trained one keep nothing for backward)."""
+    trainable = trainable_parameter_count(shape, setup)
+    every_linear = tuple(lin for lin in shape.linears if lin.copies == 1)
+    as_lora = replace(setup, targets=every_linear, lora_dropout=0.0, lora_rank=0)
+    lines = {
+        "weights": weight_bytes(shape, setup, params) + trainable * (4.0 - DTYPE_BYTES[setup.dtype]),
+        "gradients": 4.0 * trainable,
+        "optimizer states": 8.0 * trainable,
+        "activations": activation_bytes(shape, as_lora),
+        "loss / logits": loss_bytes(shape, setup),
+        "allocator slack": allocator_slack_bytes(shape, as_lora),
+        "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
+    }
+    return Estimate(lines, trainable, params, active_parameter_count(shape))
+
+
+def trainable_parameter_count(shape: ModelShape, setup: Setup) -> int:
+    """What full tuning trains (every parameter) or freeze tuning (those of the chosen blocks)."""
+    if setup.finetuning_type == "full":
+        return parameter_count(shape)
+    n = setup.trainable_layers
+    layers = range(shape.num_layers - n, shape.num_layers) if n > 0 else range(min(-n, shape.num_layers))
+    return sum(layer_parameter_count(shape, layer) for layer in layers if layer >= 0)
 
 
 def router_parameter_count(shape: ModelShape) -> int:

@@ -193,13 +193,17 @@ def is_moe_layer(shape: ModelShape, layer: int) -> bool:
 def parameter_count(shape: ModelShape) -> int:
     """Every parameter of the causal LM, as `sum(p.numel() for p in model.parameters())` counts them."""
     norm = shape.hidden_size * (2 if shape.norm_bias else 1)
-    total = 0
-    for layer in range(shape.num_layers):
-        moe = is_moe_layer(shape, layer)
-        total += sum(lin.weights + (lin.d_out if lin.bias else 0) for lin in layer_linears(shape, moe))
-        total += shape.norms_per_layer * norm + (shape.extra_layer_params if moe else 0)
+    total = sum(layer_parameter_count(shape, layer) for layer in range(shape.num_layers))
     embeddings = shape.vocab_size * shape.hidden_size
     return total + embeddings * (1 if shape.tie_embeddings else 2) + norm  # + the final norm
+
+
+def layer_parameter_count(shape: ModelShape, layer: int) -> int:
+    """The parameters of decoder block `layer` (0-based): its linears, biases, norms and, in an MoE block, router."""
+    norm = shape.hidden_size * (2 if shape.norm_bias else 1)
+    moe = is_moe_layer(shape, layer)
+    linears = sum(lin.weights + (lin.d_out if lin.bias else 0) for lin in layer_linears(shape, moe))
+    return linears + shape.norms_per_layer * norm + (shape.extra_layer_params if moe else 0)
 
 
 def active_parameter_count(shape: ModelShape) -> int:

@@ -109,13 +109,14 @@ def run_preference(method: PreferenceMethod, model_args: ModelArguments, method_
     clear_output(training_args, resume)
 
     options = {"ref_model": None} if method.reference else {}
-    trainer = build_trainer(method.trainer_class, model, training_args, splits, tokenizer, health_args, **options)
+    trainer = build_trainer(method.trainer_class, model, training_args, splits, tokenizer, health_args,
+                            loraplus_lr_ratio=lora_args.loraplus_lr_ratio, **options)
     reference = (settle_reference(trainer.model, start_adapter, method_args.reference) if method.reference
                  else NO_REFERENCE)
     logger.info(f"reference model: {reference}")
     result = run_training(trainer, resume)
     eval_metrics = trainer.evaluate() if splits.validation is not None else {}
-    if REF_ADAPTER in trainer.model.peft_config:  # the output holds the trained adapter only
+    if REF_ADAPTER in getattr(trainer.model, "peft_config", {}):  # the output holds the trained adapter only
         trainer.model.delete_adapter(REF_ADAPTER)
 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry and method.metrics[0] in entry]
@@ -140,7 +141,10 @@ def _pick(entry: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
 def settle_reference(model: PeftModel, start_adapter: Path | None, reference: str) -> str:
     """Make the reference what was asked for, and say what it is. TRL gives any PeftModel a frozen "ref" copy of its
     adapter: with a new adapter that copy is the zero update (LoRA's B starts at 0), so disabling the adapters gives
-    the same log-probabilities with less compute; with --reference base it is dropped on purpose."""
+    the same log-probabilities with less compute; with --reference base it is dropped on purpose. A model without
+    adapters (full or freeze tuning, --finetuning_type) gets TRL's frozen copy of itself: twice the weights' memory."""
+    if not hasattr(model, "peft_config"):
+        return "a frozen copy of the model as the run starts (made by TRL: a second copy of the weights)"
     if start_adapter is not None and reference == "start":
         assert REF_ADAPTER in model.peft_config  # TRL 1.16's behaviour (DPO and KTO), which this option relies on
         return f"the base model with a frozen copy of the starting adapter {start_adapter}"

@@ -97,7 +97,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     eval_args = eval_args or GenerationEvalArguments()
     generation_eval = None
     if eval_args.eval_generate:
-        _check_generation_eval(training_args, splits.validation, dataset_dir)
+        _check_generation_eval(training_args, splits.validation, dataset_dir, lora_args.finetuning_type)
         from glmtune.evaluation.callback import GenerationEvalCallback
 
         generation_eval = GenerationEvalCallback(tokenizer, stop_token_ids(model_name, tokenizer), splits.validation,
@@ -119,6 +119,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         use_packed_sdpa(model)
     trainer = build_trainer(
         ChunkedLossTrainer if chunked else Trainer, model, training_args, splits, tokenizer, health_args,
+        loraplus_lr_ratio=lora_args.loraplus_lr_ratio,
         data_collator=make_collator(tokenizer, packing, getattr(model.config, "hidden_size", None), one_row),
         callbacks=[generation_eval] if generation_eval else None,
     )
@@ -139,7 +140,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     # What ran: the model may not support them, auto resolved to one precision.
     config = resolved_config((model_args, data_args, lora_args, compute_args, eval_args, training_args), model_name,
                              precision, model, chunked_loss=chunked, packing=packing,
-                             attention=model.get_base_model().config._attn_implementation)
+                             attention=base_model(model).config._attn_implementation)
     save_final(output_dir, trainer, config, command="train",
                base_model=model_name, dataset=str(dataset_dir),
                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
@@ -162,7 +163,12 @@ def _check_generation_eval_sharding(generation_eval: GenerationEvalCallback | No
                              "run glmtune eval on the adapter afterwards")
 
 
-def _check_generation_eval(training_args: TrainingArguments, eval_dataset: Dataset | None, dataset_dir: Path) -> None:
+def _check_generation_eval(training_args: TrainingArguments, eval_dataset: Dataset | None, dataset_dir: Path,
+                           finetuning_type: str = "lora") -> None:
+    if finetuning_type != "lora":
+        raise UserError(f"--eval_generate keeps the best checkpoint's adapter, and --finetuning_type "
+                        f"{finetuning_type} trains no adapter", hint="leave --eval_generate out, and run glmtune eval "
+                        "on the checkpoints (--model CHECKPOINT) afterwards")
     if eval_dataset is None:
         raise UserError(f"--eval_generate needs a validation split, and {dataset_dir} has none",
                         hint="prepare the data with --val_size")

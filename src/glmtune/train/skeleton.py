@@ -13,6 +13,7 @@ only describes itself as a `PreferenceMethod`.
  6. load_splits             the `train` split and the `validation` split, if any
  7. load_model_for_training the base model in the run's precision, quantized when asked
  8. attach_adapter          seeded (seed_run): a new LoRA adapter, or an earlier run's adapter trained further
+                            (or, for full and freeze tuning, the model's own weights made trainable)
  9. clear_output            only now, every check passed: an old run's files go
 10. build_trainer           the method's Trainer class on the model, splits and tokenizer
 11. run_training            Trainer.train with the long-lived objects frozen (long_lived_objects_frozen)
@@ -28,8 +29,8 @@ Adding a method is two files (a preference method: one PreferenceMethod in its m
   parse_training_options), calling `run_<method>`, then `end_process_group()` and printing on the main process
   alone; plus its line in cli.COMMANDS.
 
-Full and freeze tuning change step 8 only: they make weights of the model itself trainable instead of adding an
-adapter (see attach_adapter), and save those weights in step 13.
+Full and freeze tuning (train/finetuning.py) change step 8 only: they make weights of the model itself trainable
+instead of adding an adapter (see attach_adapter), and step 13 saves the whole model then.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import yaml
 
 from glmtune.arguments import HealthArguments, LoraArguments, ModelArguments, PrecisionArguments, TokenizeArguments
+from glmtune.arguments.training import lora_init_mutates_base, peft_lora_init
 from glmtune.artifacts import check_writable_output, empty_directory, read_json_object, write_manifest
 from glmtune.config import to_plain_dict
 from glmtune.data.preference import read_prepared_manifest
@@ -54,7 +56,7 @@ from glmtune.errors import UserError
 from glmtune.models import quantization
 from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
-from glmtune.models.lora import resolve_target_modules, resolve_target_parameters, router_module
+from glmtune.models.lora import base_model, resolve_target_modules, resolve_target_parameters, router_module
 from glmtune.train.plot import plot_loss
 from glmtune.train.precision import ArgsT, Precision, apply_to_training_args, choose_precision, detect_hardware
 
@@ -68,6 +70,9 @@ if TYPE_CHECKING:
 
 LOSS_PLOT = "loss.png"
 STAGING = ".final.tmp"  # inside the output directory: the final artifacts before they are moved into place
+# On a PeftModel whose adapter started from the base weights (PiSSA, OLoRA): the directory of its adapter as it
+# started, which save_final needs to convert the trained adapter into a LoRA on the original base.
+INITIAL_ADAPTER = "glmtune_initial_adapter"
 
 TrainerT = TypeVar("TrainerT", bound="Trainer")
 
@@ -133,8 +138,8 @@ def checkpoint_problem(path: Path) -> str | None:
     after its weights, optimizer, scheduler and random states: a readable one means the rest was written."""
     import json
 
-    if not (path / "adapter_config.json").is_file():
-        return "no adapter_config.json"
+    if not (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return "no adapter_config.json (nor a full or freeze run's config.json)"
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -280,12 +285,10 @@ def seed_run(seed: int) -> None:
 
 
 def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, seed: int,
-                   resume: Path | None = None, start_adapter: Path | None = None) -> PeftModel:
+                   resume: Path | None = None, start_adapter: Path | None = None) -> PeftModel | PreTrainedModel:
     """What the run trains, seeded first (seed_run): an earlier run's adapter trained further (`start_adapter`: its own
-    rank and targets, the LoRA options don't apply), or else a new LoRA adapter from the LoRA options.
-
-    Full and freeze tuning would be a third branch here: no adapter, the model's own weights (all, or the chosen
-    layers) set trainable, the rest frozen.
+    rank and targets, the LoRA options don't apply), a new LoRA adapter from the LoRA options, or (--finetuning_type
+    full or freeze) no adapter: the model's own weights, all or the chosen blocks', trainable and the rest frozen.
 
     Args:
         resume: the checkpoint the run resumes from, whose adapter must have the shape the LoRA options give.
@@ -296,6 +299,16 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
     """
     seed_run(seed)
     router = check_moe_options(model, model_name, lora_args, start_adapter)
+    if lora_args.finetuning_type != "lora":
+        from glmtune.train.finetuning import make_trainable
+
+        if start_adapter is not None:
+            raise UserError(f"--finetuning_type {lora_args.finetuning_type} trains the model's own weights, and "
+                            "--peft_path starts from an adapter", hint="leave one of them out")
+        if lora_args.train_router or lora_args.moe_aux_loss_coef is not None:
+            raise UserError("--train_router and --moe_aux_loss_coef apply to LoRA runs",
+                            hint="--finetuning_type full trains the routers with everything else")
+        return make_trainable(model, model_name, lora_args)
     if start_adapter is not None:
         peft_model = load_trainable_adapter(model, start_adapter, model_name)
     else:
@@ -344,6 +357,8 @@ def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, 
         target_modules=resolve_target_modules(model_type, lora_args.target_modules),
         target_parameters=parameters or None,
         modules_to_save=[router_module(model_type)] if lora_args.train_router else None,
+        use_dora=lora_args.use_dora, use_rslora=lora_args.use_rslora,
+        init_lora_weights=peft_lora_init(lora_args.init_lora_weights),
     )
     if resume is not None:
         check_same_adapter_shape(resume, peft_config)
@@ -351,8 +366,33 @@ def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, 
         peft_model = get_peft_model(model, peft_config)
     except ValueError as e:  # e.g. a --target_modules name the model doesn't have
         raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
+    except TypeError as e:  # PiSSA on bitsandbytes-packed weights: peft wants them unquantized
+        raise UserError(f"--init_lora_weights {lora_args.init_lora_weights} on '{model_name}': {e}",
+                        hint="PiSSA decomposes unquantized weights: leave --quantization_bit out, or use "
+                             "--init_lora_weights olora / true on a quantized base") from None
+    if lora_init_mutates_base(lora_args.init_lora_weights):
+        keep_initial_adapter(peft_model)
     log_trainable_parameters(peft_model)
     return peft_model
+
+
+def keep_initial_adapter(peft_model: PeftModel) -> None:
+    """Save the adapter as PiSSA or OLoRA made it, before training, to a temporary directory: those inits move part
+    of each base weight into the adapter, so the trained adapter fits only the changed base; at the end save_final
+    converts it, with this starting point, into a plain LoRA (twice the rank) on the original base, as peft's
+    save_pretrained(path_initial_model_for_weight_conversion=...) does."""
+    import atexit
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="glmtune-initial-")) / "initial"
+    atexit.register(shutil.rmtree, directory.parent, ignore_errors=True)
+    config = peft_model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # peft loads it back without decomposing again
+    try:
+        peft_model.save_pretrained(str(directory))
+    finally:
+        config.init_lora_weights = init
+    setattr(peft_model, INITIAL_ADAPTER, directory)
 
 
 def unquantized_targets(model: PreTrainedModel, parameters: list[str]) -> list[str]:
@@ -373,11 +413,13 @@ def check_same_adapter_shape(checkpoint: Path, peft_config: LoraConfig) -> None:
     ours = {"r": peft_config.r, "lora_alpha": peft_config.lora_alpha,
             "target_modules": sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str)
             else peft_config.target_modules,
-            "target_parameters": sorted(peft_config.target_parameters or [])}
+            "target_parameters": sorted(peft_config.target_parameters or []),
+            "use_dora": bool(peft_config.use_dora), "use_rslora": bool(peft_config.use_rslora)}
     theirs = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
               "target_modules": sorted(saved.get("target_modules") or []) if isinstance(ours["target_modules"], list)
               else saved.get("target_modules"),
-              "target_parameters": sorted(saved.get("target_parameters") or [])}
+              "target_parameters": sorted(saved.get("target_parameters") or []),
+              "use_dora": bool(saved.get("use_dora")), "use_rslora": bool(saved.get("use_rslora"))}
     differing = [f"{key}: checkpoint {theirs[key]}, now {ours[key]}" for key in ours if ours[key] != theirs[key]]
     if differing:
         raise UserError(f"cannot resume from {checkpoint}: its LoRA adapter differs from the one asked for",
@@ -409,12 +451,13 @@ def clear_output(training_args: TrainingArguments, resume: Path | None) -> None:
             shutil.rmtree(output_dir / STAGING, ignore_errors=True)
 
 
-def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args: TrainingArguments, splits: Splits,
-                  tokenizer: PreTrainedTokenizerBase, health: HealthArguments | None = None,
-                  **method_options: Any) -> TrainerT:
+def build_trainer(trainer_class: type[TrainerT], model: PeftModel | PreTrainedModel, training_args: TrainingArguments,
+                  splits: Splits, tokenizer: PreTrainedTokenizerBase, health: HealthArguments | None = None,
+                  loraplus_lr_ratio: float | None = None, **method_options: Any) -> TrainerT:
     """The method's Trainer (transformers' or TRL's) on the run's model, splits and tokenizer, with the numerical
-    health guard (train/health.py, `health`: its policy; None for the defaults); `method_options` are the rest of
-    its constructor's arguments (a collator, callbacks, a reference model...)."""
+    health guard (train/health.py, `health`: its policy; None for the defaults) and, given `loraplus_lr_ratio`
+    (--loraplus_lr_ratio), LoRA+'s optimizer (use_loraplus); `method_options` are the rest of its constructor's
+    arguments (a collator, callbacks, a reference model...)."""
     from transformers.trainer_callback import PrinterCallback
 
     from glmtune.logs import progress_bars_enabled
@@ -429,7 +472,30 @@ def build_trainer(trainer_class: type[TrainerT], model: PeftModel, training_args
     trainer.add_callback(EpochOrderCallback())  # a mid-epoch resume takes the batches the run would have taken
     if not progress_bars_enabled():  # --quiet: the Trainer would print every logged dict instead of its bar
         trainer.remove_callback(PrinterCallback)
+    if loraplus_lr_ratio is not None:
+        use_loraplus(trainer, loraplus_lr_ratio)
     return trainer
+
+
+def use_loraplus(trainer: Trainer, ratio: float) -> None:
+    """Give the Trainer peft's LoRA+ optimizer: --optim's class and settings, the B matrices (and DoRA's magnitudes)
+    at `ratio` x --learning_rate. The Trainer makes its optimizer only when it has none, and its scheduler then
+    follows each group's own learning rate.
+
+    Raises:
+        UserError: DeepSpeed or FSDP, which build their own optimizer.
+    """
+    from peft.optimizers import create_loraplus_optimizer
+
+    args = trainer.args
+    if args.deepspeed or args.fsdp:
+        raise UserError("--loraplus_lr_ratio: DeepSpeed and FSDP build their own optimizer, without LoRA+'s groups",
+                        hint="train LoRA+ with plain DDP (torchrun), or leave --loraplus_lr_ratio out")
+    optimizer_class, settings = trainer.get_optimizer_cls_and_kwargs(args, trainer.model)
+    settings = {key: value for key, value in settings.items() if key != "lr"}
+    trainer.optimizer = create_loraplus_optimizer(trainer.model, optimizer_class, lr=args.learning_rate,
+                                                  loraplus_lr_ratio=ratio, loraplus_weight_decay=args.weight_decay,
+                                                  **settings)
 
 
 @contextlib.contextmanager
@@ -502,7 +568,8 @@ def _checkpoint_bytes(trainer: Trainer) -> int:
     return weights + tensor_bytes(t for state in states for t in state.values() if torch.is_tensor(t))
 
 
-def resolved_config(arguments: tuple[object, ...], model_name: str, precision: Precision, model: PeftModel,
+def resolved_config(arguments: tuple[object, ...], model_name: str, precision: Precision,
+                    model: PeftModel | PreTrainedModel,
                     **what_ran: Any) -> dict[str, Any]:
     """The run's configuration for <command>_config.yaml and the manifest: every argument dataclass's values, then
     what the run resolved (`what_ran`: e.g. a feature the model turned out not to support; the model's canonical
@@ -510,7 +577,7 @@ def resolved_config(arguments: tuple[object, ...], model_name: str, precision: P
     config = to_plain_dict(*arguments)
     config.update(what_ran)
     config["model"], config["precision"] = model_name, precision.name
-    config["quantization"] = quantization.describe(model.get_base_model())
+    config["quantization"] = quantization.describe(base_model(model))
     return config
 
 
@@ -529,6 +596,7 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
     from glmtune.train.health import check_finite_weights, health_callback
 
     check_finite_weights(trainer.model)  # never an adapter of NaNs saved as a success
+    fields.setdefault("finetuning_type", config.get("finetuning_type", "lora"))  # lora: an adapter; else a model
     guard = health_callback(trainer)
     if guard is not None and guard.skipped:
         fields["nonfinite_updates_skipped"] = guard.skipped
@@ -545,9 +613,14 @@ def save_final(output_dir: Path, trainer: Trainer, config: dict[str, Any], comma
 
 def _write_final(output_dir: Path, staging: Path, trainer: Trainer, config: dict[str, Any], command: str,
                  fields: dict[str, Any]) -> None:
-    trainer.save_model(str(staging))  # the adapter (adapter_config.json + adapter_model.safetensors), the tokenizer
+    # The adapter (adapter_config.json + adapter_model.safetensors) or, for full and freeze runs, the whole model
+    # (config.json + model.safetensors); the tokenizer.
+    trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
+    initial = getattr(trainer.model, INITIAL_ADAPTER, None)
+    if initial is not None:  # PiSSA / OLoRA: the adapter as a LoRA on the original base (keep_initial_adapter)
+        trainer.model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=str(initial))
     (staging / f"{command}_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True),
                                                    encoding="utf-8")
     plot_loss(trainer.state.log_history, staging / LOSS_PLOT)
