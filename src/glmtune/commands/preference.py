@@ -63,4 +63,4 @@ def preference_main(prog: str, doc: str | None, own_arguments: list[type], defau
     result = run_preference(method, model_args, method_args, lora_args, training_args, precision_args, health_args)
     end_process_group()  # after the main process's final writes, on every process
     if is_main_process():  # under torchrun / accelerate launch: said once
-        print(summary(result))
+        print(summary(result, lora_args.finetuning_type))

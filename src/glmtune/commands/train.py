@@ -44,6 +44,7 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     from glmtune.train.command import parse_training_options
     from glmtune.train.processes import end_process_group, is_main_process
     from glmtune.train.sft import run_sft
+    from glmtune.train.skeleton import saved_what
 
     model_args, data_args, lora_args, compute_args, eval_args, health_args, training_args = parse_training_options(
         "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv, {**TRAIN_DEFAULTS, **(defaults or {})},
@@ -52,5 +53,5 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     end_process_group()  # after the main process's final writes, on every process
     if not is_main_process():  # under torchrun / accelerate launch: said once
         return
-    print(f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
+    print(f"\n{saved_what(lora_args.finetuning_type)} saved to {result.output_dir} after {result.global_step} steps"
           + (f" (last logged loss {result.final_loss:.4f})" if result.final_loss is not None else ""))

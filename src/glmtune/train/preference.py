@@ -38,6 +38,7 @@ from glmtune.train.skeleton import (
     resolved_config,
     run_training,
     save_final,
+    saved_what,
 )
 
 logger = logging.getLogger(__name__)
@@ -153,9 +154,10 @@ def settle_reference(model: PeftModel, start_adapter: Path | None, reference: st
     return "the base model without any adapter"
 
 
-def summary(result: PreferenceResult) -> str:
-    """The line a preference command prints at the end: where the adapter went, and the last logged metrics."""
-    line = f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
+def summary(result: PreferenceResult, finetuning_type: str = "lora") -> str:
+    """The line a preference command prints at the end: where the adapter (or model) went, and the last logged
+    metrics."""
+    line = f"\n{saved_what(finetuning_type)} saved to {result.output_dir} after {result.global_step} steps"
     if result.final_loss is None or not result.rewards:
         return line
     shown = [f"loss {result.final_loss:.4f}"]

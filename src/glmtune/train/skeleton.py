@@ -651,3 +651,8 @@ def warn_if_fp16_overflows(model_name: str, precision: Precision) -> None:
         logger.warning(f"fp16 with {family.name}: its authors train it in bf16, and its activations exceed fp16's "
                        "range (NaN losses, seen by users on the GLM-4 line); prefer --precision bf16 (any GPU since "
                        "Ampere) or fp32")
+
+
+def saved_what(finetuning_type: str) -> str:
+    """What a run's output directory holds, for the line a command prints at the end."""
+    return "Adapter" if finetuning_type in ("lora", "ptuning") else "Model"
