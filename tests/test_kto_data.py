@@ -185,3 +185,30 @@ def test_truncation_left_keeps_a_labelled_answer_whole(cli, pairs, tmp_path):  #
         assert row["completion_ids"] == tokenizer.encode("\n" + answer, add_special_tokens=False) + [
             tokenizer.eos_token_id]
         assert tokenizer.decode(row["prompt_ids"]).startswith("[gMASK]<sop><|user|>")  # the template's start stays
+
+
+def test_kto_refuses_a_training_split_of_one_label_and_warns_on_unbalanced_weights(caplog):
+    from types import SimpleNamespace
+
+    from glmtune.errors import UserError
+    from glmtune.train.kto import check_balance
+
+    args = SimpleNamespace(desirable_weight=1.0, undesirable_weight=1.0)  # the KTOConfig fields it reads
+    with pytest.raises(UserError, match="0 desirable and 3 undesirable"):
+        check_balance([False, False, False], args)
+    with caplog.at_level("WARNING", logger="glmtune.train.kto"):
+        check_balance([True, True, True, False], args)
+    assert "3 desirable and 1 undesirable training rows" in caplog.text and "--undesirable_weight in [2.25, 3]" in \
+        caplog.text
+    caplog.clear()
+    check_balance([True, True, True, False], SimpleNamespace(desirable_weight=1.0, undesirable_weight=2.5))
+    assert caplog.text == ""
+
+
+def test_labelled_rows_and_pairs_in_one_dataset_are_refused(cli, pairs, tmp_path):  # noqa: F811
+    model_dir, _, rows = pairs
+    pairs_file = write_json(tmp_path / "pairs.json", rows[:2])
+    labelled_file = write_jsonl(tmp_path / "labelled.jsonl", labelled_rows(rows[:1]))
+    result = cli("prepare", "--jsonl_path", pairs_file, labelled_file, "--save_path", tmp_path / "out", "--model",
+                 model_dir)
+    assert result.code == 2 and "mixes 2 preference pairs (chosen/rejected) and 2 labelled rows" in result.err
