@@ -55,17 +55,6 @@ class PreferenceConversation(Conversation):
         return (chosen.content, chosen.reasoning), (self.rejected or "", self.rejected_reasoning)
 
 
-def is_preference_data(conversations: list[Conversation]) -> bool:
-    """Whether the rows are preference pairs; a mix of pairs and supervised rows is refused."""
-    pairs = sum(isinstance(c, PreferenceConversation) for c in conversations)
-    if 0 < pairs < len(conversations):
-        raise UserError(f"the data mixes {pairs} preference pairs (chosen/rejected) with "
-                        f"{len(conversations) - pairs} supervised rows",
-                        hint="prepare preference data (for `glmtune dpo`) and supervised data (for `glmtune train`) "
-                             "into separate dataset directories")
-    return pairs > 0
-
-
 def read_prepared_manifest(dataset_path: str | None, preference: bool,
                            labelled: bool = False) -> tuple[Path, dict[str, Any]]:
     """The directory and manifest of a prepared dataset (--dataset_path) of a kind the command trains on: train
