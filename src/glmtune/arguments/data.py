@@ -14,7 +14,7 @@ from glmtune.errors import UserError
 
 # glmtune.data.formats.FORMATS as a type (a test keeps them equal), and the truncation rules data/tokenize.py applies.
 DataFormat = Literal["sharegpt", "messages", "alpaca", "prompt_response", "prompt_completion", "context_target",
-                     "content_summary", "text", "preference"]
+                     "content_summary", "text", "preference", "labelled"]
 Truncation = Literal["right", "left", "drop"]
 
 

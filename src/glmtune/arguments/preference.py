@@ -18,8 +18,10 @@ class KtoArguments(DpoArguments):
     """`glmtune kto`'s own options: DPO's (a starting adapter, the reference model)."""
 
     help_overrides = {
-        "dataset_path": PAIRS_HELP + " Each pair gives KTO two rows: its chosen answer desirable, its rejected one "
-                                     "not.",
+        "dataset_path": "Dataset directory of labelled rows (prompt/completion/label) or of preference pairs "
+                        "written by `glmtune prepare`, or a data file of either, tokenized here with the options above "
+                        "by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare). Each pair gives "
+                        "KTO two rows: its chosen answer desirable, its rejected one not.",
         "peft_path": "LoRA adapter to start from and go on training (a `glmtune train` output, e.g. the SFT run); "
                      "default: a new adapter from the LoRA options.",
     }

@@ -1,6 +1,7 @@
 """glmtune kto: Kahneman-Tversky Optimisation of a LoRA adapter (TRL's KTOTrainer) on answers labelled desirable or
-not: each prepared preference pair gives its chosen answer as desirable and its rejected one as not. Every TRL
-KTOConfig flag (and so every transformers TrainingArguments flag) is accepted too."""
+not: prepared labelled rows (prompt, completion, label true/false), or preference pairs, each giving its chosen
+answer as desirable and its rejected one as not. Every TRL KTOConfig flag (and so every transformers
+TrainingArguments flag) is accepted too."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
 from glmtune.data.files import MalformedLine, Row
+from glmtune.data.labelled import LabelledConversation
 from glmtune.data.preference import PreferenceConversation
 from glmtune.errors import MAX_PROBLEMS, UserError
 
@@ -321,6 +322,57 @@ def _answer(row: dict[str, Any], key: str, optional: bool) -> tuple[str | None, 
     raise RowProblem(key, expected, value)
 
 
+LABEL_TEXT = {"true": True, "false": False}  # a CSV cell holds no booleans
+
+
+def _label(row: dict[str, Any], optional: bool) -> bool | None:
+    """A labelled row's `label`: a JSON boolean, or the text true/false (any case). Numbers are refused: 1/0 are as
+    often a classifier's class ids as a judgement of the answer."""
+    value = row.get("label")
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in LABEL_TEXT:
+        return LABEL_TEXT[value.strip().lower()]
+    raise RowProblem("label", "true (a desirable answer) or false (an undesirable one)", value,
+                     missing="label" not in row)
+
+
+def read_labelled(row: dict[str, Any], need_answer: bool) -> Conversation:
+    """A prompt and one answer judged by `label` (KTO): TRL's unpaired form prompt/completion/label (strings, or
+    lists of messages), instruction/input/output/label, or ShareGPT conversations / OpenAI messages ending in the
+    judged assistant turn plus a row-level label. Only that last answer is trained; earlier ones stay context."""
+    if "conversations" in row:
+        conversation, where = read_sharegpt(row, need_answer), "conversations"
+    elif "messages" in row:
+        conversation, where = read_messages(row, need_answer), "messages"
+    elif "instruction" in row:
+        conversation, where = read_alpaca(row, need_answer), "output"
+    elif isinstance(row.get("prompt"), list):  # TRL's conversational form: lists of {role, content}
+        completion = row.get("completion") if need_answer or row.get("completion") is not None else []
+        if not isinstance(completion, list):
+            raise RowProblem("completion", "a list of messages, as the prompt is", completion,
+                             missing="completion" not in row)
+        conversation = read_messages({**row, "messages": row["prompt"] + completion}, need_answer)
+        where = "completion"
+    elif isinstance(row.get("prompt"), str):
+        answer, reasoning = _answer_with_reasoning(row, "completion", not need_answer, think_in_text=True)
+        conversation = Conversation(messages=_exchange(row["prompt"], answer, reasoning),
+                                    system=_text(row, "system", optional=True) or None)
+        where = "completion"
+    else:
+        raise RowProblem("prompt", "a string or a list of messages (or the row as conversations, messages or "
+                         "instruction/output)", row.get("prompt"), missing="prompt" not in row)
+    label = _label(row, optional=not need_answer)
+    messages = conversation.messages
+    if need_answer and (not messages or messages[-1].role != "assistant"):
+        raise RowProblem(where, "the assistant's answer last: the answer the label judges",
+                         messages[-1].role if messages else "no message")
+    judged = [dataclasses.replace(m, train=need_answer and i == len(messages) - 1) for i, m in enumerate(messages)]
+    return LabelledConversation(messages=judged, system=conversation.system, tools=conversation.tools, label=label)
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -353,6 +405,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("preference", ("chosen", "rejected"), read_preference,
            "a prompt (conversations, messages, instruction/input or prompt) with a chosen and a rejected answer, "
            "for `glmtune dpo`"),
+    # Detected by a true/false `label` before any other format is tried (see detect_format).
+    Format("labelled", ("label",), read_labelled,
+           "a prompt (prompt, instruction/input, conversations or messages) with one answer (completion, output, or "
+           "the last assistant turn) and a true/false label, for `glmtune kto`"),
 )}
 
 
@@ -364,6 +420,8 @@ def detect_format(rows: list[Row], need_answer: bool = True) -> Format:
         raise UserError(f"{first.location}: expected a JSON object, found {describe_value(first.data)}")
     if "chosen" in first.data or "rejected" in first.data:  # a row missing one is then named by its reader
         return FORMATS["preference"]
+    if _labelled(rows):
+        return FORMATS["labelled"]
     for fmt in FORMATS.values():
         if fmt.matches(first.data, need_answer):
             return fmt
@@ -371,6 +429,13 @@ def detect_format(rows: list[Row], need_answer: bool = True) -> Format:
     raise UserError(f"{first.location}: cannot tell the data format from the fields {sorted(first.data)}",
                     hint=f"rows need the fields of one format ({known}), or pass --format "
                          "(and --columns to rename fields)")
+
+
+def _labelled(rows: list[Row]) -> bool:
+    """Whether the rows are labelled (KTO): some row has a `label` and an answer to judge. Any row, not only the
+    first, so that a row that lacks its label is named by the reader rather than trained on as a supervised row.
+    Plain-text rows with a label (a classifier's corpus) keep their text format."""
+    return any(isinstance(row.data, dict) and "label" in row.data and "text" not in row.data for row in rows)
 
 
 @dataclass

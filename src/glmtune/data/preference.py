@@ -55,32 +55,36 @@ class PreferenceConversation(Conversation):
         return (chosen.content, chosen.reasoning), (self.rejected or "", self.rejected_reasoning)
 
 
-def is_preference_data(conversations: list[Conversation]) -> bool:
-    """Whether the rows are preference pairs; a mix of pairs and supervised rows is refused."""
-    pairs = sum(isinstance(c, PreferenceConversation) for c in conversations)
-    if 0 < pairs < len(conversations):
-        raise UserError(f"the data mixes {pairs} preference pairs (chosen/rejected) with "
-                        f"{len(conversations) - pairs} supervised rows",
-                        hint="prepare preference data (for `glmtune dpo`) and supervised data (for `glmtune train`) "
-                             "into separate dataset directories")
-    return pairs > 0
-
-
-def read_prepared_manifest(dataset_path: str | None, preference: bool) -> tuple[Path, dict[str, Any]]:
-    """The directory and manifest of a prepared dataset (--dataset_path) of the kind the command trains on: train
-    takes supervised rows, dpo takes preference pairs; the other kind is refused."""
+def read_prepared_manifest(dataset_path: str | None, preference: bool,
+                           labelled: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The directory and manifest of a prepared dataset (--dataset_path) of a kind the command trains on: train
+    takes supervised rows, dpo and its kin take preference pairs, and with `labelled` (kto) rows labelled desirable or
+    not too; another kind is refused."""
     from glmtune.artifacts import read_manifest
+    from glmtune.data.labelled import LABELLED, PAIRS, SUPERVISED
 
     if not dataset_path:
         raise UserError("--dataset_path is required", hint="make one with `glmtune prepare`")
     dataset_dir = Path(dataset_path)
     manifest = read_manifest(dataset_dir, "prepare", "dataset directory")
-    if bool(manifest.get("preference")) != preference:
-        _refuse_kind(dataset_dir, preference)
+    # "kind" is recent: before it, "preference" told pairs from supervised rows
+    kind = manifest.get("kind") or (PAIRS if manifest.get("preference") else SUPERVISED)
+    accepted = {PAIRS, LABELLED} if labelled else {PAIRS} if preference else {SUPERVISED}
+    if kind not in accepted:
+        _refuse_kind(dataset_dir, kind, preference)
     return dataset_dir, manifest
 
 
-def _refuse_kind(dataset_dir: Path, preference: bool) -> None:
+def _refuse_kind(dataset_dir: Path, kind: str, preference: bool) -> None:
+    from glmtune.data.labelled import LABELLED
+
+    if kind == LABELLED:
+        command = "`glmtune train` trains on one answer per row, with no label" if not preference else \
+            "`glmtune dpo`, `orpo` and `simpo` compare a chosen and a rejected answer to each prompt"
+        raise UserError(f"{dataset_dir} holds rows labelled desirable or not (one answer each, for KTO); {command}",
+                        hint=f"tune on it with `glmtune kto --dataset_path {dataset_dir}`, or prepare "
+                             + ("pairs (prompt/chosen/rejected)" if preference else
+                                "the desirable answers alone without their label"))
     if preference:
         raise UserError(f"{dataset_dir} holds supervised rows (one answer each); `glmtune dpo` trains on preference "
                         "pairs", hint="prepare rows with a chosen and a rejected answer (conversations + chosen + "

@@ -15,7 +15,17 @@ from glmtune.config import to_plain_dict
 from glmtune.data.conversation import Conversation
 from glmtune.data.files import Row, read_source
 from glmtune.data.formats import FORMATS, BadRow, detect_format, to_conversations
-from glmtune.data.preference import PREFERENCE_COLUMNS, is_preference_data, pair_samples, tokenize_preferences
+from glmtune.data.labelled import (
+    LABELLED,
+    LABELLED_COLUMNS,
+    PAIRS,
+    SUPERVISED,
+    check_both_labels,
+    dataset_kind,
+    labelled_samples,
+    tokenize_labelled,
+)
+from glmtune.data.preference import PREFERENCE_COLUMNS, pair_samples, tokenize_preferences
 from glmtune.data.report import PrepareReport, build_report
 from glmtune.data.templates import check_reasoning
 from glmtune.data.tokenize import TokenizeOptions, tokenize_dataset
@@ -151,17 +161,22 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
                         problems=[f"{b.location}: {b.problem}" for b in data.bad_rows[:20]])
     report = PrepareReport(format=data.format, max_seq_length=options.max_seq_length, rows_read=data.rows_read,
                            bad_rows_skipped=len(data.bad_rows))
-    preference = is_preference_data(data.conversations)
-    tokenize = tokenize_preferences if preference else tokenize_dataset
+    kind = dataset_kind(data.conversations)
+    tokenize = TOKENIZE[kind]
     tokenized = tokenize(data.conversations, tokenizer, stop_ids, options, num_proc, key)
     report = build_report(report, tokenized, tokenizer, options.truncation)
-    if preference:  # both answers shown, not only the chosen one
+    if kind == PAIRS:  # both answers shown, not only the chosen one
         report.samples = pair_samples(tokenizer, tokenized, len(report.samples))
+    elif kind == LABELLED:  # each answer with its label
+        report.samples = labelled_samples(tokenizer, tokenized, len(report.samples))
     if report.kept == 0:
         raise UserError(f"no row of {', '.join(data.inputs)} is left to train on",
                         problems=report.lines(), hint="raise --max_seq_length, or check that the rows have answers")
-    kept = tokenized.filter(lambda reason: not reason, input_columns="dropped").select_columns(
-        PREFERENCE_COLUMNS if preference else ["input_ids", "labels"])
+    kept = tokenized.filter(lambda reason: not reason, input_columns="dropped").select_columns(COLUMNS[kind])
+    if kind == LABELLED:
+        report.desirable = sum(kept["label"])
+        report.undesirable = len(kept) - report.desirable
+        check_both_labels(report.desirable, report.undesirable, f"the kept rows of {', '.join(data.inputs)}")
     if entry is not None:
         try:
             with atomic_directory(entry, overwrite=True) as tmp:
@@ -170,6 +185,10 @@ def tokenize_with_cache(data: LoadedData, tokenizer: Any, stop_ids: list[int], o
         except (OSError, DiskFull) as e:  # a read-only or full cache must not fail the run: the result is in hand
             logger.warning(f"could not write the prepare cache {entry}: {e}")
     return kept, report
+
+
+TOKENIZE = {SUPERVISED: tokenize_dataset, PAIRS: tokenize_preferences, LABELLED: tokenize_labelled}
+COLUMNS = {SUPERVISED: ["input_ids", "labels"], PAIRS: PREFERENCE_COLUMNS, LABELLED: LABELLED_COLUMNS}
 
 
 def cache_key(data: LoadedData, **settings: Any) -> str:
@@ -209,13 +228,15 @@ def save_dataset(splits: DatasetDict, report: PrepareReport, data: LoadedData, s
                  overwrite: bool, config: dict[str, Any], **manifest_fields: Any) -> Path | None:
     """Write the dataset directory, and the skipped bad rows to a rejects file beside it; returns that file."""
     rejects = rejects_path(save_path) if data.bad_rows else None
+    # "preference" (pairs or labelled rows: what the released code checks) and "kind", which tells them apart
+    kind = dataset_kind(data.conversations)
     # Each split's share of the Arrow table under it (filter and the validation split keep the whole table).
     arrow_bytes = sum(split.data.nbytes * split.num_rows // max(split.data.num_rows, 1) for split in splits.values())
     with atomic_directory(save_path, overwrite, tuple(map(Path, data.inputs)), "the prepared dataset",
                           arrow_bytes) as tmp:
         splits.save_to_disk(str(tmp))
         write_manifest(tmp, "prepare", config, inputs=data.inputs,
-                       preference=is_preference_data(data.conversations), **manifest_fields, report=asdict(report))
+                       preference=kind != SUPERVISED, kind=kind, **manifest_fields, report=asdict(report))
         if rejects is not None:
             with atomic_file(rejects, overwrite=True, what="the rejected rows") as tmp_rejects:
                 tmp_rejects.write_text("".join(json.dumps({"location": b.location, "problem": b.problem,

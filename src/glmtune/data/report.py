@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from glmtune.data.labelled import weight_advice
 from glmtune.data.templates import IGNORE_INDEX
 
 SAMPLES_IN_REPORT = 3
@@ -33,6 +34,8 @@ class PrepareReport:
     tokens: int = 0
     supervised_tokens: int = 0
     validation_rows: int = 0
+    desirable: int = 0  # labelled rows (KTO): kept answers labelled true
+    undesirable: int = 0  # and false
     reused_cache: bool = False
     samples: list[str] = field(default_factory=list)
 
@@ -58,6 +61,10 @@ class PrepareReport:
             f"tokens:            {self.tokens}",
             f"supervised tokens: {self.supervised_tokens} ({share:.1%} of all tokens)",
         ]
+        if self.desirable or self.undesirable:
+            advice = weight_advice(self.desirable, self.undesirable)
+            lines.append(f"labels:            {self.desirable} desirable, {self.undesirable} undesirable"
+                         + (f" (with equal weights: {advice})" if advice else ""))
         if self.history_untrained:
             lines.append(f"last answer only:  {self.history_untrained} rows (the chat template writes their earlier "
                          "answers as history, so only the last one is trained)")

@@ -1,20 +1,25 @@
 """Kahneman-Tversky Optimisation with a LoRA adapter: TRL's KTOTrainer on answers labelled desirable or not, through
 the run the preference methods share (train/preference.py).
 
-KTO needs no pairs: each row is a prompt, one answer and its label. glmtune's prepared preference pairs give two such
-rows each (the chosen answer desirable, the rejected one not), next to each other so that every batch holds both
-kinds. Its reference model is DPO's (--reference, see train/preference.py)."""
+KTO needs no pairs: each row is a prompt, one answer and its label. It trains on prepared labelled rows
+(data/labelled.py) as they are, or on prepared preference pairs, two rows each (the chosen answer desirable, the
+rejected one not), next to each other so that every batch holds both kinds. Its reference model is DPO's
+(--reference, see train/preference.py)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from trl import KTOConfig, KTOTrainer
 
+from glmtune.data.labelled import LABELLED_COLUMNS, check_both_labels, weight_advice
 from glmtune.data.preference import PREFERENCE_COLUMNS
 from glmtune.errors import UserError
 from glmtune.train.preference import PreferenceMethod
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -57,18 +62,36 @@ def mismatched_completions(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
 class PretokenizedKTOTrainer(KTOTrainer):
     """TRL 1.16's KTOTrainer tokenizes every dataset it is given (`_prepare_dataset`: prompt extraction, unpairing,
     the tokenizer's chat template, an eos token) with no switch to skip it, although its collator takes prompt_ids /
-    completion_ids / label. Ours were rendered by glmtune's templates and cut by prepare's truncation rules: they are
-    only unpaired here, and given their KL completions (TRL does that in the same method)."""
+    completion_ids / label. Ours were rendered by glmtune's templates and cut by prepare's truncation rules: pairs are
+    only unpaired here, and every row given its KL completion (TRL does that in the same method), and the balance of
+    the training rows checked (TRL does that there too)."""
 
     def _prepare_dataset(self, dataset: Dataset, processing_class: PreTrainedTokenizerBase, args: KTOConfig,
                          dataset_name: str) -> Dataset:
-        assert set(PREFERENCE_COLUMNS) <= set(dataset.column_names), dataset.column_names  # prepare wrote them
-        dataset = dataset.map(unpaired_rows, batched=True, remove_columns=dataset.column_names,
-                              desc=f"Unpairing the {dataset_name} pairs")
+        if not set(LABELLED_COLUMNS) <= set(dataset.column_names):
+            assert set(PREFERENCE_COLUMNS) <= set(dataset.column_names), dataset.column_names  # prepare wrote them
+            dataset = dataset.map(unpaired_rows, batched=True, remove_columns=dataset.column_names,
+                                  desc=f"Unpairing the {dataset_name} pairs")
+        if dataset_name == "train":
+            check_balance(dataset["label"], args)
         if self.calculate_KL:  # batches as the sequential sampler will draw them
             dataset = dataset.map(mismatched_completions, batched=True, batch_size=args.per_device_train_batch_size,
                                   desc=f"KL completions of the {dataset_name} rows")
         return dataset
+
+
+def check_balance(labels: list[bool], args: KTOConfig) -> None:
+    """Refuse training rows of one kind only (the validation split may have taken the others), and warn when the
+    weighted kinds are out of KTO's recommended balance, with the weights that would bring them in.
+
+    Raises:
+        UserError: no desirable or no undesirable row.
+    """
+    desirable = sum(labels)
+    check_both_labels(desirable, len(labels) - desirable, "the training split")
+    advice = weight_advice(desirable, len(labels) - desirable, args.desirable_weight, args.undesirable_weight)
+    if advice:
+        logger.warning(f"{desirable} desirable and {len(labels) - desirable} undesirable training rows, {advice}")
 
 
 def check_kto_options(training_args: KTOConfig) -> None:
@@ -89,4 +112,4 @@ def check_kto_options(training_args: KTOConfig) -> None:
                         "set for batches drawn in order", hint="leave --train_sampling_strategy out (sequential)")
 
 
-KTO = PreferenceMethod("kto", PretokenizedKTOTrainer, METRICS, reference=True, check=check_kto_options)
+KTO = PreferenceMethod("kto", PretokenizedKTOTrainer, METRICS, reference=True, check=check_kto_options, labelled=True)

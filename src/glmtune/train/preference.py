@@ -58,6 +58,7 @@ class PreferenceMethod:
     metrics: tuple[str, ...]  # what the trainer logs that the manifest and the result keep (first and last logged)
     reference: bool  # whether the loss measures the policy against a reference model (--reference)
     check: Callable[[Any], None] | None = None  # the method's refusals of its config, before anything loads
+    labelled: bool = False  # also trains on rows labelled desirable or not, unpaired (KTO)
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_preference(method: PreferenceMethod, model_args: ModelArguments, method_
         method.check(training_args)
     dataset_dir, dataset_manifest = prepare_data(method_args.dataset_path, model_args.model or adapter_base,
                                                  training_args, method_args, model_args.trust_remote_code,
-                                                 preference=True)
+                                                 preference=True, labelled=method.labelled)
     model_name = resolve_model_name(model_args.model, dataset_manifest, dataset_dir, fallback=adapter_base)
 
     tokenizer = load_matching_tokenizer(model_name, model_args.trust_remote_code, dataset_manifest, dataset_dir)

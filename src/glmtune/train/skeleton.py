@@ -193,18 +193,19 @@ def refuse_fsdp_on_cpu(training_args: TrainingArguments) -> None:
 
 def prepare_data(dataset_path: str | None, model: str | None, training_args: TrainingArguments,
                  tokenize_args: TokenizeArguments, trust_remote_code: bool,
-                 preference: bool) -> tuple[Path, dict[str, Any]]:
+                 preference: bool, labelled: bool = False) -> tuple[Path, dict[str, Any]]:
     """The prepared dataset directory for --dataset_path (a data file is tokenized first, by the main process, with
     `model`'s tokenizer) and its manifest, refused unless it holds the kind of data the method trains on.
 
     Args:
         preference: True for chosen/rejected pairs (DPO and its kin), False for conversations (SFT).
+        labelled: rows labelled desirable or not are taken too (KTO).
     Raises:
         UserError: no --dataset_path, a data file without a model, tokenizing options given with a prepared
             directory, a directory prepare did not write, or data of the other kind.
     """
     directory = prepared_dataset_dir(dataset_path, model, training_args, tokenize_args, trust_remote_code)
-    return read_prepared_manifest(str(directory), preference=preference)
+    return read_prepared_manifest(str(directory), preference=preference, labelled=labelled)
 
 
 def resolve_model_name(requested: str | None, manifest: dict[str, Any], dataset_dir: Path,
