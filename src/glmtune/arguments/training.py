@@ -14,6 +14,9 @@ from glmtune.errors import UserError
 EvalMetric = Literal["bleu-4", "bleu-4-jieba", "rouge-1", "rouge-2", "rouge-l", "exact_match", "perplexity"]
 EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
 
+# What a training run trains: a LoRA adapter, or a P-Tuning v2 prefix (train/ptuning.py, arguments/ptuning.py).
+FinetuningType = Literal["lora", "ptuning"]
+
 DpoReference = Literal["start", "base"]
 DPO_REFERENCES: tuple[str, ...] = get_args(DpoReference)
 
@@ -39,6 +42,9 @@ class LoraArguments(Options):
                                              "load-balancing loss (DeepSeek-V3's) to the gradients, to keep a "
                                              "trained router (--train_router) spreading tokens over the experts. "
                                              "Default: off.")
+    finetuning_type: FinetuningType = option("What the run trains: 'lora' (an adapter) or 'ptuning' (P-Tuning v2: "
+                                             "a learned prefix of keys and values in every layer, see "
+                                             "--pre_seq_len; default learning rate 2e-2).", default="lora")
 
     def __post_init__(self) -> None:
         super().__post_init__()

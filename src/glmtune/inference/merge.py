@@ -77,6 +77,9 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
     import torch
     from peft import PeftModel
 
+    from glmtune.models.prefix import refuse_prefix_merge
+
+    refuse_prefix_merge(peft_path)
     base = model or adapter_base_model(peft_path)
     if not base:
         raise UserError(f"the adapter {peft_path} does not name its base model", hint="pass --model BASE_MODEL")

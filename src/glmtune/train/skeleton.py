@@ -66,6 +66,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
     from transformers.trainer_utils import TrainOutput
 
+    from glmtune.arguments.ptuning import PtuningArguments
+
 LOSS_PLOT = "loss.png"
 STAGING = ".final.tmp"  # inside the output directory: the final artifacts before they are moved into place
 
@@ -280,7 +282,8 @@ def seed_run(seed: int) -> None:
 
 
 def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, seed: int,
-                   resume: Path | None = None, start_adapter: Path | None = None) -> PeftModel:
+                   resume: Path | None = None, start_adapter: Path | None = None,
+                   ptuning_args: PtuningArguments | None = None) -> PeftModel:
     """What the run trains, seeded first (seed_run): an earlier run's adapter trained further (`start_adapter`: its own
     rank and targets, the LoRA options don't apply), or else a new LoRA adapter from the LoRA options.
 
@@ -290,11 +293,17 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
     Args:
         resume: the checkpoint the run resumes from, whose adapter must have the shape the LoRA options give.
         start_adapter: an earlier run's adapter directory to train further (dpo's --peft_path).
+        ptuning_args: the prefix's options (--finetuning_type ptuning, train/ptuning.py); None: a command without
+            P-Tuning v2.
     Raises:
         UserError: LoRA targets the model lacks, a checkpoint's adapter of another shape, or a starting adapter
             that does not fit the model.
     """
     seed_run(seed)
+    if lora_args.finetuning_type == "ptuning":
+        from glmtune.train.ptuning import attach_prefix
+
+        return attach_prefix(model, model_name, lora_args, ptuning_args, resume, start_adapter)
     router = check_moe_options(model, model_name, lora_args, start_adapter)
     if start_adapter is not None:
         peft_model = load_trainable_adapter(model, start_adapter, model_name)
