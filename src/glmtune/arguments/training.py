@@ -14,7 +14,9 @@ from glmtune.errors import UserError
 EvalMetric = Literal["bleu-4", "bleu-4-jieba", "rouge-1", "rouge-2", "rouge-l", "exact_match", "perplexity"]
 EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
 
-FinetuningType = Literal["lora", "full", "freeze"]
+# What a training run trains: a LoRA adapter, the model's own weights (all, or some blocks), or a P-Tuning v2
+# prefix (train/ptuning.py, arguments/ptuning.py).
+FinetuningType = Literal["lora", "full", "freeze", "ptuning"]
 # peft's init_lora_weights values that need nothing beyond the model (pissa_niter_N is pissa with N fast-SVD
 # iterations); eva and corda need calibration data, loftq a LoftQ config, and glmtune gives them none.
 LORA_INITS: tuple[str, ...] = ("true", "false", "gaussian", "pissa", "pissa_niter_N", "olora", "orthogonal")
@@ -58,9 +60,10 @@ class LoraArguments(Options):
     loraplus_lr_ratio: float | None = option("LoRA+: the B matrices learn this many times faster than the A "
                                              "matrices (--learning_rate); LoRA+'s authors suggest 16. Default: off.")
     finetuning_type: FinetuningType = option("What the run trains: 'lora' (an adapter), 'full' (every weight of "
-                                             "the model) or 'freeze' (the last --freeze_trainable_layers blocks). "
-                                             "full and freeze save a whole model, loaded with --model.",
-                                             default="lora")
+                                             "the model), 'freeze' (the last --freeze_trainable_layers blocks) or "
+                                             "'ptuning' (P-Tuning v2: a learned prefix of keys and values in every "
+                                             "layer, see --pre_seq_len; default learning rate 2e-2). full and freeze "
+                                             "save a whole model, loaded with --model.", default="lora")
     freeze_trainable_layers: int = option("--finetuning_type freeze: train the last N decoder blocks (negative: "
                                           "the first -N).", default=2)
     freeze_trainable_modules: str = option("--finetuning_type freeze: within those blocks, train only the modules "

@@ -82,6 +82,9 @@ def run(args: PlanArguments) -> Estimate:
     if args.train_router and not shape.moe_layers:  # as train refuses it (train/skeleton.check_moe_options)
         raise UserError(f"--train_router: {args.model} ({shape.model_type}) is not a mixture of experts",
                         hint="leave --train_router out")
+    if args.finetuning_type == "ptuning":
+        raise UserError("plan has no estimate for --finetuning_type ptuning yet (a prefix's memory is not modelled)",
+                        hint="plan LoRA for an upper bound: a prefix trains far fewer parameters")
     if args.finetuning_type != "lora" and args.quantization_bit:  # as train refuses it (train/finetuning.py)
         raise UserError(f"--finetuning_type {args.finetuning_type} trains the model's own weights, which can't be "
                         "quantized", hint="leave --quantization_bit out, or plan LoRA on the quantized base")

@@ -13,6 +13,7 @@ from glmtune.arguments import (
     LoraArguments,
     ModelArguments,
 )
+from glmtune.arguments.ptuning import PtuningArguments
 from glmtune.help import asks_for_help, command_help
 
 # glmtune's defaults where transformers' suit full fine-tuning rather than LoRA; YAML and flags override them.
@@ -28,8 +29,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-OWN_ARGUMENTS = [ModelArguments, DatasetArguments, LoraArguments, ComputeArguments, GenerationEvalArguments,
-                 HealthArguments]
+OWN_ARGUMENTS = [ModelArguments, DatasetArguments, LoraArguments, PtuningArguments, ComputeArguments,
+                 GenerationEvalArguments, HealthArguments]
 
 
 def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
@@ -43,13 +44,22 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
 
     from glmtune.train.command import parse_training_options
     from glmtune.train.processes import end_process_group, is_main_process
+    from glmtune.train.ptuning import LEARNING_RATE as PTUNING_LEARNING_RATE
+    from glmtune.train.ptuning import check_ptuning_training
     from glmtune.train.sft import run_sft
     from glmtune.train.skeleton import saved_what
 
-    model_args, data_args, lora_args, compute_args, eval_args, health_args, training_args = parse_training_options(
-        "glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv, {**TRAIN_DEFAULTS, **(defaults or {})},
-        description=__doc__)
-    result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args, health_args)
+    command_defaults = {**TRAIN_DEFAULTS, **(defaults or {})}
+    parsed = parse_training_options("glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv, command_defaults,
+                                    description=__doc__)
+    if parsed[2].finetuning_type == "ptuning":  # again, under the method's learning rate: a YAML or flag still wins
+        parsed = parse_training_options("glmtune train", [*OWN_ARGUMENTS, TrainingArguments], argv,
+                                        {**command_defaults, "learning_rate": PTUNING_LEARNING_RATE},
+                                        description=__doc__)
+        check_ptuning_training(parsed[-1])
+    model_args, data_args, lora_args, ptuning_args, compute_args, eval_args, health_args, training_args = parsed
+    result = run_sft(model_args, data_args, lora_args, training_args, compute_args, eval_args, health_args,
+                     ptuning_args)
     end_process_group()  # after the main process's final writes, on every process
     if not is_main_process():  # under torchrun / accelerate launch: said once
         return

@@ -61,11 +61,14 @@ class Sequence:
 def supports_batched_steps(model: Any) -> bool:
     """True for a transformers-native model (a peft wrapper around one included) whose cache is one plain
     DynamicLayer per layer; False for remote code, ChatGLM-6B's 2-D positions and sliding-window or indexed caches,
-    whose rows cannot be padded and concatenated the same way."""
+    whose rows cannot be padded and concatenated the same way; False under a P-Tuning v2 prefix, which the step loop's
+    cache does not start from."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    from glmtune.models.prefix import is_prefix_model
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not type(base).__module__.startswith("transformers.models."):
+    if is_prefix_model(model) or not type(base).__module__.startswith("transformers.models."):
         return False
     try:
         cache = DynamicCache(config=base.config)

@@ -57,6 +57,8 @@ class Engine:
         """
         from peft import PeftModel
 
+        from glmtune.models.prefix import enable_prefix_generation
+
         adapter_base = adapter_base_model(Path(peft_path)) if peft_path else None
         if not (model or adapter_base):
             raise UserError("--model is required (or --peft_path, whose adapter names its base model)")
@@ -68,6 +70,7 @@ class Engine:
         self.model = load_model(self.model_name, trust_remote_code, quantization_bit=quantization_bit)
         if peft_path:
             self.model = PeftModel.from_pretrained(self.model, peft_path)
+            enable_prefix_generation(self.model)  # a P-Tuning v2 prefix: generate() must start from it
         self.model.eval()
 
     @contextlib.contextmanager

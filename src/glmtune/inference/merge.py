@@ -81,6 +81,9 @@ def merge_adapter(peft_path: Path, output_dir: Path, model: str | None = None, d
     import torch
     from peft import PeftModel
 
+    from glmtune.models.prefix import refuse_prefix_merge
+
+    refuse_prefix_merge(peft_path)
     refuse_whole_model(peft_path)
     base = model or adapter_base_model(peft_path)
     if not base:

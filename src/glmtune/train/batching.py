@@ -28,9 +28,13 @@ IGNORE_INDEX = -100
 
 def supports_packing(model: Any) -> bool:
     """Whether the model keeps packed samples apart given only restarting position ids: its family says so, and
-    its class is built on transformers' attention interface (remote code of a known family may not be)."""
+    its class is built on transformers' attention interface (remote code of a known family may not be). Not under a
+    prefix (P-Tuning v2): every packed sample would have to see the one prefix, which restarting positions don't say."""
+    from glmtune.models.prefix import is_prefix_model
+
     base = base_model(model)
-    return family_of_model(base).packing and bool(getattr(base, "_supports_attention_backend", False))
+    return (not is_prefix_model(model) and family_of_model(base).packing
+            and bool(getattr(base, "_supports_attention_backend", False)))
 
 
 def make_collator(tokenizer: Any, packing: bool, hidden_size: int | None = None, one_row: bool = False) -> Any:

@@ -22,6 +22,7 @@ from glmtune.arguments import (
     LoraArguments,
     ModelArguments,
 )
+from glmtune.arguments.ptuning import PtuningArguments
 from glmtune.errors import UserError
 from glmtune.models.loading import stop_token_ids, tokenizer_fingerprint
 from glmtune.models.lora import base_model
@@ -62,8 +63,8 @@ class TrainResult:
 
 def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: LoraArguments,
             training_args: TrainingArguments, compute_args: ComputeArguments | None = None,
-            eval_args: GenerationEvalArguments | None = None, health_args: HealthArguments | None = None
-            ) -> TrainResult:
+            eval_args: GenerationEvalArguments | None = None, health_args: HealthArguments | None = None,
+            ptuning_args: PtuningArguments | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter on a prepared dataset (or a data file, tokenized first) and save the run.
 
     Args:
@@ -74,6 +75,7 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
         compute_args: precision and the chunked loss; None for their defaults.
         eval_args: --eval_generate, scoring each saved checkpoint by generation; None for off.
         health_args: what a non-finite gradient does (--nan_policy); None for the defaults (stop).
+        ptuning_args: the prefix's options for --finetuning_type ptuning; None for their defaults.
     Returns:
         The run directory, the steps taken and the last logged training loss.
     Raises:
@@ -104,7 +106,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
                                                  eval_args)
 
     model = load_model_for_training(model_args, model_name, precision, training_args)
-    model = attach_adapter(model, model_name, lora_args, training_args.seed, resume)
+    ptuning_args = ptuning_args or PtuningArguments()
+    model = attach_adapter(model, model_name, lora_args, training_args.seed, resume, ptuning_args=ptuning_args)
     clear_output(training_args, resume)
 
     chunked = compute_args.chunked_loss and _supports_chunked_loss(model)
@@ -138,8 +141,8 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     # What ran: the model may not support them, auto resolved to one precision.
-    config = resolved_config((model_args, data_args, lora_args, compute_args, eval_args, training_args), model_name,
-                             precision, model, chunked_loss=chunked, packing=packing,
+    config = resolved_config((model_args, data_args, lora_args, ptuning_args, compute_args, eval_args, training_args),
+                             model_name, precision, model, chunked_loss=chunked, packing=packing,
                              attention=base_model(model).config._attn_implementation)
     save_final(output_dir, trainer, config, command="train",
                base_model=model_name, dataset=str(dataset_dir),

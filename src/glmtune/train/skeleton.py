@@ -68,6 +68,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
     from transformers.trainer_utils import TrainOutput
 
+    from glmtune.arguments.ptuning import PtuningArguments
+
 LOSS_PLOT = "loss.png"
 STAGING = ".final.tmp"  # inside the output directory: the final artifacts before they are moved into place
 # On a PeftModel whose adapter started from the base weights (PiSSA, OLoRA): the directory of its adapter as it
@@ -286,7 +288,8 @@ def seed_run(seed: int) -> None:
 
 
 def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, seed: int,
-                   resume: Path | None = None, start_adapter: Path | None = None) -> PeftModel | PreTrainedModel:
+                   resume: Path | None = None, start_adapter: Path | None = None,
+                   ptuning_args: PtuningArguments | None = None) -> PeftModel | PreTrainedModel:
     """What the run trains, seeded first (seed_run): an earlier run's adapter trained further (`start_adapter`: its own
     rank and targets, the LoRA options don't apply), a new LoRA adapter from the LoRA options, or (--finetuning_type
     full or freeze) no adapter: the model's own weights, all or the chosen blocks', trainable and the rest frozen.
@@ -294,11 +297,17 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
     Args:
         resume: the checkpoint the run resumes from, whose adapter must have the shape the LoRA options give.
         start_adapter: an earlier run's adapter directory to train further (dpo's --peft_path).
+        ptuning_args: the prefix's options (--finetuning_type ptuning, train/ptuning.py); None: a command without
+            P-Tuning v2.
     Raises:
         UserError: LoRA targets the model lacks, a checkpoint's adapter of another shape, or a starting adapter
             that does not fit the model.
     """
     seed_run(seed)
+    if lora_args.finetuning_type == "ptuning":
+        from glmtune.train.ptuning import attach_prefix
+
+        return attach_prefix(model, model_name, lora_args, ptuning_args, resume, start_adapter)
     router = check_moe_options(model, model_name, lora_args, start_adapter)
     if lora_args.finetuning_type != "lora":
         from glmtune.train.finetuning import make_trainable
@@ -656,4 +665,4 @@ def warn_if_fp16_overflows(model_name: str, precision: Precision) -> None:
 
 def saved_what(finetuning_type: str) -> str:
     """What a run's output directory holds, for the line a command prints at the end."""
-    return "Adapter" if finetuning_type in ("lora", "ptuning") else "Model"
+    return {"lora": "Adapter", "ptuning": "Prefix"}.get(finetuning_type, "Model")
