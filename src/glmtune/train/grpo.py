@@ -61,6 +61,10 @@ class GlmtuneGRPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         if self.reward_weights is not None:
             self.reward_weights = parse_weights(self.reward_weights)
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            # A copy of a resolved config (the precision step's dataclasses.replace): TRL refuses both set, having set
+            # both itself. The steps stay; the batch is derived again, for the world size the copy was made for.
+            self.generation_batch_size = None
         super().__post_init__()
 
 
