@@ -188,8 +188,8 @@ def test_a_reward_function_raising_during_training_stops_the_run_with_its_name_a
     (tmp_path / "mine.py").write_text("def picky(completions, reference, **kwargs):\n"
                                       "    return [1.0 / (int(ref) - 11) for ref in reference]\n")
     data = write_json(tmp_path / "sums.json", SUMS)  # 5 + 6 = 11
-    result = grpo(cli, tiny_model, data, tmp_path / "run", "--max_steps", "1",
+    result = grpo(cli, tiny_model, data, tmp_path / "run", "--max_steps", "2",  # an epoch: every row
                   "--reward_funcs", f"{tmp_path / 'mine.py'}:picky")
     assert result.code == 2, result.err
     assert "reward function" in result.err and "picky raised ZeroDivisionError" in result.err
-    assert "sums.json row 3" in result.err and "Traceback" not in result.err
+    assert "sums.json row 2" in result.err and "Traceback" not in result.err
