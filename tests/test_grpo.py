@@ -193,3 +193,40 @@ def test_a_reward_function_raising_during_training_stops_the_run_with_its_name_a
     assert result.code == 2, result.err
     assert "reward function" in result.err and "picky raised ZeroDivisionError" in result.err
     assert "sums.json row 2" in result.err and "Traceback" not in result.err
+
+
+def test_help_shows_the_grpo_options_with_glmtune_s_defaults_over_trl_s(cli):
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from glmtune.commands.grpo import COMMON_GRPO_OPTIONS, GRPO_DEFAULTS
+
+    result = cli("grpo", "--help")
+    assert result.code == 0 and "--reward_funcs" in result.out and "--peft_path" in result.out
+    fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
+    for name, default, _ in COMMON_GRPO_OPTIONS:
+        field = fields[name]
+        assert default == (field.default_factory() if field.default is dataclasses.MISSING else field.default), name
+        shown = " ".join(result.out.split())  # the help's lines joined as one
+        assert f"--{name}" in shown, name
+        assert default is None or f"default: {GRPO_DEFAULTS.get(name, default)})" in shown, name
+
+
+def test_reward_weights_are_read_from_one_comma_separated_value_or_a_list():
+    from glmtune.train.grpo import parse_weights
+
+    assert parse_weights("1,0.5") == parse_weights(["1", "0.5"]) == parse_weights([1, 0.5]) == [1.0, 0.5]
+    with pytest.raises(UserError, match="--reward_weights"):
+        parse_weights(["1,heavy"])
+
+
+def test_options_grpo_does_not_take_are_refused_before_loading(cli, tiny_model, tmp_path):
+    data = write_json(tmp_path / "sums.json", SUMS)
+    result = grpo(cli, tiny_model, data, tmp_path / "run", "--reward_funcs", "format", "--eval_strategy", "steps")
+    assert result.code == 2 and "--eval_strategy steps" in result.err
+    result = grpo(cli, tiny_model, tmp_path / "absent.json", tmp_path / "run", "--reward_funcs", "format")
+    assert result.code == 2 and "no such file" in result.err
+    result = grpo(cli, tiny_model, data, tmp_path / "run", "--reward_funcs", f"{tmp_path / 'absent.py'}:f")
+    assert result.code == 2 and "absent.py does not exist" in result.err
+    assert not (tmp_path / "run").exists()
