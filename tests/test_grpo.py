@@ -225,6 +225,8 @@ def test_options_grpo_does_not_take_are_refused_before_loading(cli, tiny_model, 
     data = write_json(tmp_path / "sums.json", SUMS)
     result = grpo(cli, tiny_model, data, tmp_path / "run", "--reward_funcs", "format", "--eval_strategy", "steps")
     assert result.code == 2 and "--eval_strategy steps" in result.err
+    result = grpo(cli, tiny_model, data, tmp_path / "run", "--reward_funcs", "format,length", "--reward_weights", "1")
+    assert result.code == 2 and "1 weights for 2 reward functions (format, length)" in result.err
     result = grpo(cli, tiny_model, tmp_path / "absent.json", tmp_path / "run", "--reward_funcs", "format")
     assert result.code == 2 and "no such file" in result.err
     result = grpo(cli, tiny_model, data, tmp_path / "run", "--reward_funcs", f"{tmp_path / 'absent.py'}:f")

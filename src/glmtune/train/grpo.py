@@ -129,6 +129,10 @@ def run_grpo(model_args: ModelArguments, grpo_args: GrpoArguments, lora_args: Lo
     check_grpo_options(grpo_args, training_args)
     length_target = grpo_args.length_target or max(1, training_args.max_completion_length // 2)
     rewards = reward_functions(grpo_args.reward_funcs or "", length_target)
+    weights = training_args.reward_weights
+    if weights is not None and len(weights) != len(rewards):
+        raise UserError(f"--reward_weights gives {len(weights)} weights for {len(rewards)} reward functions "
+                        f"({', '.join(f.__name__ for f in rewards)})", hint="one weight per --reward_funcs entry")
 
     model_name, tokenizer, rows = read_prompts(model_args, grpo_args, adapter_base)
     names = [f.__name__ for f in rewards]
