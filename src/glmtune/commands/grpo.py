@@ -33,6 +33,10 @@ COMMON_GRPO_OPTIONS: list[tuple[str, Any, str]] = [
     ("reward_weights", None, "Weights of --reward_funcs, in order: 1,0.5 (default: 1 each)."),
     ("beta", 0.0, "KL penalty towards the base model (0: none, and no reference pass)."),
     ("use_vllm", False, "Generate with vLLM (GPUs; see docs/commands/grpo.md)."),
+    ("vllm_mode", "colocate", "colocate (vLLM in the training processes, sharing their GPUs) or server (a "
+                              "`trl vllm-serve` process on other GPUs)."),
+    ("vllm_gpu_memory_utilization", 0.3, "Share of each GPU's memory vLLM takes in colocate mode."),
+    ("vllm_server_host", "0.0.0.0", "Host of the vLLM server in server mode."),
 ]
 
 
