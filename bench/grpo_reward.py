@@ -4,7 +4,7 @@ about 0.5 for the untrained model, with spread inside every group of completions
 reachable by a LoRA adapter in a few steps. A task in words (a number copied, an answer format) needs a model that
 can already write; the tiny random one can't.
 
-    .venv/bin/python bench/grpo_reward.py [--steps 12] [--learning_rate 2e-2] [--seed 42]
+    .venv/bin/python bench/grpo_reward.py [--steps 24] [--learning_rate 2e-2] [--seed 42]
 
 Prints the mean reward of each logged step (8 completions: 2 prompts x 4 generations of 6 tokens) and the seconds
 each took.
@@ -30,7 +30,7 @@ def even_ids(completion_ids, **kwargs):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--learning_rate", default="2e-2")
     parser.add_argument("--seed", default="42")
     args = parser.parse_args()
