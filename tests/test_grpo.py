@@ -146,6 +146,9 @@ def test_a_prepared_dataset_gives_the_prompts_and_references_of_its_data_file(cl
     direct = rows_from_file(tokenizer, str(data), None, None)
     assert [(r["prompt_ids"], r["reference"]) for r in prepared] == [(r["prompt_ids"], r["reference"])
                                                                      for r in direct]
+    result = cli("grpo", "--dataset_path", tmp_path / "prepared", "--output_dir", tmp_path / "run", "--reward_funcs",
+                 "accuracy", "--enable_thinking", "false")
+    assert result.code == 2 and "--enable_thinking" in result.err and "prepared dataset" in result.err
 
 
 def grpo(cli, model, data, out, *extra):
