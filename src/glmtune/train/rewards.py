@@ -186,7 +186,7 @@ def _raised(label: str, error: Exception, batch: dict[str, Any], row: int | None
     problems = []
     if row is not None:
         where = (batch.get("location") or [None] * (row + 1))[row]
-        problems = [f"row: {where or 'of the batch, ' + str(row)}",
+        problems = [f"row: {where or f'{row} of the batch'}",
                     f"prompt: {_short(batch['prompts'][row])}", f"completion: {_short(batch['completions'][row])}"]
     return UserError(f"the reward function {label} raised {type(error).__name__}: {error}", problems=problems,
                      hint="fix the function (it must take prompts, completions and **kwargs, and return one number "
