@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kto": ("glmtune.commands.kto", "Preference tuning (KTO): each answer of a pair labelled good or bad."),
     "orpo": ("glmtune.commands.orpo", "Preference tuning (ORPO: SFT and preference in one, no reference model)."),
     "simpo": ("glmtune.commands.simpo", "Preference tuning (SimPO, or CPO) of a LoRA adapter, no reference model."),
+    "grpo": ("glmtune.commands.grpo", "Reinforcement learning (GRPO) of a LoRA adapter with reward functions."),
     "infer": ("glmtune.commands.infer", "Answer prompts with a base model and an optional adapter."),
     "chat": ("glmtune.commands.chat", "Talk to a model (with an optional adapter) in the terminal, streaming."),
     "merge": ("glmtune.commands.merge", "Fold an adapter into its base model and prove the merged logits match."),

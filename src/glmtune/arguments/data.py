@@ -96,15 +96,25 @@ class PrepareArguments(OverwriteArguments, SeedArguments, TokenizeArguments, Dat
 
 
 @dataclass
-class TrainingDataArguments(OverwriteArguments, TokenizeArguments):
+class DatasetPathArguments(Options):
+    """A training method's --dataset_path alone (grpo's: it tokenizes prompts, not training samples); each method
+    words it through `help_overrides`."""
+
+    dataset_path: str | None = option("Dataset directory written by `glmtune prepare`, or a data file (any format "
+                                      "prepare reads).")
+
+
+@dataclass
+class TrainingDataArguments(DatasetPathArguments, OverwriteArguments, TokenizeArguments):  # --dataset_path last
     """A training method's data (train's, dpo's): a prepared dataset or a data file tokenized on the fly with the
     tokenize options; and whether the run may start afresh in an output directory that holds an earlier one."""
 
-    help_overrides = {"overwrite_output_dir": "Start afresh in a non-empty --output_dir."}
-
-    dataset_path: str | None = option(
-        "Dataset directory written by `glmtune prepare`, or a data file (any format prepare reads), tokenized here "
-        "with the options above by the main process alone, into prepare's cache (HF_HOME/glmtune/prepare).")
+    help_overrides = {
+        "overwrite_output_dir": "Start afresh in a non-empty --output_dir.",
+        "dataset_path": "Dataset directory written by `glmtune prepare`, or a data file (any format prepare reads), "
+                        "tokenized here with the options above by the main process alone, into prepare's cache "
+                        "(HF_HOME/glmtune/prepare).",
+    }
 
 
 @dataclass
