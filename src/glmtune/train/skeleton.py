@@ -24,7 +24,8 @@ only describes itself as a `PreferenceMethod`.
 Adding a method is two files (a preference method: one PreferenceMethod in its module instead of a run):
 
 - `train/<method>.py`: `run_<method>(...)` calling the steps above with the method's Trainer (or TRL trainer and
-  config), its own checks, and the manifest fields it adds; see train/dpo.py for a TRL trainer.
+  config), its own checks, and the manifest fields it adds; see train/preference.py for TRL trainers on pairs
+  and labelled rows, train/grpo.py for one that generates while it trains.
 - `commands/<method>.py`: `main(argv)` parsing the method's argument dataclasses (train.command's
   parse_training_options), calling `run_<method>`, then `end_process_group()` and printing on the main process
   alone; plus its line in cli.COMMANDS.
