@@ -1,11 +1,16 @@
 """Generation throughput: `infer`'s batches against one prompt at a time, and `serve` with 1, 4, 8 and 16 concurrent
 clients, in the same run, on the tiny demo GLM (random weights, greedy, a fixed answer length).
 
-    .venv/bin/python bench/generation_speed.py [--prompts 64] [--max_new_tokens 32] [--batch_size 16]
+    .venv/bin/python bench/generation_speed.py [--prompts 64] [--max_new_tokens 32] [--batch_size 16] [--threads N]
 
 Prints generated tokens per second for each way and, for serve, the time to first token and the p50/p99 request
 latency (streamed requests, as a chat client sends them). serve batches concurrent requests (continuous batching,
 see glmtune/serve/batching.py): the target is 8 clients at 5x or more one client's tokens/s.
+
+`--threads`: torch's intra-op threads (default: torch's own choice, one per core). The demo model's matrices are so
+small that on a machine whose cores are busy with other work, two threads waiting on each other cost far more than
+they share (measured: 16-row decoding steps 5 to 30 times slower with 2 threads than with 1 at load average 8 on 2
+cores), so the printout names the threads and the load average.
 """
 
 from __future__ import annotations
@@ -87,8 +92,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     from glmtune.inference.engine import Engine
     from glmtune.serve.app import create_app
     from glmtune.serve.background import running
@@ -106,7 +117,8 @@ def main() -> None:
             for clients in CLIENTS:
                 serve_rows.append((clients, serve_run(base + "/v1", prompts, args.max_new_tokens, clients)))
     print(f"\n{args.prompts} prompts, up to {args.max_new_tokens} new tokens each, tiny demo GLM, "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, load average {load:.1f} at the start "
+          f"and {os.getloadavg()[0]:.1f} at the end")
     print("| way | generated tokens/s |\n|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:.0f} |")
