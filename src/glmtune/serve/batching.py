@@ -3,12 +3,12 @@ batch (inference/batch_generation.py), and each decoding step advances them all 
 
 Between steps the worker admits choices from the head of the waiting line while the batch has room
 (`max_batch_size` rows, and at most `max_batch_tokens` cache positions counted as rows x the longest prompt +
-max_tokens, the most the left-padded cache can come to hold), and drops the rows of finished and cancelled jobs
-(a client that left). Past that room, requests wait in the bounded line as before (429 when it is full); the line
-is first come, first served, so a large request at its head is not overtaken. A request larger than the whole
-budget runs alone rather than never. Each choice keeps its own sampling, seed, budget, stop strings, parser (a text
-completion's raw prompt is read as plain text), adapter and log-probabilities, and its events are the serial
-Worker's: the app cannot tell them apart.
+max_tokens, the most the left-padded cache can come to hold), prefills the ones admitted in one round together (one
+forward pass), and drops the rows of finished and cancelled jobs (a client that left). Past that room, requests wait
+in the bounded line as before (429 when it is full); the line is first come, first served, so a large request at its
+head is not overtaken. A request larger than the whole budget runs alone rather than never. Each choice keeps its
+own sampling, seed, budget, stop strings, parser (a text completion's raw prompt is read as plain text), adapter and
+log-probabilities, and its events are the serial Worker's: the app cannot tell them apart.
 """
 
 from __future__ import annotations
