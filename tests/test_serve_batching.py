@@ -140,6 +140,37 @@ def test_greedy_answers_joining_and_leaving_a_running_batch_equal_one_at_a_time_
     assert batching.peak_batch_size >= 3  # they did share the batch
 
 
+def test_requests_arriving_together_are_prefilled_as_one_padded_batch_and_answer_as_alone(serial, engine,
+                                                                                          questions):
+    """Prompts of different lengths admitted in one round share one left-padded prefill; padding, positions and
+    mask leave each answer (greedy text, length, log-probabilities) as the serial Worker's, also for the rows that
+    join the batch already running."""
+    specs = [{"question": q * (1 + i % 3), "max_tokens": 6 + 5 * i, "logprobs": 2 if i % 2 else None}
+             for i, q in enumerate(questions)]
+    expected = one_at_a_time(serial, specs)
+    worker = make_worker(engine, 16, BatchLimits(max_batch_size=4, max_batch_tokens=4 * 512))
+    sizes: list[int] = []
+    add_many = worker.generator.add_many
+    worker.generator.add_many = lambda joining: sizes.append(len(joining)) or add_many(joining)
+    outcomes = [Outcome() for _ in specs]
+    for spec, outcome in zip(specs, outcomes, strict=True):
+        worker.submit(job(outcome=outcome, **spec))  # all in line before the worker starts
+    worker.start()
+    try:
+        for outcome in outcomes:
+            assert outcome.done.wait(120)
+    finally:
+        worker.close()
+    assert sizes[0] == 4  # the first round prefilled a full batch at once
+    assert len({len(engine.prepare(Conversation(messages=[Message("user", s["question"])]), GenerationSettings())[0])
+                for s in specs[:4]}) > 1  # of different lengths: padded
+    for o, e in zip(outcomes, expected, strict=True):
+        assert o.answer() == e.answer()
+        assert [t.token_id for t in o.logprobs.get(0, [])] == [t.token_id for t in e.logprobs.get(0, [])]
+        assert [t.logprob for t in o.logprobs.get(0, [])] == pytest.approx([t.logprob for t in e.logprobs.get(0, [])],
+                                                                          abs=1e-4)
+
+
 def test_seeded_samples_in_a_batch_equal_the_same_request_alone(batching, questions):
     specs = [{"question": q, "max_tokens": 10 + 6 * i, "temperature": 0.9, "seed": 100 + i, "n": 1 + i % 2}
              for i, q in enumerate(questions[:5])]

@@ -3,12 +3,12 @@ batch (inference/batch_generation.py), and each decoding step advances them all 
 
 Between steps the worker admits choices from the head of the waiting line while the batch has room
 (`max_batch_size` rows, and at most `max_batch_tokens` cache positions counted as rows x the longest prompt +
-max_tokens, the most the left-padded cache can come to hold), and drops the rows of finished and cancelled jobs
-(a client that left). Past that room, requests wait in the bounded line as before (429 when it is full); the line
-is first come, first served, so a large request at its head is not overtaken. A request larger than the whole
-budget runs alone rather than never. Each choice keeps its own sampling, seed, budget, stop strings, parser (a text
-completion's raw prompt is read as plain text), adapter and log-probabilities, and its events are the serial
-Worker's: the app cannot tell them apart.
+max_tokens, the most the left-padded cache can come to hold), prefills the ones admitted in one round together (one
+forward pass), and drops the rows of finished and cancelled jobs (a client that left). Past that room, requests wait
+in the bounded line as before (429 when it is full); the line is first come, first served, so a large request at its
+head is not overtaken. A request larger than the whole budget runs alone rather than never. Each choice keeps its
+own sampling, seed, budget, stop strings, parser (a text completion's raw prompt is read as plain text), adapter and
+log-probabilities, and its events are the serial Worker's: the app cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmtune.inference.answers import AnswerSplitter
-from glmtune.inference.batch_generation import BatchGenerator, Sampling, Sequence
+from glmtune.inference.batch_generation import BatchGenerator, Joining, Sampling, Sequence
 from glmtune.inference.decoding import AnswerDecoder
 from glmtune.serve.scheduler import ChoiceEnd, Handout, Job, JobEnd, JobError, PlainSplitter, StopCutter, Worker
 
@@ -86,8 +86,7 @@ class BatchWorker(Worker):
                 if self._closed:
                     return
                 admitted = self._admit()
-            for job, index in admitted:
-                self._start(job, index)
+            self._start(admitted)
             self._drop_cancelled()
             try:
                 self.generator.step()
@@ -130,25 +129,34 @@ class BatchWorker(Worker):
             return [self.engine.prepare(job.conversation, job.settings)]
         return [(prompt, self.engine.prompt_budget(prompt, job.settings), None) for prompt in job.prompts]
 
-    def _start(self, job: Job, index: int) -> None:
-        """Prefill one choice and hand over its first token."""
-        if job.cancelled.is_set() or job not in self._jobs:  # its client left, or an earlier choice failed it
-            return self._forget(job)
-        prompt, budget, parser = self._prepared[job][index // job.n]
-        # Choice i draws from seed + i: each choice repeats with its seed, whatever shares the batch.
-        seed = None if job.seed is None else job.seed + index
-        sampling = Sampling(job.settings.temperature, job.settings.top_p, seed)
+    def _start(self, admitted: list[tuple[Job, int]]) -> None:
+        """Prefill the admitted choices together and hand over their first tokens."""
+        starting = []
+        for job, index in admitted:
+            if job.cancelled.is_set() or job not in self._jobs:  # its client left, or an earlier choice failed it
+                self._forget(job)
+                continue
+            prompt, budget, parser = self._prepared[job][index // job.n]
+            # Choice i draws from seed + i: each choice repeats with its seed, whatever shares the batch.
+            seed = None if job.seed is None else job.seed + index
+            sampling = Sampling(job.settings.temperature, job.settings.top_p, seed)
+            starting.append((job, index, parser, Joining(prompt, budget, sampling, job.settings.adapter, job.logprobs)))
         try:
-            sequence = self.generator.add(prompt, budget, sampling, job.settings.adapter, job.logprobs)
-        except BaseException as e:
-            return self._fail(job, e)
-        self._jobs[job].open.add(index)
-        splitter = PlainSplitter() if parser is None else parser.splitter()
-        handout = Handout(job, index, None if job.logprobs is None else sequence.entries)
-        row = _Choice(job, index, sequence, StopCutter(job.stop), splitter, handout)
-        self._rows.append(row)
+            sequences = self.generator.add_many([joining for *_, joining in starting])
+        except BaseException as e:  # each of their jobs gets it (a 500); the running rows are untouched
+            for job in {job for job, *_ in starting}:
+                self._fail(job, e)
+            return
+        rows = []
+        for (job, index, parser, _), sequence in zip(starting, sequences, strict=True):
+            self._jobs[job].open.add(index)  # all of them before any can end its job
+            splitter = PlainSplitter() if parser is None else parser.splitter()
+            handout = Handout(job, index, None if job.logprobs is None else sequence.entries)
+            rows.append(_Choice(job, index, sequence, StopCutter(job.stop), splitter, handout))
+        self._rows.extend(rows)
         self.peak_batch_size = max(self.peak_batch_size, len(self._rows))
-        self._advance(row)
+        for row in rows:
+            self._advance(row)
 
     def _advance(self, row: _Choice) -> None:
         """Hand over the text the row's new token completed; end the choice if its sequence or a stop string did."""
