@@ -195,8 +195,9 @@ def cache_key(data: LoadedData, **settings: Any) -> str:
     """A hash of everything that decides the tokenized result, the code that reads and renders data included, and
     glmtune's own tokenizer classes (how they encode text can change while their vocabulary, and so the tokenizer's
     fingerprint, stays the same)."""
-    package = Path(__file__).parent.parent
-    sources = [*package.joinpath("data").glob("*.py"), *package.joinpath("models", "chatglm").glob("*.py")]
+    from glmtune.models.chatglm import official_encode  # the package of glmtune's own tokenizer classes
+
+    sources = [*Path(__file__).parent.glob("*.py"), *Path(official_encode.__file__).parent.glob("*.py")]
     code = "".join(sorted(p.read_text(encoding="utf-8") for p in sources))
     fields = {"version": __version__, "code": sha256_text(code), "inputs": list(data.inputs.values()),
               "format": data.format,
