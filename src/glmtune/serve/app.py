@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,7 +39,7 @@ from glmtune.serve.logprob_fields import chat_logprobs
 from glmtune.serve.messages import BadRequest, request_conversation, request_thinking
 from glmtune.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from glmtune.serve.metrics import Metrics, MetricsMiddleware, RequestTiming
-from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, Job, JobEnd, JobError, QueueFull, Worker
+from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, Event, Job, JobError, QueueFull
 from glmtune.serve.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -58,8 +57,7 @@ from glmtune.serve.schemas import (
     Usage,
     sse_data,
 )
-
-DISCONNECT_POLL_S = 0.25  # how often a request waiting on the worker checks that its client is still there
+from glmtune.serve.streamed import Handoff, Inbox, StreamedAnswer, each_event, job_events
 
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_queue: int = 64,
@@ -88,9 +86,12 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
     # One thread: the checks tokenize, and two requests' checks would only share the same cores.
     checker = ThreadPoolExecutor(1, thread_name_prefix="glmtune-serve-check")
     admitted = 0  # requests being read or checked; touched on the event loop only
+    handoff: Any = None  # the worker's Handoff, made on the event loop when the app starts
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal handoff
+        handoff = worker.gate = Handoff(asyncio.get_running_loop())
         worker.start()
         yield
         worker.close()
@@ -152,15 +153,10 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
             admitted -= 1
 
     def launch(request: Request, job_for: Callable[[Callable[[Any], None]], Job], prompt_tokens: int,
-               timing: RequestTiming) -> AsyncIterator[Any]:
-        """The job (made by `job_for` around its deliver callback) in the worker's line; its events."""
-        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
-
-        def deliver(event: Any) -> None:  # called from the worker thread
-            with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is listening
-                loop.call_soon_threadsafe(inbox.put_nowait, event)
-
-        job = job_for(deliver)
+               timing: RequestTiming) -> AsyncIterator[list[Event]]:
+        """The job (made by `job_for` around its deliver callback) in the worker's line; its events, in batches."""
+        inbox = Inbox(handoff.loop)
+        job = job_for(handoff.deliver_to(inbox))
         try:
             worker.submit(job)
         except QueueFull:
@@ -236,49 +232,22 @@ def prepare(engine: Any, body: ChatCompletionRequest, context: int | None, enabl
     return conversation, prompt_tokens, settings
 
 
-async def job_events(job: Job, inbox: asyncio.Queue, request: Request, worker: Worker,
-                     timing: RequestTiming | None = None) -> AsyncIterator[Any]:
-    """The job's events until its end (each shown to `timing`, for /metrics). However this ends (the end, an error,
-    the client leaving, the response's task cancelled), the job is cancelled, so that a client that left frees the
-    worker."""
-    try:
-        while True:
-            try:
-                event = await asyncio.wait_for(inbox.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                event = None
-            # Checked here as well as by Starlette: with ASGI 2.4 servers it notices only when a send fails,
-            # and a request waiting in line sends nothing.
-            if await request.is_disconnected():
-                return
-            if event is None:
-                continue
-            if timing is not None:
-                timing.observe(event)
-            yield event
-            if isinstance(event, JobEnd | JobError):
-                return
-    finally:
-        worker.cancel(job)
-
-
-class Answer:
+class Answer(StreamedAnswer):
     """Turns a job's events into a chat.completion, or into chat.completion.chunk server-sent events."""
 
+    id_prefix = "chatcmpl-"
+
     def __init__(self, model_name: str, prompt_tokens: int, n: int, tokenizer: Any = None, logprobs: bool = False):
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self.model_name, self.prompt_tokens, self.n = model_name, prompt_tokens, n
-        self.tokenizer, self.logprobs = tokenizer, logprobs  # logprobs: the request asked for them
+        super().__init__(model_name, prompt_tokens, n, tokenizer, logprobs)
+        self.started: set[int] = set()  # choices streamed so far (OpenAI opens each with the role)
+        self.calls = [0] * n  # each choice's calls so far: a streamed call's index
 
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.prompt_tokens + completion_tokens)
-
-    async def whole(self, events: AsyncIterator[Any]) -> ChatCompletion | JSONResponse:
-        texts, reasoning, calls = [""] * self.n, [""] * self.n, [[] for _ in range(self.n)]
-        entries: list[list[Any]] = [[] for _ in range(self.n)]
+    async def whole(self, batches: AsyncIterator[list[Event]]) -> ChatCompletion | JSONResponse:
+        n = self.choices
+        texts, reasoning, calls = [""] * n, [""] * n, [[] for _ in range(n)]
+        entries: list[list[Any]] = [[] for _ in range(n)]
         ends = {}
-        async for event in events:
+        async for event in each_event(batches):
             if isinstance(event, AnswerPiece | ChoiceEnd):
                 entries[event.index] += event.logprobs or []
             if isinstance(event, AnswerPiece):
@@ -290,51 +259,44 @@ class Answer:
                 ends[event.index] = event
             elif isinstance(event, JobError):
                 return internal_error(event.error)
-        if len(ends) < self.n:  # the client left; nobody reads this
+        if len(ends) < n:  # the client left; nobody reads this
             return client_closed()
         # OpenAI's content is null when the answer is tool calls alone.
         choices = [Choice(index=i, message=AssistantMessage(content=texts[i] or (None if calls[i] else ""),
                                                             reasoning_content=reasoning[i] or None,
                                                             tool_calls=calls[i] or None),
                           finish_reason=ends[i].finish_reason, logprobs=self._logprobs(entries[i]))
-                   for i in range(self.n)]
+                   for i in range(n)]
         return ChatCompletion(id=self.id, created=self.created, model=self.model_name, choices=choices,
                               usage=self.usage(sum(e.completion_tokens for e in ends.values())))
 
-    async def sse(self, events: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
-        completion_tokens = 0
-        started: set[int] = set()
-        calls = [0] * self.n  # each choice's calls so far: a streamed call's index
-        async for event in events:
-            if isinstance(event, JobError):
-                yield sse_data(internal_error(event.error).body.decode())
-                break
-            if isinstance(event, JobEnd):
-                if include_usage:
-                    yield self._chunk([], usage=self.usage(completion_tokens))
-                yield sse_data("[DONE]")
-                break
-            if event.index not in started:  # OpenAI opens each choice with the role
-                started.add(event.index)
-                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(role="assistant", content=""))])
-            if isinstance(event, AnswerPiece):
-                yield self._chunk([ChunkChoice(index=event.index, delta=self._delta(event, calls),
-                                               logprobs=self._logprobs(event.logprobs))])
-            elif isinstance(event, ChoiceEnd):
-                completion_tokens += event.completion_tokens
-                yield self._chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.finish_reason,
-                                               logprobs=self._logprobs(event.logprobs) if event.logprobs else None)])
+    def event_chunks(self, event: AnswerPiece | ChoiceEnd) -> list[str]:
+        chunks = []
+        if event.index not in self.started:  # OpenAI opens each choice with the role
+            self.started.add(event.index)
+            chunks.append(self._chunk([ChunkChoice(index=event.index, delta=Delta(role="assistant", content=""))]))
+        if isinstance(event, AnswerPiece):
+            chunks.append(self._chunk([ChunkChoice(index=event.index, delta=self._delta(event),
+                                                   logprobs=self._logprobs(event.logprobs))]))
+        else:
+            chunks.append(self._chunk([ChunkChoice(index=event.index, delta=Delta(), finish_reason=event.finish_reason,
+                                                   logprobs=self._logprobs(event.logprobs) if event.logprobs
+                                                   else None)]))
+        return chunks
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._chunk([], usage)
 
     def _logprobs(self, entries: list[Any] | None) -> ChoiceLogprobs | None:
         return chat_logprobs(self.tokenizer, entries or []) if self.logprobs else None
 
-    @staticmethod
-    def _delta(piece: AnswerPiece, calls: list[int]) -> Delta:
+    def _delta(self, piece: AnswerPiece) -> Delta:
         """A piece as OpenAI streams it: a call whole, with its id, name and arguments, in one delta."""
         delta = piece.delta
         if delta.tool_call:
-            calls[piece.index] += 1
-            return Delta(tool_calls=[StreamedToolCall(index=calls[piece.index] - 1, **delta.tool_call.to_openai())])
+            self.calls[piece.index] += 1
+            return Delta(tool_calls=[StreamedToolCall(index=self.calls[piece.index] - 1,
+                                                      **delta.tool_call.to_openai())])
         if delta.reasoning:
             return Delta(reasoning_content=delta.reasoning)
         return Delta(content=delta.content)

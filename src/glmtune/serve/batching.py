@@ -13,6 +13,8 @@ log-probabilities, and its events are the serial Worker's: the app cannot tell t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +88,8 @@ class BatchWorker(Worker):
                 if self._closed:
                     return
                 admitted = self._admit()
-            self._start(admitted)
+            with self._delivering():
+                self._start(admitted)
             self._drop_cancelled()
             try:
                 self.generator.step()
@@ -94,8 +97,21 @@ class BatchWorker(Worker):
                 for job in {row.job for row in self._rows}:
                     self._fail(job, e)
                 continue
-            for row in list(self._rows):
-                self._advance(row)
+            with self._delivering():
+                for row in list(self._rows):
+                    self._advance(row)
+
+    @contextlib.contextmanager
+    def _delivering(self) -> Iterator[None]:
+        """A step's events for every row, handed over together (see DeliveryGate)."""
+        if self.gate is None:
+            yield
+            return
+        self.gate.hold()
+        try:
+            yield
+        finally:
+            self.gate.release()
 
     def _admit(self) -> list[tuple[Job, int]]:
         """Choices from the head of the line that fit in the batch now (called with the lock held)."""

@@ -9,8 +9,6 @@ penalties and logit_bias are refused (a 400), not ignored.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,8 +16,9 @@ from glmtune.serve.budget import answer_settings, check_asked
 from glmtune.serve.errors import APIError, client_closed, internal_error
 from glmtune.serve.intake import RequestLimits
 from glmtune.serve.logprob_fields import completion_logprobs
-from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, JobEnd, JobError
+from glmtune.serve.scheduler import AnswerPiece, ChoiceEnd, Event, JobError
 from glmtune.serve.schemas import CompletionChoice, CompletionRequest, TextCompletion, Usage, sse_data
+from glmtune.serve.streamed import StreamedAnswer, each_event
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for completions
 
@@ -45,22 +44,17 @@ def prepare_completion(engine: Any, body: CompletionRequest, context: int | None
     return prompts, settings
 
 
-class CompletionAnswer:
+class CompletionAnswer(StreamedAnswer):
     """Turns a job's events into a text_completion, or into text_completion server-sent events."""
 
     def __init__(self, model_name: str, prompt_tokens: int, choices: int, tokenizer: Any, logprobs: bool):
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.model_name, self.prompt_tokens, self.choices = model_name, prompt_tokens, choices
-        self.tokenizer, self.logprobs = tokenizer, logprobs
+        super().__init__(model_name, prompt_tokens, choices, tokenizer, logprobs)
+        self.offsets = [0] * choices  # each choice's text streamed so far: where its next token starts
 
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.prompt_tokens + completion_tokens)
-
-    async def whole(self, events: AsyncIterator[Any]) -> TextCompletion | Any:
+    async def whole(self, batches: AsyncIterator[list[Event]]) -> TextCompletion | Any:
         texts, entries = [""] * self.choices, [[] for _ in range(self.choices)]
         ends: dict[int, ChoiceEnd] = {}
-        async for event in events:
+        async for event in each_event(batches):
             if isinstance(event, AnswerPiece):
                 texts[event.index] += event.delta.content
             elif isinstance(event, ChoiceEnd):
@@ -77,29 +71,20 @@ class CompletionAnswer:
         return TextCompletion(id=self.id, created=self.created, model=self.model_name, choices=choices,
                               usage=self.usage(sum(e.completion_tokens for e in ends.values())))
 
-    async def sse(self, events: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
-        completion_tokens = 0
-        offsets = [0] * self.choices  # each choice's text so far, where its next token starts
-        async for event in events:
-            if isinstance(event, JobError):
-                yield sse_data(internal_error(event.error).body.decode())
-                break
-            if isinstance(event, JobEnd):
-                if include_usage:
-                    yield self._chunk([], self.usage(completion_tokens))
-                yield sse_data("[DONE]")
-                break
-            logprobs = None
-            if self.logprobs:
-                logprobs = completion_logprobs(self.tokenizer, event.logprobs or [], offsets[event.index])
-                offsets[event.index] += sum(len(t) for t in logprobs.tokens)
-            if isinstance(event, AnswerPiece):
-                yield self._chunk([CompletionChoice(index=event.index, text=event.delta.content, logprobs=logprobs,
-                                                    finish_reason=None)])
-            elif isinstance(event, ChoiceEnd):
-                completion_tokens += event.completion_tokens
-                yield self._chunk([CompletionChoice(index=event.index, text="", logprobs=logprobs,
-                                                    finish_reason=event.finish_reason)])
+    def event_chunks(self, event: AnswerPiece | ChoiceEnd) -> list[str]:
+        logprobs = None
+        if self.logprobs:
+            logprobs = completion_logprobs(self.tokenizer, event.logprobs or [], self.offsets[event.index])
+            self.offsets[event.index] += sum(len(t) for t in logprobs.tokens)
+        if isinstance(event, AnswerPiece):
+            choice = CompletionChoice(index=event.index, text=event.delta.content, logprobs=logprobs,
+                                      finish_reason=None)
+        else:
+            choice = CompletionChoice(index=event.index, text="", logprobs=logprobs, finish_reason=event.finish_reason)
+        return [self._chunk([choice])]
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._chunk([], usage)
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         chunk = TextCompletion(id=self.id, created=self.created, model=self.model_name, choices=choices, usage=usage)

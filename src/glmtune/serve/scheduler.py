@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from glmtune.data.conversation import Conversation
 from glmtune.inference.answers import AnswerDelta, AnswerParts
@@ -55,6 +55,15 @@ class QueueFull(Exception):
     pass
 
 
+class DeliveryGate(Protocol):
+    """Where a batching worker's deliveries go (the server's Handoff): held while a step's events are handed out,
+    then released at once, so that the listeners wake once per step rather than once per event."""
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(eq=False)  # identity, not field equality: two identical requests are two jobs
 class Job:
     conversation: Conversation
@@ -85,6 +94,7 @@ class Worker:
         self._closed = False
         self._running: Job | None = None
         self._thread = threading.Thread(target=self._run, name="glmtune-serve-worker", daemon=True)
+        self.gate: DeliveryGate | None = None  # set by the server before start(); None: each event goes at once
 
     def start(self) -> None:
         self._thread.start()
