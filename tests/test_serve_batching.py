@@ -263,3 +263,103 @@ def test_streamed_and_whole_answers_over_http_in_one_batch_equal_greedy_alone(en
             thread.join(120)
     assert results == alone
     assert app.state.worker.peak_batch_size >= 2
+
+
+class OneAtATime:
+    """The engine without `batch_generator`: serve falls back on the serial Worker, as for ChatGLM-6B."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        if name == "batch_generator":
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+def streamed_features(api, question: str) -> dict:
+    """One streamed chat answer and one streamed text completion that use logprobs, a stop string, include_usage and
+    a seed: what each worker must serve alike."""
+    def chat(**kwargs) -> tuple[str, str, list, object]:
+        text, reason, entries, usage = "", None, [], None
+        for chunk in api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                                 stream=True, stream_options={"include_usage": True}, **kwargs):
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                reason = choice.finish_reason or reason
+                entries += [(t.token, t.logprob) for t in (choice.logprobs.content or [])] \
+                    if choice.logprobs else []
+        return text, reason, entries, (usage.prompt_tokens, usage.completion_tokens)
+
+    plain = chat(max_tokens=16, temperature=0)[0]
+    stop = plain[len(plain) // 2: len(plain) // 2 + 2]
+    completion = "".join(c.choices[0].text for c in api.completions.create(
+        model=MODEL, prompt=question, max_tokens=7, temperature=0, stream=True, logprobs=1) if c.choices)
+    return {"greedy": chat(max_tokens=16, temperature=0, logprobs=True, top_logprobs=2),
+            "stopped": chat(max_tokens=16, temperature=0, stop=[stop]), "stop": stop, "completion": completion,
+            "seeded": [chat(max_tokens=12, temperature=1.0, seed=7)[0] for _ in range(2)]}
+
+
+def test_the_serial_and_the_batching_worker_serve_every_feature_alike(engine, questions):
+    """logprobs, stop strings, include_usage and text completions answer the same from both workers; a seed repeats
+    its sample in each (the draws differ between them: the serial one seeds torch's global generator)."""
+    found = {}
+    for name, served in (("serial", OneAtATime(engine)), ("batching", engine)):
+        app = create_app(served, MODEL)
+        with running(app) as base:
+            api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+            found[name] = streamed_features(api, questions[1])
+        assert isinstance(app.state.worker, BatchWorker) == (name == "batching")
+    serial, batching = found["serial"], found["batching"]
+    for result in (serial, batching):
+        assert result["stopped"][1] == "stop" and result["stop"] not in result["stopped"][0]
+        assert result["seeded"][0] == result["seeded"][1]
+        assert len(result["greedy"][2]) == result["greedy"][3][1] > 0  # a logprob per generated token
+    (text, reason, entries, usage), theirs = serial.pop("greedy"), batching.pop("greedy")
+    assert (text, reason, usage) == (theirs[0], theirs[1], theirs[3])
+    assert [t for t, _ in entries] == [t for t, _ in theirs[2]]
+    assert [lp for _, lp in entries] == pytest.approx([lp for _, lp in theirs[2]], abs=1e-4)
+    assert {k: v for k, v in serial.items() if k != "seeded"} == {k: v for k, v in batching.items() if k != "seeded"}
+
+
+def test_a_client_leaving_mid_stream_over_http_frees_its_row_while_the_others_finish(engine, questions):
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    app = create_app(engine, MODEL, batching=BatchLimits(max_batch_size=8))
+    with running(app) as base:
+        api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(question: str) -> str:
+            return "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=30,
+                stream=True) if c.choices)
+
+        alone = [ask(q) for q in questions[:3]]
+        parts = urlsplit(base)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "model": MODEL, "messages": [{"role": "user", "content": questions[3]}], "max_tokens": 2000,
+            "temperature": 0, "stream": True}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        for _ in range(4):  # the role chunk and some text: the long answer is under way
+            while not response.fp.readline().startswith(b"data: "):
+                pass
+        results: list[str | None] = [None] * 3
+
+        def run(i: int) -> None:
+            results[i] = ask(questions[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: app.state.worker.batch_size == 4)  # the long answer shares the batch with the others
+        response.close()
+        conn.close()
+        for thread in threads:
+            thread.join(120)
+        wait_until(lambda: app.state.worker.batch_size == 0, seconds=10)  # 2000 tokens would take far longer
+    assert results == alone
+    assert app.state.worker.peak_batch_size >= 3
