@@ -12,6 +12,7 @@ and manifest.json, written last.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from glmtune.arguments.grpo import GrpoArguments
 from glmtune.errors import UserError
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
 from glmtune.models.loading import load_tokenizer, stop_token_ids, tokenizer_fingerprint
+from glmtune.train.command import check_liger
 from glmtune.train.grpo_data import is_prepared, refuse_missing_references, rows_from_file, rows_from_prepared
 from glmtune.train.rewards import reward_functions
 from glmtune.train.skeleton import (
@@ -38,6 +40,7 @@ from glmtune.train.skeleton import (
     resolved_config,
     run_training,
     save_final,
+    saved_what,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,8 +65,16 @@ class GlmtuneGRPOConfig(GRPOConfig):
         if self.reward_weights is not None:
             self.reward_weights = parse_weights(self.reward_weights)
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            # A copy of a resolved config (the precision step's dataclasses.replace): TRL refuses both set, having set
-            # both itself. The steps stay; the batch is derived again, for the world size the copy was made for.
+            # A copy of a resolved config (the precision step's dataclasses.replace) has both, TRL having derived one
+            # from the other, and TRL refuses both set: the steps stay, the batch is derived again. Two values that
+            # don't derive from each other were given so (the command refuses both given at all, before parsing).
+            processes = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; TrainingArguments' isn't set up yet
+            derived = self.per_device_train_batch_size * processes * self.steps_per_generation
+            if self.generation_batch_size != derived:
+                raise UserError(f"--generation_batch_size {self.generation_batch_size} with --steps_per_generation "
+                                f"{self.steps_per_generation}: TRL takes one or the other (the batch is "
+                                f"per_device_train_batch_size x processes x steps, here {derived})",
+                                hint="keep one of them")
             self.generation_batch_size = None
         super().__post_init__()
 
@@ -127,6 +138,7 @@ def run_grpo(model_args: ModelArguments, grpo_args: GrpoArguments, lora_args: Lo
     precision_args = precision_args or PrecisionArguments()
     precision, training_args = choose_run_precision(model_args, precision_args, training_args)
     check_grpo_options(grpo_args, training_args)
+    check_liger(training_args)
     length_target = grpo_args.length_target or max(1, training_args.max_completion_length // 2)
     rewards = reward_functions(grpo_args.reward_funcs or "", length_target)
     weights = training_args.reward_weights
@@ -226,9 +238,10 @@ def _rewards(entry: dict[str, Any]) -> dict[str, float]:
             if key in METRICS or (key.startswith("rewards/") and key.endswith("/mean"))}
 
 
-def summary(result: GrpoResult) -> str:
-    """The line grpo prints at the end: where the adapter went, and the mean reward first and last logged."""
-    line = f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
+def summary(result: GrpoResult, finetuning_type: str = "lora") -> str:
+    """The line grpo prints at the end: where the adapter (or model) went, and the mean reward first and last
+    logged."""
+    line = f"\n{saved_what(finetuning_type)} saved to {result.output_dir} after {result.global_step} steps"
     if "reward" not in result.first_rewards or "reward" not in result.last_rewards:
         return line
     return line + (f" (mean reward: {result.first_rewards['reward']:.4f} first logged, "
