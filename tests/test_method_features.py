@@ -14,9 +14,7 @@ import pytest
 import yaml
 from conftest import adapter_difference, cut_short_copy, write_json
 from test_dpo import pairs  # noqa: F401  (the fixture, reused)
-from test_grpo import SUMS
-
-from glmtune.errors import UserError
+from test_grpo import EVEN_IDS, SUMS
 
 PREFERENCE = ["kto", "orpo", "simpo"]
 GRPO_FLAGS = ["--num_generations", "4", "--max_completion_length", "6", "--per_device_train_batch_size", "8",
@@ -59,19 +57,21 @@ def test_a_grpo_run_from_a_yaml_config_resumes_to_the_uninterrupted_adapter(cli,
     """Generation samples from the random state the checkpoint restores: the resumed run draws the same completions,
     so it ends on the uninterrupted run's adapter."""
     prompts = write_json(tmp_path / "sums.json", SUMS)
+    (tmp_path / "mine.py").write_text(EVEN_IDS)  # a reward spread within each group: the adapter moves
     config = write_config(tmp_path / "grpo.yaml", {
         "model": str(tiny_model), "dataset_path": str(prompts), "num_generations": 4, "max_completion_length": 6,
-        "per_device_train_batch_size": 8, "reward_funcs": "length", "max_steps": 3, "save_strategy": "steps",
-        "save_steps": 1, "learning_rate": 2e-2, "logging_steps": 1, "precision": "fp32", "disable_tqdm": True})
+        "per_device_train_batch_size": 8, "reward_funcs": f"{tmp_path / 'mine.py'}:even_ids", "max_steps": 3,
+        "save_strategy": "steps", "save_steps": 1, "learning_rate": 2e-2, "logging_steps": 1, "precision": "fp32",
+        "disable_tqdm": True})
 
     def run(output_dir, *extra):
-        result = cli("grpo", "--config", config, "--output_dir", output_dir, "--length_target", "2", *extra)
+        result = cli("grpo", "--config", config, "--output_dir", output_dir, "--temperature", "1.5", *extra)
         assert result.code == 0, result.err
         return result
 
     run(tmp_path / "full")
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
-    assert manifest["config"]["length_target"] == 2 and manifest["config"]["num_generations"] == 4
+    assert manifest["config"]["temperature"] == 1.5 and manifest["config"]["num_generations"] == 4
     cut = tmp_path / "cut"
     cut_short_copy(tmp_path / "full", (1, 2), cut, "trainer state missing")  # 2 prompts a step: mid-epoch
     result = run(cut, "--resume_from_checkpoint", "true")
@@ -156,9 +156,9 @@ def test_grpo_refuses_both_ways_of_sizing_a_generation_batch(cli, tiny_model, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_grpo_config_copies_keep_their_batch_and_conflicting_values_are_refused():
+def test_grpo_config_copies_keep_their_batch():
     """The precision step copies the resolved config (dataclasses.replace), which holds both values, one derived by
-    TRL: the copy keeps them. Values given together that don't derive from each other are refused."""
+    TRL (which refuses both given): the copy keeps them."""
     from glmtune.train.grpo import GlmtuneGRPOConfig
 
     config = GlmtuneGRPOConfig(output_dir="out", per_device_train_batch_size=4, num_generations=4,
@@ -166,9 +166,6 @@ def test_grpo_config_copies_keep_their_batch_and_conflicting_values_are_refused(
     assert config.generation_batch_size == 8
     copy = dataclasses.replace(config, seed=7)
     assert (copy.generation_batch_size, copy.steps_per_generation) == (8, 2)
-    with pytest.raises(UserError, match="--generation_batch_size 16 with --steps_per_generation 2"):
-        GlmtuneGRPOConfig(output_dir="out", per_device_train_batch_size=4, num_generations=4,
-                          generation_batch_size=16, steps_per_generation=2, report_to="none", bf16=False)
 
 
 @pytest.mark.parametrize("finetuning_type", ["full", "freeze"])
@@ -200,3 +197,41 @@ def test_full_and_freeze_train_the_same_weights_packed_with_the_chunked_loss_as_
     moved = {k for k in base if not (packed[k] == base[k]).all()}
     assert moved == (set(base) if finetuning_type == "full" else {k for k in base if k.startswith("model.layers.3.")})
     assert max((packed[k] - padded[k]).abs().max().item() for k in packed) < 1e-5
+
+
+def test_grpo_evaluates_on_a_prepared_validation_split_and_refuses_evaluation_without_one(cli, tiny_model, tmp_path):
+    """TRL's GRPOTrainer scores completions to the validation prompts as it does the training ones (eval_reward);
+    a data file, or a prepared dataset without a validation split, has no validation prompts."""
+    prompts = write_json(tmp_path / "sums.json", SUMS)
+    for name, split in (("split", ["--val_size", "2"]), ("whole", [])):
+        assert cli("prepare", "--jsonl_path", prompts, "--save_path", tmp_path / name, "--model", tiny_model,
+                   *split).code == 0
+    evaluate = [*GRPO_FLAGS, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+                "--eval_strategy", "steps", "--eval_steps", "1", "--max_steps", "2", "--logging_steps", "1",
+                "--precision", "fp32", "--save_strategy", "no"]
+    result = cli("grpo", "--dataset_path", tmp_path / "split", "--output_dir", tmp_path / "run", *evaluate)
+    assert result.code == 0, result.err
+    assert "2 prompts from" in result.err and "2 to evaluate on" in result.err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert {"eval_reward", "eval_rewards/length/mean"} <= set(manifest["eval_metrics"])
+    for data, message in ((tmp_path / "whole", "has no `validation` split"), (prompts, "is a data file")):
+        result = cli("grpo", "--model", tiny_model, "--dataset_path", data, "--output_dir", tmp_path / "refused",
+                     *evaluate)
+        assert result.code == 2 and "--eval_strategy" in result.err and message in result.err, result.err
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("command", [*PREFERENCE, "grpo"])
+def test_each_method_trains_a_lora_adapter_on_a_4bit_base(cli, pairs, tiny_model, tmp_path, command):  # noqa: F811
+    pytest.importorskip("bitsandbytes")
+    if command == "grpo":
+        data = write_json(tmp_path / "sums.json", SUMS)
+        extra = ["--model", tiny_model, *GRPO_FLAGS]
+    else:
+        data, extra = pairs[1], ["--per_device_train_batch_size", "2"]
+    result = cli(command, "--dataset_path", data, "--output_dir", tmp_path / "run", *extra, "--max_steps", "2",
+                 "--logging_steps", "1", "--save_strategy", "no", "--quantization_bit", "4")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["quantization"]["bits"] == 4 and manifest["global_step"] == 2
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
