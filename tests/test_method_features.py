@@ -235,3 +235,25 @@ def test_each_method_trains_a_lora_adapter_on_a_4bit_base(cli, pairs, tiny_model
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["config"]["quantization"]["bits"] == 4 and manifest["global_step"] == 2
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "freeze"])
+def test_full_and_freeze_runs_resume_to_the_uninterrupted_weights(cli, tiny_model, tmp_path, finetuning_type):
+    """The checkpoint holds the model's trained weights and their optimizer state: a run resumed from its step-2
+    checkpoint (mid-epoch) ends with the weights of the run never interrupted."""
+    from safetensors.torch import load_file
+
+    rows = write_json(tmp_path / "sums.json", SUMS)
+    assert cli("prepare", "--jsonl_path", rows, "--save_path", tmp_path / "data", "--model", tiny_model).code == 0
+    flags = ["--dataset_path", tmp_path / "data", "--finetuning_type", finetuning_type, "--freeze_trainable_layers",
+             "1", "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size",
+             "2", "--logging_steps", "1", "--precision", "fp32", "--learning_rate", "1e-3", "--disable_tqdm", "true"]
+    assert cli("train", *flags, "--output_dir", tmp_path / "full").code == 0
+    cut_short_copy(tmp_path / "full", (1, 2), tmp_path / "cut", "trainer state cut short")
+    result = cli("train", *flags, "--output_dir", tmp_path / "cut", "--resume_from_checkpoint", "true")
+    assert result.code == 0, result.err
+    assert "resuming from checkpoint-1" in result.err
+    full, resumed = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "cut"))
+    base = load_file(str(tiny_model / "model.safetensors"))
+    assert any(not (full[k] == base[k]).all() for k in base)
+    assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
