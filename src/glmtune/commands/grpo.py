@@ -40,12 +40,12 @@ COMMON_GRPO_OPTIONS: list[tuple[str, Any, str]] = [
 ]
 
 
-# The options of `glmtune train` grpo can't take: (why, what to do instead).
+UNPACKED = ("grpo does not pack: its samples are the completions it generates, each scored and weighted as its own "
+            "row", "leave it out (packing is glmtune train's)")
+# The options of `glmtune train` (and TRL's packing option) grpo can't take: (why, what to do instead).
 REFUSED: dict[str, tuple[str, str]] = {
-    "packing": ("grpo does not pack: its samples are the completions it generates, each scored and weighted as its "
-                "own row", "leave it out (packing is glmtune train's)"),
-    "padding_free": ("grpo does not pack: its samples are the completions it generates, each scored and weighted as "
-                     "its own row", "leave it out"),
+    "packing": UNPACKED,
+    "padding_free": UNPACKED,
     "chunked_loss": ("the chunked loss is glmtune train's cross-entropy; GRPO's loss is TRL's policy-gradient loss, "
                      "computed by GRPOTrainer from the completions' logits",
                      "leave it out; TRL's own chunked form is --use_liger_kernel (needs liger-kernel, GPUs)"),
