@@ -40,6 +40,37 @@ COMMON_GRPO_OPTIONS: list[tuple[str, Any, str]] = [
 ]
 
 
+UNPACKED = ("grpo does not pack: its samples are the completions it generates, each scored and weighted as its own "
+            "row", "leave it out (packing is glmtune train's)")
+# The options of `glmtune train` (and TRL's packing option) grpo can't take: (why, what to do instead).
+REFUSED: dict[str, tuple[str, str]] = {
+    "packing": UNPACKED,
+    "padding_free": UNPACKED,
+    "chunked_loss": ("the chunked loss is glmtune train's cross-entropy; GRPO's loss is TRL's policy-gradient loss, "
+                     "computed by GRPOTrainer from the completions' logits",
+                     "leave it out; TRL's own chunked form is --use_liger_kernel (needs liger-kernel, GPUs)"),
+}
+BATCH_OPTIONS = ("generation_batch_size", "steps_per_generation")  # TRL takes one or the other
+
+
+def refuse_grpo_options(argv: list[str]) -> None:
+    """REFUSED's options, and both of TRL's ways to size a generation batch at once (TRL derives each from the
+    other, and refuses the two together).
+
+    Raises:
+        UserError: one of them given, on the command line or in the --config file.
+    """
+    from glmtune.errors import UserError
+    from glmtune.train.command import given_options, refuse_options
+
+    refuse_options(argv, REFUSED)
+    if set(BATCH_OPTIONS) <= given_options(argv):
+        raise UserError("--generation_batch_size and --steps_per_generation both given: each is derived from the "
+                        "other (generation_batch_size = per_device_train_batch_size x processes x "
+                        "steps_per_generation), so TRL takes one or the other",
+                        hint="keep one of them")
+
+
 def help_page(defaults: dict[str, Any]) -> str:
     page = command_help("glmtune grpo", __doc__, OWN_ARGUMENTS, defaults, training_options=True)
     parser = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
@@ -60,9 +91,11 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> None:
     from glmtune.train.grpo import GlmtuneGRPOConfig, run_grpo, summary
     from glmtune.train.processes import end_process_group, is_main_process
 
+    refuse_grpo_options(argv)
+
     model_args, grpo_args, lora_args, precision_args, health_args, training_args = parse_training_options(
         "glmtune grpo", [*OWN_ARGUMENTS, GlmtuneGRPOConfig], argv, defaults, description=__doc__)
     result = run_grpo(model_args, grpo_args, lora_args, training_args, precision_args, health_args)
     end_process_group()  # after the main process's final writes, on every process
     if is_main_process():
-        print(summary(result))
+        print(summary(result, lora_args.finetuning_type))

@@ -5,6 +5,7 @@ method (train/preference.py), say where the adapter went."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,20 @@ PREFERENCE_DEFAULTS: dict[str, Any] = {
     # TRL turns it on; off as in train (LoRA on a frozen base keeps few activations): --gradient_checkpointing.
     "gradient_checkpointing": None,
 }
+
+
+def refusals(command: str) -> dict[str, tuple[str, str]]:
+    """The options of `glmtune train` a preference method can't take, with the reason and what to do instead."""
+    unpacked = (f"{command} does not pack: TRL's trainer gives each prompt + answer its own padded row, and its loss "
+                "compares the answers' summed log-probabilities row by row",
+                "leave it out (packing is glmtune train's)")
+    return {
+        "packing": unpacked,
+        "padding_free": unpacked,  # TRL's packing option, in DPOConfig only
+        "chunked_loss": (f"the chunked loss is glmtune train's cross-entropy; {command}'s loss is TRL's, computed by "
+                         "its trainer from the answers' logits",
+                         "leave it out; TRL's own chunked form is --use_liger_kernel (needs liger-kernel, GPUs)"),
+    }
 
 
 def help_page(prog: str, doc: str | None, own_arguments: list[type], defaults: dict[str, Any], config_name: str,
@@ -53,11 +68,13 @@ def preference_main(prog: str, doc: str | None, own_arguments: list[type], defau
         return
     if "--help_all" in argv:  # every option of the TRL config too
         argv = ["--help"]
-    from glmtune.train.command import parse_training_options
+    from glmtune.train.command import parse_training_options, refuse_options
     from glmtune.train.preference import run_preference, summary
     from glmtune.train.processes import end_process_group, is_main_process
 
     method, config_class = load_method()
+    taken = {f.name for f in dataclasses.fields(config_class)}
+    refuse_options(argv, {k: v for k, v in refusals(method.command).items() if k not in taken})
     model_args, method_args, lora_args, precision_args, health_args, training_args = parse_training_options(
         prog, [*own_arguments, config_class], argv, defaults, description=doc)
     result = run_preference(method, model_args, method_args, lora_args, training_args, precision_args, health_args)

@@ -23,6 +23,7 @@ from glmtune.arguments.grpo import GrpoArguments
 from glmtune.errors import UserError
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
 from glmtune.models.loading import load_tokenizer, stop_token_ids, tokenizer_fingerprint
+from glmtune.train.command import check_liger
 from glmtune.train.grpo_data import is_prepared, refuse_missing_references, rows_from_file, rows_from_prepared
 from glmtune.train.rewards import reward_functions
 from glmtune.train.skeleton import (
@@ -38,6 +39,7 @@ from glmtune.train.skeleton import (
     resolved_config,
     run_training,
     save_final,
+    saved_what,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,8 +64,10 @@ class GlmtuneGRPOConfig(GRPOConfig):
         if self.reward_weights is not None:
             self.reward_weights = parse_weights(self.reward_weights)
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
-            # A copy of a resolved config (the precision step's dataclasses.replace): TRL refuses both set, having set
-            # both itself. The steps stay; the batch is derived again, for the world size the copy was made for.
+            # A copy of a resolved config (the precision step's dataclasses.replace, also under a launcher, where the
+            # copy's world size is the process group's and the first config's was 1): TRL refuses both set, having set
+            # both itself. The steps stay; the batch is derived again. A user giving both is refused by the command
+            # (commands/grpo.py), before parsing, as only the command line and the YAML file can tell.
             self.generation_batch_size = None
         super().__post_init__()
 
@@ -127,6 +131,7 @@ def run_grpo(model_args: ModelArguments, grpo_args: GrpoArguments, lora_args: Lo
     precision_args = precision_args or PrecisionArguments()
     precision, training_args = choose_run_precision(model_args, precision_args, training_args)
     check_grpo_options(grpo_args, training_args)
+    check_liger(training_args)
     length_target = grpo_args.length_target or max(1, training_args.max_completion_length // 2)
     rewards = reward_functions(grpo_args.reward_funcs or "", length_target)
     weights = training_args.reward_weights
@@ -134,7 +139,8 @@ def run_grpo(model_args: ModelArguments, grpo_args: GrpoArguments, lora_args: Lo
         raise UserError(f"--reward_weights gives {len(weights)} weights for {len(rewards)} reward functions "
                         f"({', '.join(f.__name__ for f in rewards)})", hint="one weight per --reward_funcs entry")
 
-    model_name, tokenizer, rows = read_prompts(model_args, grpo_args, adapter_base)
+    evaluates = training_args.eval_strategy != "no"
+    model_name, tokenizer, rows, eval_rows = read_prompts(model_args, grpo_args, adapter_base, evaluates)
     names = [f.__name__ for f in rewards]
     if "accuracy" in names:
         refuse_missing_references(rows, "accuracy")
@@ -142,7 +148,7 @@ def run_grpo(model_args: ModelArguments, grpo_args: GrpoArguments, lora_args: Lo
         check_adapter_tokenizer(start_adapter, tokenizer, model_name)
     from datasets import Dataset
 
-    splits = Splits(Dataset.from_list(rows), None)
+    splits = Splits(Dataset.from_list(rows), Dataset.from_list(eval_rows) if eval_rows else None)
 
     model = load_model_for_training(model_args, model_name, precision, training_args)
     # TRL stops generating at the generation config's eos ids: the model's end-of-turn tokens, as inference stops.
@@ -153,6 +159,7 @@ def run_grpo(model_args: ModelArguments, grpo_args: GrpoArguments, lora_args: Lo
     trainer = build_trainer(PretokenizedGRPOTrainer, model, training_args, splits, tokenizer, health_args,
                             reward_funcs=rewards)
     result = run_training(trainer, resume)
+    eval_metrics = trainer.evaluate() if splits.validation is not None else {}
 
     logged = [entry for entry in trainer.state.log_history if "reward" in entry]
     first, last = (_rewards(logged[0]), _rewards(logged[-1])) if logged else ({}, {})
@@ -163,6 +170,7 @@ def run_grpo(model_args: ModelArguments, grpo_args: GrpoArguments, lora_args: Lo
                prompts=len(rows), reward_funcs=names, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                global_step=trainer.state.global_step, train_loss=result.training_loss,
                first_logged_rewards=first or None, last_logged_rewards=last or None,
+               eval_metrics={k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))} or None,
                train_runtime=result.metrics.get("train_runtime"), world_size=training_args.world_size)
     return GrpoResult(output_dir, trainer.state.global_step, first, last)
 
@@ -171,12 +179,14 @@ def check_grpo_options(grpo_args: GrpoArguments, training_args: GlmtuneGRPOConfi
     """What glmtune's GRPO run does not take, said before anything loads.
 
     Raises:
-        UserError: --eval_strategy (no validation prompts yet), or --enable_thinking / --format with a prepared
-            dataset (prepare rendered it).
+        UserError: --eval_strategy with a data file (its validation prompts are a prepared dataset's `validation`
+            split), or --enable_thinking / --format with a prepared dataset (prepare rendered it).
     """
-    if training_args.eval_strategy != "no":
-        raise UserError(f"--eval_strategy {training_args.eval_strategy.value}: glmtune grpo has no validation "
-                        "prompts", hint="leave --eval_strategy out; score the adapter afterwards with `glmtune eval`")
+    if training_args.eval_strategy != "no" and not (grpo_args.dataset_path and is_prepared(grpo_args.dataset_path)):
+        raise UserError(f"--eval_strategy {training_args.eval_strategy.value}: grpo evaluates on the `validation` "
+                        f"split of a prepared dataset, and {grpo_args.dataset_path} is a data file",
+                        hint="glmtune prepare it with --val_size and pass the prepared directory, or leave "
+                             "--eval_strategy out")
     if grpo_args.dataset_path and is_prepared(grpo_args.dataset_path):
         given = [flag for flag, value in (("--enable_thinking", grpo_args.enable_thinking),
                                           ("--format", grpo_args.format)) if value is not None]
@@ -185,10 +195,12 @@ def check_grpo_options(grpo_args: GrpoArguments, training_args: GlmtuneGRPOConfi
                             "`glmtune prepare` already", hint="give these options to prepare, or pass the data file")
 
 
-def read_prompts(model_args: ModelArguments, grpo_args: GrpoArguments,
-                 adapter_base: str | None) -> tuple[str, PreTrainedTokenizerBase, list[dict[str, Any]]]:
-    """(model name, tokenizer, prompt rows) of --dataset_path: a prepared dataset (its tokenizer must be the
-    model's) or a data file (rendered here with the model's template).
+def read_prompts(model_args: ModelArguments, grpo_args: GrpoArguments, adapter_base: str | None,
+                 evaluates: bool = False) -> tuple[str, PreTrainedTokenizerBase, list[dict[str, Any]],
+                                                   list[dict[str, Any]]]:
+    """(model name, tokenizer, prompt rows, validation prompt rows) of --dataset_path: a prepared dataset (its
+    tokenizer must be the model's; its `validation` split's prompts when `evaluates`) or a data file (rendered here
+    with the model's template; no validation prompts).
 
     Raises:
         UserError: no --dataset_path, no model named, a tokenizer that differs from the dataset's, bad rows, or
@@ -204,7 +216,9 @@ def read_prompts(model_args: ModelArguments, grpo_args: GrpoArguments,
         dataset_dir, manifest = read_prepared_manifest(path, preference=False)
         model_name = resolve_model_name(model_args.model, manifest, dataset_dir, fallback=adapter_base)
         tokenizer = load_matching_tokenizer(model_name, model_args.trust_remote_code, manifest, dataset_dir)
-        rows = rows_from_prepared(tokenizer, stop_token_ids(model_name, tokenizer), dataset_dir)
+        stop_ids = stop_token_ids(model_name, tokenizer)
+        rows = rows_from_prepared(tokenizer, stop_ids, dataset_dir)
+        eval_rows = rows_from_prepared(tokenizer, stop_ids, dataset_dir, "validation") if evaluates else []
     else:
         if not Path(path).is_file():
             raise UserError(f"--dataset_path {path}: no such file or prepared dataset directory")
@@ -213,11 +227,11 @@ def read_prompts(model_args: ModelArguments, grpo_args: GrpoArguments,
                             hint="pass --model")
         model_name = resolve_model_name(model_args.model, {}, Path(path), fallback=adapter_base)
         tokenizer = load_tokenizer(model_name, model_args.trust_remote_code)
-        rows = rows_from_file(tokenizer, path, grpo_args.format, grpo_args.enable_thinking)
+        rows, eval_rows = rows_from_file(tokenizer, path, grpo_args.format, grpo_args.enable_thinking), []
     if not rows:
         raise UserError(f"--dataset_path {path}: no prompts")
-    logger.info(f"{len(rows)} prompts from {path}")
-    return model_name, tokenizer, rows
+    logger.info(f"{len(rows)} prompts from {path}" + (f", {len(eval_rows)} to evaluate on" if eval_rows else ""))
+    return model_name, tokenizer, rows, eval_rows
 
 
 def _rewards(entry: dict[str, Any]) -> dict[str, float]:
@@ -226,9 +240,10 @@ def _rewards(entry: dict[str, Any]) -> dict[str, float]:
             if key in METRICS or (key.startswith("rewards/") and key.endswith("/mean"))}
 
 
-def summary(result: GrpoResult) -> str:
-    """The line grpo prints at the end: where the adapter went, and the mean reward first and last logged."""
-    line = f"\nAdapter saved to {result.output_dir} after {result.global_step} steps"
+def summary(result: GrpoResult, finetuning_type: str = "lora") -> str:
+    """The line grpo prints at the end: where the adapter (or model) went, and the mean reward first and last
+    logged."""
+    line = f"\n{saved_what(finetuning_type)} saved to {result.output_dir} after {result.global_step} steps"
     if "reward" not in result.first_rewards or "reward" not in result.last_rewards:
         return line
     return line + (f" (mean reward: {result.first_rewards['reward']:.4f} first logged, "

@@ -46,19 +46,24 @@ def rows_from_file(tokenizer: Any, dataset_path: str, format_name: str | None,
     return rows
 
 
-def rows_from_prepared(tokenizer: Any, stop_ids: list[int], dataset_dir: Path) -> list[dict[str, Any]]:
-    """The prompts of a prepared dataset's `train` split (evaluation's split of a row into prompt and answer).
+def rows_from_prepared(tokenizer: Any, stop_ids: list[int], dataset_dir: Path,
+                       split_name: str = "train") -> list[dict[str, Any]]:
+    """The prompts of a prepared dataset's `train` (or `validation`) split (evaluation's split of a row into prompt
+    and answer).
 
     Raises:
-        UserError: no readable `train` split, or rows supervised from their first token (--train_on_prompt, text).
+        UserError: no readable such split, or rows supervised from their first token (--train_on_prompt, text).
     """
     from datasets import load_from_disk
 
     from glmtune.evaluation.run import samples_from_tokenized
 
     try:
-        split = load_from_disk(str(dataset_dir))["train"]
+        split = load_from_disk(str(dataset_dir))[split_name]
     except (FileNotFoundError, KeyError) as e:
+        if split_name == "validation":
+            raise UserError(f"--eval_strategy: {dataset_dir} has no `validation` split to evaluate on",
+                            hint="prepare it with --val_size, or leave --eval_strategy out") from None
         raise UserError(f"{dataset_dir} has a manifest but no readable `train` split ({e})",
                         hint="prepare it again with `glmtune prepare`") from None
     return [{"prompt": s.prompt, "prompt_ids": s.prompt_ids, "reference": s.reference or None,

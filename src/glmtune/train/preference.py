@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from glmtune.arguments import HealthArguments, LoraArguments, ModelArguments, PrecisionArguments
 from glmtune.inference.engine import adapter_base_model, check_adapter_tokenizer
 from glmtune.models.loading import tokenizer_fingerprint
+from glmtune.train.command import check_liger
 from glmtune.train.skeleton import (
     attach_adapter,
     build_trainer,
@@ -96,6 +97,7 @@ def run_preference(method: PreferenceMethod, model_args: ModelArguments, method_
     precision, training_args = choose_run_precision(model_args, precision_args, training_args)
     if method.check is not None:
         method.check(training_args)
+    check_liger(training_args)
     dataset_dir, dataset_manifest = prepare_data(method_args.dataset_path, model_args.model or adapter_base,
                                                  training_args, method_args, model_args.trust_remote_code,
                                                  preference=True, labelled=method.labelled)
