@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from glmtune.arguments import ComputeArguments, LoraArguments, ModelArguments, SequenceLengthArguments
 from glmtune.arguments.options import check_at_least_one, option
+from glmtune.arguments.ptuning import PtuningArguments
 from glmtune.config import parse_arguments
 from glmtune.errors import UserError
 from glmtune.plan.memory import DTYPE_BYTES, GIB, Estimate, Setup, estimate
@@ -24,7 +25,7 @@ PLAN_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
 
 
 @dataclass
-class PlanArguments(ComputeArguments, LoraArguments, SequenceLengthArguments, ModelArguments):
+class PlanArguments(PtuningArguments, ComputeArguments, LoraArguments, SequenceLengthArguments, ModelArguments):
     """train's options that decide the memory, declared where train takes them from, and plan's own. The
     TrainingArguments ones are mirrored here: importing TrainingArguments imports torch, which plan never needs."""
 
@@ -82,10 +83,7 @@ def run(args: PlanArguments) -> Estimate:
     if args.train_router and not shape.moe_layers:  # as train refuses it (train/skeleton.check_moe_options)
         raise UserError(f"--train_router: {args.model} ({shape.model_type}) is not a mixture of experts",
                         hint="leave --train_router out")
-    if args.finetuning_type == "ptuning":
-        raise UserError("plan has no estimate for --finetuning_type ptuning yet (a prefix's memory is not modelled)",
-                        hint="plan LoRA for an upper bound: a prefix trains far fewer parameters")
-    if args.finetuning_type != "lora" and args.quantization_bit:  # as train refuses it (train/finetuning.py)
+    if args.finetuning_type in ("full", "freeze") and args.quantization_bit:  # as train refuses it (finetuning.py)
         raise UserError(f"--finetuning_type {args.finetuning_type} trains the model's own weights, which can't be "
                         "quantized", hint="leave --quantization_bit out, or plan LoRA on the quantized base")
     device = args.device or default_device()
@@ -93,7 +91,8 @@ def run(args: PlanArguments) -> Estimate:
                   tuple(resolve_targets(shape, args.target_modules)), args.gradient_checkpointing, args.precision,
                   QUANTIZATION_BITS.get(args.quantization_bit), args.chunked_loss, args.lora_dropout,
                   args.attn_implementation, device, train_router=args.train_router,
-                  finetuning_type=args.finetuning_type, trainable_layers=args.freeze_trainable_layers)
+                  finetuning_type=args.finetuning_type, trainable_layers=args.freeze_trainable_layers,
+                  pre_seq_len=args.pre_seq_len, prefix_projection=args.prefix_projection)
     result = estimate(shape, setup)
     budget, where = device_memory(device, args.device_memory_gib)
     print(render(args.model, shape, setup, result, budget, where))
@@ -107,7 +106,9 @@ def render(model: str, shape: ModelShape, setup: Setup, result: Estimate, budget
     active = (f", {result.active_parameters / 1e6:,.1f}M active per token"
               if shape.moe_layers and result.active_parameters else "")
     tuning = f"LoRA r{setup.lora_rank} on {targets}" if setup.finetuning_type == "lora" else {
-        "full": "full tuning", "freeze": f"freeze tuning of {setup.trainable_layers} blocks"}[setup.finetuning_type]
+        "full": "full tuning", "freeze": f"freeze tuning of {setup.trainable_layers} blocks",
+        "ptuning": f"P-Tuning v2 prefix of {setup.pre_seq_len} tokens"
+                   + (" (projected)" if setup.prefix_projection else "")}[setup.finetuning_type]
     head = [f"model: {model} ({shape.model_type}, {result.parameters / 1e6:,.1f}M parameters{active}; "
             f"{tuning}: {result.trainable_parameters / 1e6:,.2f}M trainable)",
             f"run: {setup.batch_size} x {setup.seq_len} tokens, {setup.dtype}"
@@ -161,7 +162,7 @@ def suggestions(shape: ModelShape, setup: Setup, accumulation: int, budget: floa
         current = replace(current, dtype="bf16")
         steps.append(("bf16 base weights and compute (--precision bf16)", current))
     for bits, name in QUANTIZATION_BITS.items():
-        if not fits(current) and current.quantization != "4bit" and current.finetuning_type == "lora":
+        if not fits(current) and current.quantization != "4bit" and current.finetuning_type in ("lora", "ptuning"):
             quantized = replace(current, quantization=name, dtype="bf16" if current.dtype == "fp32" else current.dtype)
             # Not where it raises the peak: a MoE's fused experts, most of its weights, can't be quantized and are
             # then kept in fp32 (memory.weight_bytes).

@@ -3,8 +3,14 @@ apart, and generation that starts from the prefix (used by train/ptuning.py and 
 
 The prefix reaches the model as a pre-filled cache, so it works for a model whose cache is transformers' plain
 DynamicCache (one DynamicLayer per layer): transformers' own classes, the converted ChatGLM2/3 and GLM-4 among
-them. ChatGLM-6B (glmtune's class: two-dimensional positions computed from the ids), remote code, and models with
-sliding-window or otherwise special cache layers are refused, by name.
+them, and glmtune's ChatGLM-6B (`accepts_prefix_cache`: its two-dimensional positions come from the ids and ignore
+the prefix, as in THUDM's ptuning). Remote code, and models with sliding-window or otherwise special cache layers,
+are refused, by name.
+
+Positions: transformers' classes number the prompt from the prefix's length on (the cache's length, peft's
+convention, in training and in generation alike); ChatGLM-6B numbers it from 0, as THUDM's code does. Either way
+training and generation agree. THUDM's prefix (`transformer.prefix_encoder.embedding.weight`, (pre_seq_len,
+2 * layers * hidden), keys then values per layer) has the layout of peft's `prompt_encoder.default.embedding.weight`.
 
 The gap filled (enable_prefix_generation): peft 0.21 hands the prefix to generate() as `past_key_values`, and
 transformers 5.24's generate() passes the model its own, empty `cache` instead, which wins: the answers would be
@@ -33,7 +39,8 @@ def prefix_problem(model: PreTrainedModel) -> str | None:
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     base = base_model(model)
-    if not type(base).__module__.startswith("transformers.models."):
+    own_class = getattr(base, "accepts_prefix_cache", False)  # glmtune's ChatGLM-6B: a DynamicCache, own positions
+    if not (own_class or type(base).__module__.startswith("transformers.models.")):
         return "its class is not one of transformers' (its cache format is its own)"
     try:
         cache = DynamicCache(config=base.config)
@@ -53,7 +60,7 @@ def check_prefix_support(model: PreTrainedModel, model_name: str) -> None:
         family = family_of_model(base_model(model)).name
         raise UserError(f"--finetuning_type ptuning can't be used with '{model_name}' ({family}): {problem}",
                         hint="use --finetuning_type lora; P-Tuning v2 works with transformers' own classes "
-                             "(GLM-4, ChatGLM2/3 and GLM-4-9B-chat converted, Llama-style models)")
+                             "(GLM-4, ChatGLM2/3 and GLM-4-9B-chat converted, Llama-style models) and ChatGLM-6B")
 
 
 def is_prefix_model(model: Any) -> bool:

@@ -1,4 +1,5 @@
-"""Peak memory of a LoRA training step, estimated from the model's shape and the run's settings.
+"""Peak memory of a LoRA (or full, freeze, P-Tuning v2) training step, estimated from the model's shape and the
+run's settings.
 
 Every term counts the bytes alive at the peak, which is early in backward: the weights, LoRA's weights, their
 gradients and AdamW's states, every tensor the forward pass saved for backward, the loss's logits and the
@@ -57,6 +58,8 @@ class Setup:
     train_router: bool = False  # MoE (--train_router): the routers' weights are trained too, saved with the adapter
     finetuning_type: str = "lora"  # "full" / "freeze": the model's own weights trained, no adapter
     trainable_layers: int = 2  # freeze: the last N decoder blocks (the first -N when negative)
+    pre_seq_len: int = 128  # ptuning: the prefix's virtual tokens
+    prefix_projection: bool = False  # ptuning: the prefix computed through a two-layer MLP
 
     @property
     def tokens(self) -> int:
@@ -85,6 +88,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         The bytes of each component, in the order `glmtune plan` prints them, and the parameter counts.
     """
     params = parameter_count(shape)
+    if setup.finetuning_type == "ptuning":
+        return prefix_estimate(shape, setup, params)
     if setup.finetuning_type != "lora":
         return whole_model_estimate(shape, setup, params)
     lora = lora_parameter_count(shape, list(setup.targets), setup.lora_rank)
@@ -126,6 +131,46 @@ def whole_model_estimate(shape: ModelShape, setup: Setup, params: int) -> Estima
         "activations": activation_bytes(shape, as_lora),
         "loss / logits": loss_bytes(shape, setup),
         "allocator slack": allocator_slack_bytes(shape, as_lora),
+        "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
+    }
+    return Estimate(lines, trainable, params, active_parameter_count(shape))
+
+
+def prefix_parameter_count(shape: ModelShape, setup: Setup) -> int:
+    """peft's PrefixEncoder as train/ptuning.py builds it: keys and values of `pre_seq_len` virtual tokens for every
+    layer, each as wide as the layer's keys (kv heads x head dim: peft sizes the prefix for grouped-query
+    attention), learned directly, or through an MLP (kv -> hidden -> every layer's keys and values, with biases)."""
+    kv, every_layer = shape.kv_dim, 2 * shape.num_layers * shape.kv_dim
+    if not setup.prefix_projection:
+        return setup.pre_seq_len * every_layer
+    return setup.pre_seq_len * kv + (kv + 1) * shape.hidden_size + (shape.hidden_size + 1) * every_layer
+
+
+def prefix_estimate(shape: ModelShape, setup: Setup, params: int) -> Estimate:
+    """P-Tuning v2: the prefix in fp32 with its gradient and AdamW's two states. Backward runs through every layer
+    (each layer's prefix keys and values need their gradient), so every layer keeps what a forward without LoRA
+    saves, with keys and values longer by the prefix; beside them the prefix itself, computed once per step for
+    the whole batch in fp32 (and the MLP's two hidden tensors with --prefix_projection), plus its copy in the
+    compute precision."""
+    w = DTYPE_BYTES[setup.dtype]
+    trainable = prefix_parameter_count(shape, setup)
+    plain = replace(setup, targets=(), lora_dropout=0.0)
+    every_layer = setup.batch_size * setup.pre_seq_len * 2 * shape.num_layers * shape.kv_dim
+    prefix = every_layer * (4 + (w if w != 4 else 0))  # the encoder's fp32 output, and its cast
+    if setup.prefix_projection:
+        prefix += setup.batch_size * setup.pre_seq_len * shape.hidden_size * 4 * 2  # the MLP's linear and tanh
+    attended = every_layer * w  # each layer's saved keys and values include the prefix's
+    if setup.attention == "eager":  # the softmax is wider by the prefix for every query
+        attended += setup.tokens * shape.num_layers * shape.num_heads * setup.pre_seq_len * (4 + (w if w != 4 else 0))
+    lines = {
+        "weights": weight_bytes(shape, setup, params),
+        "prefix weights": 4.0 * trainable,
+        "gradients": 4.0 * trainable,
+        "optimizer states": 8.0 * trainable,
+        "activations": activation_bytes(shape, plain) + attended,
+        "prefix (keys and values of every layer)": float(prefix),
+        "loss / logits": loss_bytes(shape, setup),
+        "allocator slack": allocator_slack_bytes(shape, plain),
         "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
     }
     return Estimate(lines, trainable, params, active_parameter_count(shape))

@@ -66,17 +66,24 @@ def load_adapters(engine: Any, specs: list[AdapterSpec]) -> None:
     that it fits the base (tokenizer, LoRA, shapes) and that peft can pick it per request.
 
     Raises:
-        UserError: an adapter trained with another tokenizer, not LoRA, for another base (peft's shape mismatch,
+        UserError: an adapter trained with another tokenizer, not LoRA (a prefix: beside --peft_path's prefix
+            either), for another base (peft's shape mismatch,
             or modules the base lacks), a name already loaded, or one peft cannot mix in a batch.
     """
     from peft import PeftModel
 
     from glmtune.inference.engine import check_adapter_tokenizer
+    from glmtune.models.prefix import PEFT_TYPE as PREFIX_TUNING
+    from glmtune.models.prefix import is_prefix_model
 
     for spec in specs:
         where = f"--adapter {spec.name}={spec.path}"
         config = read_json_object(spec.path / "adapter_config.json", "adapter config")
         trained_on = config.get("base_model_name_or_path")
+        if config.get("peft_type") == PREFIX_TUNING or is_prefix_model(engine.model):
+            raise UserError(f"{where}: a P-Tuning v2 prefix (peft's PREFIX_TUNING) can't be picked per request "
+                            "beside other adapters: peft mixes only LoRA adapters row by row in one batch",
+                            hint="serve the prefix alone: glmtune serve --peft_path PREFIX_DIR (no --adapter)")
         if config.get("peft_type") != "LORA":
             raise UserError(f"{where} is a {config.get('peft_type')} adapter; serve loads LoRA adapters only")
         if spec.name in getattr(engine.model, "peft_config", {}):

@@ -15,7 +15,7 @@ from glmtune.arguments.ptuning import PtuningArguments
 from glmtune.artifacts import read_json_object
 from glmtune.errors import UserError
 from glmtune.models.lora import base_model
-from glmtune.models.prefix import PEFT_TYPE, check_prefix_support, enable_prefix_generation
+from glmtune.models.prefix import PEFT_TYPE, check_prefix_support, enable_prefix_generation, is_prefix_adapter
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -48,6 +48,7 @@ def add_prefix(model: PreTrainedModel, model_name: str, args: PtuningArguments, 
                                 encoder_hidden_size=base_model(model).config.hidden_size)
     if resume is not None:
         check_same_prefix(resume, config)
+        check_resumable(resume, config)
     peft_model = get_peft_model(model, config)
     enable_prefix_generation(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -69,6 +70,16 @@ def check_same_prefix(checkpoint: Path, config: Any) -> None:
                                                  "started with")
 
 
+def check_resumable(checkpoint: Path, config: Any) -> None:
+    """peft saves a projected prefix as the MLP's output (the keys and values, the MLP folded in), so a checkpoint
+    holds nothing to restore the MLP from: measured, the Trainer's resume fails on a size mismatch."""
+    if config.prefix_projection:
+        raise UserError(f"cannot resume from {checkpoint}: with --prefix_projection true, peft saves the prefix the "
+                        "MLP computes, not the MLP, so training can't continue from it",
+                        hint="start the run again, or train with --prefix_projection false (THUDM's default), whose "
+                             "checkpoints resume")
+
+
 def attach_prefix(model: PreTrainedModel, model_name: str, lora_args: LoraArguments,
                   ptuning_args: PtuningArguments | None, resume: Path | None, start_adapter: Path | None) -> PeftModel:
     """The skeleton's step 8 for --finetuning_type ptuning: a new prefix (LoRA's options and a starting adapter
@@ -78,7 +89,9 @@ def attach_prefix(model: PreTrainedModel, model_name: str, lora_args: LoraArgume
         UserError: a command without P-Tuning v2, LoRA-only options, a starting adapter, or add_prefix's refusals.
     """
     if ptuning_args is None:
-        raise UserError("--finetuning_type ptuning is for glmtune train", hint="use --finetuning_type lora here")
+        raise UserError("--finetuning_type ptuning is for glmtune train: the preference and reward methods (dpo, kto, "
+                        "orpo, simpo, grpo) train LoRA, full or freeze, not a P-Tuning v2 prefix",
+                        hint="use --finetuning_type lora here")
     lora_only = [flag for flag, given in (("--train_router", lora_args.train_router),
                                           ("--moe_aux_loss_coef", lora_args.moe_aux_loss_coef is not None),
                                           ("--target_modules", bool(lora_args.target_modules))) if given]
@@ -89,3 +102,16 @@ def attach_prefix(model: PreTrainedModel, model_name: str, lora_args: LoraArgume
         raise UserError("--finetuning_type ptuning trains a new prefix, and --peft_path starts from an adapter",
                         hint="leave one of them out")
     return add_prefix(model, model_name, ptuning_args, resume)
+
+
+def refuse_prefix_start(start_adapter: Path) -> None:
+    """A run that trains an earlier adapter further (dpo's --peft_path) trains LoRA; a prefix is not continued.
+
+    Raises:
+        UserError: `start_adapter` holds a P-Tuning v2 prefix.
+    """
+    if is_prefix_adapter(start_adapter):
+        raise UserError(f"--peft_path {start_adapter} is a P-Tuning v2 prefix (peft's PREFIX_TUNING): the preference "
+                        "and reward methods train LoRA adapters further, not a prefix",
+                        hint="start from a LoRA adapter (glmtune train --finetuning_type lora), or from the base "
+                             "model without --peft_path")

@@ -321,6 +321,9 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
                             hint="--finetuning_type full trains the routers with everything else")
         return make_trainable(model, model_name, lora_args)
     if start_adapter is not None:
+        from glmtune.train.ptuning import refuse_prefix_start
+
+        refuse_prefix_start(start_adapter)
         peft_model = load_trainable_adapter(model, start_adapter, model_name)
     else:
         peft_model = add_lora(model, model_name, lora_args, resume)

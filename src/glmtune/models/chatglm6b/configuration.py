@@ -73,8 +73,9 @@ def config_from_official(d: dict[str, Any]) -> ChatGlm6bConfig:
         )
     if d.get("pre_seq_len") is not None:
         raise ValueError(
-            f"pre_seq_len={d['pre_seq_len']}: P-Tuning v2 prefixes are not supported by the native ChatGLM-6B; "
-            "use the base checkpoint (pre_seq_len null) and train LoRA instead"
+            f"pre_seq_len={d['pre_seq_len']}: THUDM's P-Tuning v2 layout keeps the prefix inside the model; glmtune "
+            "keeps it beside the model in peft's format: use the base checkpoint (pre_seq_len null) and train with "
+            "--finetuning_type ptuning"
         )
     kwargs = {k: v for k, v in d.items() if k not in _IGNORED and k not in ("quantization_bit", "pre_seq_len")}
     if "torch_dtype" in kwargs:

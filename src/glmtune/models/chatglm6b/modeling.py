@@ -164,6 +164,9 @@ class ChatGlm6bPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # THUDM checkpoints store each layer's rotary frequencies; the official code ignores them on load, and so do we.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    # Takes a P-Tuning v2 prefix as a pre-filled DynamicCache (peft's prefix tuning) with positions derived from the
+    # ids alone, as THUDM's ptuning does (models/prefix.py asks for this).
+    accepts_prefix_cache = True
 
 
 class ChatGlm6bModel(ChatGlm6bPreTrainedModel):
@@ -209,12 +212,7 @@ class ChatGlm6bModel(ChatGlm6bPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
 
         if position_ids is None:
-            if input_ids is None or past:
-                raise ValueError(
-                    "position_ids (batch, 2, seq) are needed with inputs_embeds or a non-empty cache: ChatGLM-6B "
-                    "derives them from the whole sequence (see chatglm6b_position_ids)"
-                )
-            position_ids = chatglm6b_position_ids(input_ids, attention_mask, self.config)
+            position_ids = self._derived_position_ids(input_ids, attention_mask, past)
         if position_ids.dim() != 3 or position_ids.shape[1] != 2:
             raise ValueError(
                 "position_ids must be (batch, 2, seq) [token positions; block positions], "
@@ -236,6 +234,28 @@ class ChatGlm6bModel(ChatGlm6bPreTrainedModel):
             cache=cache if use_cache else None,
             hidden_states=all_hidden_states if output_hidden_states else None,
         )
+
+    def _derived_position_ids(
+        self, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None, past: int
+    ) -> torch.Tensor:
+        """Positions from the ids fed, when none are given. A non-empty cache is then a P-Tuning v2 prefix (learned
+        keys and values, THUDM's `past_key_values` from its PrefixEncoder, peft's prefix tuning): the ids are the
+        whole sequence and their positions ignore the prefix, as THUDM's code computes them. Tokens fed after real
+        cached ones (a decoding step) lack [gMASK] and <sop>, so they can't be placed: the caller passes positions,
+        as generate() does."""
+        needed = (
+            "position_ids (batch, 2, seq) are needed with inputs_embeds or a cache of earlier tokens: ChatGLM-6B "
+            "derives them from the whole sequence (see chatglm6b_position_ids)"
+        )
+        if input_ids is None:
+            raise ValueError(needed)
+        own_mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1] :]
+        try:
+            return chatglm6b_position_ids(input_ids, own_mask, self.config)
+        except ValueError:
+            if past:
+                raise ValueError(needed) from None
+            raise
 
     @staticmethod
     def _attention_allowed(
@@ -336,7 +356,9 @@ class ChatGlm6bForCausalLM(ChatGlm6bPreTrainedModel, GenerationMixin):
         kwargs.pop("position_ids", None)
         inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         fed = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
-        position_ids = chatglm6b_position_ids(input_ids, attention_mask, self.config)  # (batch, 2, total)
+        # A P-Tuning v2 prefix widens the mask over its virtual tokens (batch, prefix + total): they have no positions.
+        own_mask = None if attention_mask is None else attention_mask[:, -input_ids.shape[1] :]
+        position_ids = chatglm6b_position_ids(input_ids, own_mask, self.config)  # (batch, 2, total)
         inputs["position_ids"] = position_ids[..., -fed.shape[1] :]
         return inputs
 
