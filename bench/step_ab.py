@@ -5,6 +5,7 @@ variant in turn on the same batches (forward, chunked loss, backward, AdamW step
 hit all of them alike; the table gives each variant's median seconds per step and its ratio to the first variant.
 
     .venv/bin/python bench/step_ab.py [--rounds 5] [--batches 4] [--variants peft-fp32,fused-fp32,...]
+        [--threads 1 --clock cpu]
 
 Variants: {peft,fused}-{fp32,bf16}, optionally +compile (torch.compile of the model, its compile time reported
 apart). Builds the speed scenario's inputs in a temporary folder (bench/train_speed.py's build_speed_inputs).
@@ -48,12 +49,15 @@ def make_variant(model_dir: Path, name: str) -> tuple[Any, Any, bool]:
     return model, optimizer, precision == "bf16"
 
 
+CLOCK = time.perf_counter
+
+
 def step(model: Any, optimizer: Any, autocast: bool, batch: dict[str, Any], compiled: Any = None) -> float:
     import torch
 
     from glmtune.train.loss import chunked_causal_lm_loss
 
-    start = time.perf_counter()
+    start = CLOCK()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         outputs = (compiled or model)(**inputs, output_hidden_states=True, logits_to_keep=1)
@@ -61,7 +65,7 @@ def step(model: Any, optimizer: Any, autocast: bool, batch: dict[str, Any], comp
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def batches(data_dir: Path, count: int, size: int = 8) -> list[dict[str, Any]]:
@@ -81,8 +85,17 @@ def main() -> None:
     parser.add_argument("--variants", default="peft-fp32,fused-fp32,peft-bf16,fused-bf16")
     parser.add_argument("--hidden_size", type=int, default=384)
     parser.add_argument("--num_layers", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU time, with --threads 1 the measure least moved by other "
+                             "tenants of a loaded machine (no thread waits for a descheduled partner)")
     args = parser.parse_args()
     import torch
+
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from train_speed import build_speed_inputs
 
     with tempfile.TemporaryDirectory(prefix="glmtune-ab-") as tmp:
@@ -108,7 +121,7 @@ def main() -> None:
                 times[name].append(sum(step(model, optimizer, autocast, b, compiled) for b in work) / len(work))
     load = os.getloadavg()[0]
     print(f"\nload average at the end: {load:.1f} ({os.cpu_count()} cores); {args.rounds} rounds x {args.batches} "
-          f"batches, torch threads {torch.get_num_threads()}")
+          f"batches, torch threads {torch.get_num_threads()}, {args.clock} clock")
     print("| variant | median s/step | each round | vs the first |")
     print("|---|---|---|---|")
     first = statistics.median(times[names[0]])

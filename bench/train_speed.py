@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_profile, beside this file
 SHARED = ROOT.parent / "shared"  # --shared overrides (a GPU machine gets the data beside the checkout)
 LORA = {"r": 8, "alpha": 32, "dropout": 0.0}
 
@@ -276,6 +277,23 @@ def _cpu_jiffies() -> list[int]:
     return [int(v) for v in stat.read_text().splitlines()[0].split()[1:]]
 
 
+def profile_speed_step(rows: int, hidden_size: int, num_layers: int) -> None:
+    """Print what a glmtune step of the speed scenario is made of, in fp32 and in bf16."""
+    from step_profile import print_profile, profile_glmtune_steps
+
+    targets = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
+    with tempfile.TemporaryDirectory(prefix="glmtune-profile-") as tmp:
+        model, data = build_speed_inputs(Path(tmp), rows, hidden_size, num_layers)
+        for precision in ("fp32", "bf16"):
+            out = Path(tmp) / f"out-{precision}"
+            profile = profile_glmtune_steps(
+                ["--dataset_path", str(data), "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                 "--lora_rank", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]), "--lora_dropout", "0",
+                 "--save_strategy", "no", "--seed", "0", "--target_modules", targets, "--output_dir", str(out),
+                 "--precision", precision, "--quiet"], LORA["r"], 8000)
+            print_profile(f"{precision}, load average {os.getloadavg()[0]:.1f}", profile)
+
+
 def main() -> None:
     from glmtune.train.flops import mfu
 
@@ -287,6 +305,9 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of runs, interleaved; the median of each run's times is compared")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the comparison: what one glmtune step of the speed scenario is made of, "
+                             "fp32 and bf16 (torch.profiler; bench/step_profile.py)")
     parser.add_argument("--also", action="append", default=[],
                         help="glmtune again with these extra flags, e.g. --also '--precision fp32' (repeatable)")
     args = parser.parse_args()
@@ -295,6 +316,9 @@ def main() -> None:
     EXTRA_GLMTUNE_RUNS.extend(args.also)
     global REPEAT
     REPEAT = args.repeat
+    if args.profile:
+        profile_speed_step(args.rows, args.hidden_size, args.num_layers)
+        return
     peaks = {precision: matmul_peak_gflops(precision)[0] for precision in ("fp32", "bf16")}
     results = []
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as tmp:
