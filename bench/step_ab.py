@@ -78,6 +78,33 @@ def batches(data_dir: Path, count: int, size: int = 8) -> list[dict[str, Any]]:
     return [collate([train[i] for i in range(b * size, (b + 1) * size)]) for b in range(count)]
 
 
+def _batch_flops(model_dir: Path, batch: dict[str, Any]) -> float:
+    import json
+
+    from glmtune.train.flops import ModelShape, lora_step_flops
+
+    starts = batch["cu_seq_lens_q"].tolist()
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    supervised = int((batch["labels"] != -100).sum())
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    return lora_step_flops(shape, sum(lengths), supervised, sum(n * n for n in lengths), 8, TARGETS)
+
+
+def _matmul_rate(precision: str, n: int = 1024) -> float:
+    """FLOP/s of a square matmul in this precision, timed with the same clock and threads as the steps."""
+    import torch
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = CLOCK()
+        a @ b
+        best = min(best, CLOCK() - start)
+    return 2 * n**3 / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -119,15 +146,22 @@ def main() -> None:
             for name in names:
                 model, optimizer, autocast, compiled = runs[name]
                 times[name].append(sum(step(model, optimizer, autocast, b, compiled) for b in work) / len(work))
+        flops = sum(_batch_flops(model_dir, b) for b in work) / len(work)
+    peaks = {precision: _matmul_rate(precision) for precision in ("fp32", "bf16")}
     load = os.getloadavg()[0]
     print(f"\nload average at the end: {load:.1f} ({os.cpu_count()} cores); {args.rounds} rounds x {args.batches} "
           f"batches, torch threads {torch.get_num_threads()}, {args.clock} clock")
-    print("| variant | median s/step | each round | vs the first |")
-    print("|---|---|---|---|")
+    print(f"matmul rate, same threads and clock: fp32 {peaks['fp32'] / 1e9:.0f}, "
+          f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+          f"{flops / 1e9:.1f} GFLOP per step (glmtune.train.flops)")
+    print("| variant | median s/step | each round | vs the first | MFU |")
+    print("|---|---|---|---|---|")
     first = statistics.median(times[names[0]])
     for name in names:
         median = statistics.median(times[name])
-        print(f"| {name} | {median:.3f} | {', '.join(f'{t:.3f}' for t in times[name])} | {first / median:.2f}x |")
+        peak = peaks["bf16" if "bf16" in name else "fp32"]
+        print(f"| {name} | {median:.3f} | {', '.join(f'{t:.3f}' for t in times[name])} | {first / median:.2f}x | "
+              f"{flops / median / peak:.1%} |")
     for a, b in zip(names[::2], names[1::2], strict=False):  # pairwise ratios, round by round
         ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
         print(f"{b} vs {a}: {statistics.median(ratios):.2f}x faster (median of per-round ratios "
