@@ -12,8 +12,9 @@ Two scenarios (the targets of issue 6):
     .venv/bin/python bench/train_speed.py [--scenario speed|memory|both] [--rows 256]
 
 Prints a table: real (non-pad) and supervised tokens per second, seconds per step, peak RSS, final loss (mean of
-the last five logged), and the achieved fraction of this machine's fp32 matmul peak, measured here first
-(LoRA training costs about 4 x parameters x tokens FLOPs).
+the last five logged), and MFU: the FLOPs the pass needs (glmtune.train.flops.lora_step_flops: the
+frozen layers forward and their input gradients, LoRA's products, causal attention, the output layer on supervised
+tokens) per second, over this machine's matmul rate in the run's precision, measured here first.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_profile, beside this file
 SHARED = ROOT.parent / "shared"  # --shared overrides (a GPU machine gets the data beside the checkout)
 LORA = {"r": 8, "alpha": 32, "dropout": 0.0}
 
@@ -82,14 +84,16 @@ def run_child(code: str, *args: object) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
 
 
-def matmul_peak_gflops() -> tuple[float, str]:
-    """The machine's measured matmul peak: fp32 on the CPU; on a GPU, bf16 (what glmtune trains in there)."""
+def matmul_peak_gflops(precision: str | None = None) -> tuple[float, str]:
+    """The machine's measured matmul rate, GFLOP/s, in `precision` ("fp32" or "bf16"; default: fp32 on the CPU,
+    bf16 on a GPU, what glmtune trains in there): the best of 5 square products of 2048 (8192 on a GPU)."""
     import torch
 
-    if torch.cuda.is_available():
-        n, device, dtype, label = 8192, "cuda", torch.bfloat16, f"{torch.cuda.get_device_name()} bf16"
-    else:
-        n, device, dtype, label = 2048, "cpu", torch.float32, "fp32"
+    cuda = torch.cuda.is_available()
+    precision = precision or ("bf16" if cuda else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    n, device = (8192, "cuda") if cuda else (2048, "cpu")
+    label = f"{torch.cuda.get_device_name()} {precision}" if cuda else precision
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
@@ -102,6 +106,24 @@ def matmul_peak_gflops() -> tuple[float, str]:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9, label
+
+
+def run_flops(model_dir: Path, data_dir: Path, rows: int | None = None, lora_rank: int = LORA["r"],
+              targets: str = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj") -> float:
+    """The FLOPs one pass of LoRA training over the prepared split needs (glmtune.train.flops.lora_step_flops):
+    the same count for every run of a comparison, whatever each computes besides."""
+    from datasets import load_from_disk
+
+    from glmtune.train.flops import ModelShape, lora_step_flops
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    train = load_from_disk(str(data_dir))["train"]
+    if rows is not None:
+        train = train.select(range(min(rows, len(train))))
+    lengths = [len(ids) for ids in train["input_ids"]]
+    supervised = sum(sum(label != -100 for label in row[1:]) for row in train["labels"])
+    return lora_step_flops(ModelShape.from_config(config), sum(lengths), supervised, sum(n * n for n in lengths),
+                           lora_rank, targets.split(","))
 
 
 def dataset_tokens(data_dir: Path, rows: int | None = None) -> tuple[int, int]:
@@ -121,6 +143,12 @@ def glmtune_losses(stdout: str) -> list[float]:
 
 
 def scenario_speed(tmp: Path, rows: int, hidden_size: int = 384, num_layers: int = 6) -> list[dict]:
+    model, data = build_speed_inputs(tmp, rows, hidden_size, num_layers)
+    return _compare(tmp, model, data, _count(model), batch=8, epochs=1, max_steps=-1, lr=1e-3, label="speed")
+
+
+def build_speed_inputs(tmp: Path, rows: int, hidden_size: int = 384, num_layers: int = 6) -> tuple[Path, Path]:
+    """The speed scenario's model (a GLM with a BPE vocabulary of 8,000 trained on the rows) and prepared data."""
     from glmtune.cli import main
     from glmtune.models.tiny import build_tiny_glm
 
@@ -130,7 +158,7 @@ def scenario_speed(tmp: Path, rows: int, hidden_size: int = 384, num_layers: int
     (tmp / "rows.json").write_text(json.dumps(source, ensure_ascii=False), encoding="utf-8")
     assert main(["prepare", "--jsonl_path", str(tmp / "rows.json"), "--save_path", str(tmp / "data"), "--model",
                  str(model), "--max_seq_length", "512"]) == 0
-    return _compare(tmp, model, tmp / "data", _count(model), batch=8, epochs=1, max_steps=-1, lr=1e-3, label="speed")
+    return model, tmp / "data"
 
 
 def scenario_memory(tmp: Path) -> list[dict]:
@@ -191,6 +219,7 @@ def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs
     targets = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
     steps_rows = None if max_steps < 0 else max_steps * batch
     real, supervised = dataset_tokens(data, steps_rows)
+    flops = run_flops(model, data, steps_rows)
     ours_args = ["--dataset_path", data, "--per_device_train_batch_size", batch, "--num_train_epochs", epochs,
                  "--max_steps", max_steps, "--learning_rate", lr, "--lora_rank", LORA["r"], "--lora_alpha",
                  LORA["alpha"], "--lora_dropout", "0", "--logging_steps", "1", "--save_strategy", "no", "--seed", "0",
@@ -224,6 +253,7 @@ def _compare(tmp: Path, model: Path, data: Path, params: int, batch: int, epochs
                     "seconds": statistics.median(r["runtime"] for r in runs),
                     "all_seconds": [round(r["runtime"], 1) for r in runs],
                     "steal": max(r["steal"] for r in runs), "real_tokens": real, "supervised_tokens": supervised,
+                    "flops": flops, "precision": "fp32" if runner is baseline else first["config"]["precision"],
                     "peak_gib": max(r["peak_gib"] for r in runs),
                     "gpu_peak_gib": first.get("gpu_peak_gib"),
                     "final_loss": sum(last) / len(last) if last else float("nan")})
@@ -247,7 +277,26 @@ def _cpu_jiffies() -> list[int]:
     return [int(v) for v in stat.read_text().splitlines()[0].split()[1:]]
 
 
+def profile_speed_step(rows: int, hidden_size: int, num_layers: int) -> None:
+    """Print what a glmtune step of the speed scenario is made of, in fp32 and in bf16."""
+    from step_profile import print_profile, profile_glmtune_steps
+
+    targets = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
+    with tempfile.TemporaryDirectory(prefix="glmtune-profile-") as tmp:
+        model, data = build_speed_inputs(Path(tmp), rows, hidden_size, num_layers)
+        for precision in ("fp32", "bf16"):
+            out = Path(tmp) / f"out-{precision}"
+            profile = profile_glmtune_steps(
+                ["--dataset_path", str(data), "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                 "--lora_rank", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]), "--lora_dropout", "0",
+                 "--save_strategy", "no", "--seed", "0", "--target_modules", targets, "--output_dir", str(out),
+                 "--precision", precision, "--quiet"], LORA["r"], 8000)
+            print_profile(f"{precision}, load average {os.getloadavg()[0]:.1f}", profile)
+
+
 def main() -> None:
+    from glmtune.train.flops import mfu
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=["speed", "memory", "both"], default="both")
     parser.add_argument("--rows", type=int, default=256, help="alpaca rows for the speed scenario")
@@ -256,6 +305,9 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=None, help="the shared data folder (default ../shared)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of runs, interleaved; the median of each run's times is compared")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the comparison: what one glmtune step of the speed scenario is made of, "
+                             "fp32 and bf16 (torch.profiler; bench/step_profile.py)")
     parser.add_argument("--also", action="append", default=[],
                         help="glmtune again with these extra flags, e.g. --also '--precision fp32' (repeatable)")
     args = parser.parse_args()
@@ -264,7 +316,10 @@ def main() -> None:
     EXTRA_GLMTUNE_RUNS.extend(args.also)
     global REPEAT
     REPEAT = args.repeat
-    peak, peak_label = matmul_peak_gflops()
+    if args.profile:
+        profile_speed_step(args.rows, args.hidden_size, args.num_layers)
+        return
+    peaks = {precision: matmul_peak_gflops(precision)[0] for precision in ("fp32", "bf16")}
     results = []
     with tempfile.TemporaryDirectory(prefix="glmtune-bench-") as tmp:
         if args.scenario in ("speed", "both"):
@@ -273,17 +328,18 @@ def main() -> None:
             results += scenario_memory(Path(tmp))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; {peak_label} matmul peak measured here: {peak:.0f} GFLOP/s")
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; matmul rate measured here (2048^2): fp32 {peaks['fp32']:.0f}, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
     print("| scenario | run | s/step | real tok/s | supervised tok/s | peak RSS GiB | peak GPU GiB | final loss | "
-          "of matmul peak | train s, each round | CPU steal |")
+          "MFU (its precision) | train s, each round | CPU steal |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         tps = r["real_tokens"] / r["seconds"]
-        flops = 4 * r["params"] * r["real_tokens"] / r["seconds"] / 1e9
+        utilisation = mfu(r["flops"], r["seconds"], peaks.get(r["precision"], peaks["fp32"]) * 1e9)
         print(f"| {r['scenario']} | {r['run']} | {r['seconds'] / r['steps']:.2f} | {tps:.0f} | "
               f"{r['supervised_tokens'] / r['seconds']:.0f} | {r['peak_gib']:.2f} | "
               f"{'-' if r['gpu_peak_gib'] is None else format(r['gpu_peak_gib'], '.2f')} | {r['final_loss']:.3f} | "
-              f"{flops / peak:.1%} | {', '.join(map(str, r['all_seconds']))} | {r['steal']:.0%} |")
+              f"{utilisation:.1%} | {', '.join(map(str, r['all_seconds']))} | {r['steal']:.0%} |")
     for scenario in sorted({r["scenario"] for r in results}):
         base, ours = [r for r in results if r["scenario"] == scenario][:2]
         print(f"{scenario}: glmtune {base['seconds'] / ours['seconds']:.2f}x the baseline's throughput, "
