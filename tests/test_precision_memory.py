@@ -20,8 +20,9 @@ print(json.dumps({"code": code, "peak_mib": resource.getrusage(resource.RUSAGE_S
 
 @pytest.fixture(scope="module")
 def wide_vocabulary_data(tmp_path_factory, shared_dir):
-    """A tiny GLM whose weights are mostly GLM-4's 151,552-token embedding and output layer (2 x 19.4M parameters:
-    155 MB in fp32, half in bf16), prepared rows of 96 tokens."""
+    """A tiny GLM whose weights are mostly GLM-4's 151,552-token embedding and output layer (2 x 58.2M parameters:
+    466 MB in fp32, half in bf16), prepared rows of 96 tokens. (At hidden 128 both runs peaked at 1024.7 MiB: a phase
+    both share, not the weights, set the peak.)"""
     import torch
     from conftest import write_json
     from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
@@ -31,8 +32,8 @@ def wide_vocabulary_data(tmp_path_factory, shared_dir):
 
     root = tmp_path_factory.mktemp("wide")
     tokenizer = load_tokenizer(str(shared_dir / "tokenizers" / "glm-4-9b-chat"))
-    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, pad_token_id=tokenizer.pad_token_id,
+    config = GlmConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=768, num_hidden_layers=2,
+                       num_attention_heads=6, num_key_value_heads=2, head_dim=64, pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = GlmForCausalLM(config)
@@ -59,8 +60,11 @@ def peak_mib(root, precision: str) -> float:
     return result["peak_mib"]
 
 
+@pytest.mark.xfail(strict=True, reason="open (issue 20): measured 1421 MiB in bf16 against 1198 MiB in fp32 at "
+                   "load 9 to 12; the excess is about the bf16 weights' size (unconfirmed guess: the fp32 checkpoint's "
+                   "mapped pages and the bf16 copies resident at once while loading)")
 def test_a_bf16_run_peaks_no_higher_than_the_same_run_in_fp32(wide_vocabulary_data):
     fp32, bf16 = peak_mib(wide_vocabulary_data, "fp32"), peak_mib(wide_vocabulary_data, "bf16")
-    # The margin: one measurement (load 12) gave 1024.7 MiB for both, so the peak is set by a phase both runs share,
-    # not by the weights' share; 20 MiB leaves room for the allocator's run-to-run spread, which was not measured.
+    # bf16 saves 233 MB of weights; 20 MiB of margin for the allocator's run-to-run spread (one pair measured so far,
+    # so the spread itself is not known yet).
     assert bf16 <= fp32 + 20, (fp32, bf16)
