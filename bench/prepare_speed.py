@@ -1,16 +1,20 @@
 """Rows per second of `glmtune prepare`'s tokenizing, against a plain one-row-at-a-time loop, in the same run.
 
-    .venv/bin/python bench/prepare_speed.py [--data FILE] [--model MODEL_DIR] [--num_proc 2]
+    .venv/bin/python bench/prepare_speed.py [--data FILE] [--model MODEL_DIR] [--num_proc 2] [--rounds 3]
 
 Default data: ../shared/data/alpaca/alpaca_9k.json; default model: the demo's tiny GLM with its BPE tokenizer,
 built into a temporary directory. The baseline renders each row with the chat template and tokenizes it in a
 Python loop, one row at a time (what a simple script does); glmtune's numbers include the label masks, the
-truncation policy and the per-row statistics, serial (num_proc 1), parallel, and a cache hit.
+truncation policy and the per-row statistics, serial (num_proc 1), parallel, and a cache hit. The methods run in
+interleaved rounds (each round runs each once, in the same order) and the table shows each one's median, so that a
+change in the machine's load between methods moves all of them alike; the load average is printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +27,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/alpaca/alpaca_9k.json"))
     parser.add_argument("--model", default=None)
     parser.add_argument("--num_proc", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     from glmtune.data.prepare import cache_key, load_data, tokenize_with_cache
@@ -52,17 +57,25 @@ def main() -> None:
             answer = tokenizer.encode(conversation.messages[-1].content, add_special_tokens=False)
             _ = prompt + answer, [-100] * len(prompt) + answer
 
-    results = {"plain loop, one row at a time (baseline)": timed(baseline)}
+    baseline_name = "plain loop, one row at a time (baseline)"
     cache = work / "cache"
-    for num_proc in sorted({1, args.num_proc}):
-        key = cache_key(data, bench=num_proc)
-        results[f"glmtune prepare, num_proc {num_proc}"] = timed(
-            lambda n=num_proc, k=key: tokenize_with_cache(data, tokenizer, stop_ids, options, n, cache, k))
+    procs = sorted({1, args.num_proc})
+    times: dict[str, list[float]] = {baseline_name: [], **{f"glmtune prepare, num_proc {n}": [] for n in procs}}
+    loads = [os.getloadavg()[0]]
+    for round_ in range(args.rounds):
+        times[baseline_name].append(timed(baseline))
+        for num_proc in procs:  # a fresh cache key each time: every run tokenizes
+            key = cache_key(data, bench=num_proc, round=round_)
+            times[f"glmtune prepare, num_proc {num_proc}"].append(timed(
+                lambda n=num_proc, k=key: tokenize_with_cache(data, tokenizer, stop_ids, options, n, cache, k)))
+        loads.append(os.getloadavg()[0])
+    results = {name: statistics.median(seconds) for name, seconds in times.items()}
     results["glmtune prepare, cache hit"] = timed(
         lambda: tokenize_with_cache(data, tokenizer, stop_ids, options, args.num_proc, cache, key))
 
-    base = results["plain loop, one row at a time (baseline)"]
-    print(f"\n{rows} rows of {args.data}, tokenizer of {model}\n")
+    base = results[baseline_name]
+    print(f"\n{rows} rows of {args.data}, tokenizer of {model}; medians of {args.rounds} interleaved rounds; "
+          f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs\n")
     print(f"| {'method':<42} | {'seconds':>8} | {'rows/s':>8} | {'vs baseline':>11} |")
     print(f"|{'-' * 44}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
     for name, seconds in results.items():

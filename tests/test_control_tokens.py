@@ -159,3 +159,28 @@ def _chat_inputs(tokenizer, c: Conversation) -> tuple[list[dict], dict]:
     from glmtune.data.templates import chat_inputs
 
     return chat_inputs(tokenizer.chat_template, c)
+
+
+def test_marking_follows_each_tokenizer_and_its_added_tokens(shared_dir):
+    """The control-token patterns are kept per tokenizer: a second tokenizer marks its own tokens, not the first's,
+    and a token added to a tokenizer after it marked a row is marked in the next one."""
+    from transformers.utils.chat_template_utils import _get_control_token_patterns, mark_control_tokens
+
+    from glmtune.data.control import mark_conversation
+    from glmtune.models.loading import load_tokenizer
+
+    def expected(tokenizer, text: str) -> str:  # transformers' marking, computed afresh
+        control, _ = _get_control_token_patterns(tokenizer._get_control_tokens(tokenizer.chat_template))
+        return mark_control_tokens(text, control)
+
+    text = "<|user|> [gMASK] <|forged|> <think> [Round 1]"
+    row = Conversation(messages=[Message("user", text), Message("assistant", "ok", True)])
+    glm4, chatglm2 = (load_tokenizer(str(shared_dir / "tokenizers" / name)) for name in ("glm-4-9b-chat",
+                                                                                          "chatglm2-6b"))
+    for tokenizer in (glm4, chatglm2, glm4):
+        assert mark_conversation(tokenizer, row).messages[0].content == expected(tokenizer, text)
+    assert expected(glm4, text) != expected(chatglm2, text)  # the tokenizers do differ here
+    before = mark_conversation(glm4, row).messages[0].content
+    glm4.add_special_tokens({"additional_special_tokens": ["<|forged|>"]})
+    after = mark_conversation(glm4, row).messages[0].content
+    assert after == expected(glm4, text) != before

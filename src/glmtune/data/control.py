@@ -14,6 +14,7 @@ offsets; the ids equal apply_chat_template's with sanitize_control_tokens=True (
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
@@ -25,7 +26,7 @@ def mark_conversation(tokenizer: Any, conversation: Conversation) -> Conversatio
     text is the user's own sequence, encoded as the tokenizer encodes any text.)"""
     from transformers.utils.chat_template_utils import mark_control_tokens
 
-    control, _ = _patterns(tokenizer._get_control_tokens(tokenizer.chat_template))
+    control, _ = _control_patterns(tokenizer)[0]
 
     def mark(value: Any) -> Any:  # strings, and the strings inside lists and dicts (not their keys); None as it is
         return mark_control_tokens(value, control)
@@ -53,7 +54,8 @@ def encode_marked(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     splitting = backend.encode_special_tokens
     backend.encode_special_tokens = False  # the markup's special tokens are parsed, whatever a last call left set
     try:
-        newline = backend.encode("\n", add_special_tokens=False).ids
+        # Only a text with markers has later pieces (most rows have none: one encode call then).
+        newline = backend.encode("\n", add_special_tokens=False).ids if len(pieces) > 1 else None
         ids, starts = [], []
         for i, (start, piece, as_text) in enumerate(pieces):
             piece_ids, piece_starts = _encode_fast(tokenizer, piece, as_text, newline if i > 0 else None)
@@ -77,10 +79,31 @@ def _patterns(tokens: tuple[str, ...]) -> tuple[Any, Any]:
     return _get_control_token_patterns(tokens)
 
 
+# Per tokenizer: (what the patterns were built from, the control tokens' patterns, the added tokens' patterns).
+# Listing the control tokens costs about 0.2-0.4 ms (transformers reads the template's literal text each time), more
+# than rendering a short row; a tokenizer whose template, control list or added tokens change gets new patterns.
+_PATTERNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], tuple[Any, Any], tuple[Any, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _control_patterns(tokenizer: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """(the patterns of the tokens marked in users' strings, the patterns of every added token) of this tokenizer."""
+    control_list = getattr(tokenizer, "chat_control_tokens", None)
+    # __len__ called as an attribute: a wrapper that forwards attributes (tests' slow view) has no len().
+    built_from = (tokenizer.chat_template, tuple(control_list) if control_list is not None else None,
+                  tokenizer.__len__())
+    kept = _PATTERNS.get(tokenizer)
+    if kept is None or kept[0] != built_from:
+        kept = (built_from, _patterns(tokenizer._get_control_tokens(tokenizer.chat_template)),
+                _patterns(tuple(tokenizer.added_tokens_encoder)))
+        _PATTERNS[tokenizer] = kept
+    return kept[1], kept[2]
+
+
 def _pieces(tokenizer: Any, text: str) -> list[tuple[int, str, bool]]:
     """(start, text, whether it is a marked token) of each piece between markers; a lone marker (a template's string
     method split a marked token) is dropped but still separates the text on either side, as in transformers."""
-    _, markers_re = _patterns(tuple(tokenizer.added_tokens_encoder))
+    _, markers_re = _control_patterns(tokenizer)[1]
     pieces, position = [], 0
     for match in markers_re.finditer(text):
         if position == 0 or match.start() > position:
