@@ -124,7 +124,10 @@ def _setup(tmp: Path, label: str, model: Path, source: list[dict], batch: int, m
 
 def runner(setup: Setup, name: str, precision: str, tmp: Path, peer_python: Path | None) -> Callable[[], dict]:
     """A callable doing one fresh-process run: its result dict (runtime, steps, losses, real_tokens, peak_bytes)."""
+    import torch
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cuda = torch.cuda.is_available()  # on a CPU, transformers refuses bf16 unless told use_cpu
     out = tmp / f"{setup.label}-{name}-{precision}"
     epochs = 1
 
@@ -155,7 +158,7 @@ def runner(setup: Setup, name: str, precision: str, tmp: Path, peer_python: Path
             "per_device_train_batch_size": setup.batch, "gradient_accumulation_steps": 1,
             "learning_rate": setup.lr, "num_train_epochs": float(epochs), "max_steps": setup.max_steps,
             "lr_scheduler_type": "linear", "warmup_steps": 0, "seed": 0, "dataloader_pin_memory": False,
-            "bf16": precision == "bf16", **LF_EXTRA[name],
+            "bf16": precision == "bf16", "use_cpu": not cuda, **LF_EXTRA[name],
         }
         out.mkdir(parents=True, exist_ok=True)
         config_file = out.with_suffix(".json")
@@ -192,11 +195,25 @@ def bf16_supported() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported())
 
 
-def summarise(setup: Setup, name: str, precision: str, runs: list[dict], rate: float) -> dict:
+def attempt(what: str, run: Callable[[], dict]) -> dict | None:
+    """The run with its CPU steal, or None when it failed (said on stderr; the other runs go on)."""
+    print(f"{what} ...", file=sys.stderr, flush=True)
+    try:
+        return train_speed._with_steal(run)
+    except RuntimeError as error:
+        print(f"{what} FAILED: {error}", file=sys.stderr, flush=True)
+        return None
+
+
+def summarise(setup: Setup, name: str, precision: str, tries: list[dict | None], rate: float) -> dict:
+    head = {"scenario": setup.label, "name": name, "run": LABELS[name], "precision": precision}
+    runs = [r for r in tries if r is not None]
+    if not runs:
+        return {**head, "failed": True}
     seconds = statistics.median(r["runtime"] for r in runs)
     real = runs[0]["real_tokens"]
     last = runs[0]["losses"][-5:]
-    return {"scenario": setup.label, "name": name, "run": LABELS[name], "precision": precision, "seconds": seconds,
+    return {**head, "failed": len(runs) < len(tries), "seconds": seconds,
             "all_seconds": [round(r["runtime"], 1) for r in runs], "steps": runs[0]["steps"], "real_tokens": real,
             "fed_tokens": runs[0].get("fed_tokens"), "tokens_per_s": real / seconds,
             "peak_gib": max(r["peak_bytes"] for r in runs) / 2**30,
@@ -209,7 +226,10 @@ def table(results: list[dict]) -> list[str]:
              "steps | peak RSS GiB | final loss | of matmul rate | vs baseline | vs LF packed | CPU steal |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        same = [o for o in results if o["scenario"] == r["scenario"]]
+        if "seconds" not in r:
+            lines.append(f"| {r['scenario']} | {r['run']} | {r['precision']} | failed (see the log) |" + " |" * 10)
+            continue
+        same = [o for o in results if o["scenario"] == r["scenario"] and "seconds" in o]
         base = next((o for o in same if o["name"] == "baseline"), None)
         packed = next((o for o in same if o["name"] == "lf-neat" and o["precision"] == r["precision"]), None)
         memory = r["scenario"] == "memory"
@@ -221,8 +241,9 @@ def table(results: list[dict]) -> list[str]:
             return f"{r['peak_gib'] / ref['peak_gib']:.2f}x mem" if memory else f"{ref['seconds'] / r['seconds']:.2f}x"
 
         tokens = f"{r['real_tokens']}" + (f" (fed {r['fed_tokens']})" if r["fed_tokens"] else "")
-        lines.append(f"| {r['scenario']} | {r['run']} | {r['precision']} | {r['seconds']:.1f} | "
-                     f"{', '.join(map(str, r['all_seconds']))} | {tokens} | {r['tokens_per_s']:.0f} | {r['steps']} | "
+        each = ", ".join(map(str, r["all_seconds"])) + (" (a round failed)" if r["failed"] else "")
+        lines.append(f"| {r['scenario']} | {r['run']} | {r['precision']} | {r['seconds']:.1f} | {each} | {tokens} | "
+                     f"{r['tokens_per_s']:.0f} | {r['steps']} | "
                      f"{r['peak_gib']:.2f} | {r['final_loss']:.3f} | {r['of_matmul']:.1%} | {ratio(base)} | "
                      f"{ratio(packed)} | {r['steal']:.0%} |")
     return lines
@@ -239,7 +260,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=["speed", "memory", "both"], default="both")
     parser.add_argument("--rows", type=int, default=256, help="alpaca rows for the speed scenario")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each run's median is compared")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds of the speed scenario, each run's median compared (memory: one)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default=None,
                         help="glmtune's and LLaMA-Factory's precision (default: both where the CPU has bf16 units, "
                              "else fp32); the baseline is always fp32")
@@ -277,22 +299,21 @@ def main() -> None:
             if "baseline" in only and "fp32" not in precisions:
                 plan.insert(0, ("baseline", "fp32"))
             runners = [runner(setup, name, p, tmp, peer_python) for name, p in plan]
-            rounds = []
-            for i in range(args.rounds):
-                row = []
-                for (name, p), run in zip(plan, runners, strict=True):
-                    print(f"{setup.label} round {i + 1}/{args.rounds}: {name} {p} ...", file=sys.stderr, flush=True)
-                    row.append(train_speed._with_steal(run))
-                rounds.append(row)
+            # Peak memory varies little between rounds; the memory scenario's runs are the bench's longest.
+            count = 1 if setup.label == "memory" else args.rounds
+            rounds = [[attempt(f"{setup.label} round {i + 1}/{count}: {name} {p}", run)
+                       for (name, p), run in zip(plan, runners, strict=True)] for i in range(count)]
             results += [summarise(setup, name, p, [r[j] for r in rounds], rates[p])
                         for j, (name, p) in enumerate(plan)]
+        models = "; ".join(f"{st.label}: {st.params / 1e6:.1f}M parameters, {st.real_tokens} real tokens in glmtune's "
+                           "data" for st in setups)
     load_after = os.getloadavg()
 
     head = [f"machine: {cpu_model()}, {os.cpu_count()} cores, AVX512-BF16 {'yes' if bf16 else 'no'}; "
             f"matmul rate measured here: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in rates.items()),
             f"load average before {'/'.join(f'{v:.2f}' for v in load_before)}, "
             f"after {'/'.join(f'{v:.2f}' for v in load_after)} (1/5/15 min)",
-            f"command: bench/peer_speed.py {' '.join(sys.argv[1:])}", ""]
+            f"models: {models}", f"command: bench/peer_speed.py {' '.join(sys.argv[1:])}", ""]
     text = "\n".join([*head, *table(results)])
     print("\n" + text)
     if args.markdown:
