@@ -199,10 +199,13 @@ def attempt(what: str, run: Callable[[], dict]) -> dict | None:
     """The run with its CPU steal, or None when it failed (said on stderr; the other runs go on)."""
     print(f"{what} ...", file=sys.stderr, flush=True)
     try:
-        return train_speed._with_steal(run)
+        result = train_speed._with_steal(run)
     except RuntimeError as error:
         print(f"{what} FAILED: {error}", file=sys.stderr, flush=True)
         return None
+    print(f"{what}: {result['runtime']:.1f} s, {result['steps']} steps, {result['real_tokens']} real tokens, "
+          f"peak {result['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    return result
 
 
 def summarise(setup: Setup, name: str, precision: str, tries: list[dict | None], rate: float) -> dict:
