@@ -62,8 +62,9 @@ def build_app(folder: Path, lang: str = "en") -> Any:
     ctx = BoardContext(folder, RunManager(folder), labels)
     with gr.Blocks(title="glmtune board", analytics_enabled=False) as app:
         with gr.Row():
-            heading = labels.add(gr.Markdown, "title", attribute="value")
-            language = gr.Radio(list(LANGUAGES), value=lang, label="Language / 语言", elem_id="language", scale=0)
+            labels.add(gr.Markdown, "title", attribute="value")
+            language = labels.add(gr.Radio, "language", choices=list(LANGUAGES), value=lang, elem_id="language",
+                                  scale=0)
         with labels.add(gr.Tab, "tab_data", elem_id="tab-data"):
             data = page_data.build(ctx)
         with labels.add(gr.Tab, "tab_train", elem_id="tab-train"):
@@ -76,7 +77,6 @@ def build_app(folder: Path, lang: str = "en") -> Any:
             page_export.build(ctx, data, chat)
         language.change(labels.relabel, inputs=language, outputs=labels.components())
         app.load(lambda: train["choices"](), outputs=train["runs"])
-        del heading
     return app
 
 

@@ -9,7 +9,7 @@ from typing import Any
 LANGUAGES = ("en", "zh")
 
 LABELS: dict[str, tuple[str, str]] = {
-    "title": ("glmtune board", "glmtune 控制台"),
+    "title": ("## glmtune board", "## glmtune 控制台"),
     "language": ("Language", "语言"),
     "tab_data": ("Data", "数据"),
     "tab_train": ("Train", "训练"),

@@ -26,8 +26,9 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> dict[str, Any]:
         max_new = t.add(gr.Number, "max_new_tokens", value=128, precision=0, minimum=1, elem_id="chat-max-new")
     command = t.add(gr.Textbox, "command", interactive=False, buttons=["copy"], elem_id="chat-command")
     with gr.Row():
-        tuned_box = t.add(gr.Chatbot, "tuned", elem_id="chat-tuned", height=320)
-        base_box = t.add(gr.Chatbot, "base", elem_id="chat-base", height=320)
+        # Plain text: exactly what the model said, as `glmtune chat` prints it.
+        tuned_box = t.add(gr.Chatbot, "tuned", elem_id="chat-tuned", height=320, render_markdown=False)
+        base_box = t.add(gr.Chatbot, "base", elem_id="chat-base", height=320, render_markdown=False)
     message = t.add(gr.Textbox, "message", elem_id="chat-message")
     with gr.Row():
         send = t.add(gr.Button, "send", attribute="value", variant="primary", elem_id="chat-send")

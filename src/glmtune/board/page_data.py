@@ -20,7 +20,7 @@ def build(ctx: BoardContext) -> dict[str, Any]:
     t = ctx.labels
     with gr.Row():
         data_file = t.add(gr.Textbox, "data_file", value=str(demo_data_path()), elem_id="data-file", scale=3)
-        upload = t.add(gr.File, "upload", file_types=[".json", ".jsonl", ".csv", ".parquet"], scale=1,
+        upload = t.add(gr.File, "upload", file_types=[".json", ".jsonl", ".csv", ".parquet"], scale=1, height=120,
                        elem_id="data-upload")
     with gr.Row():
         model = t.add(gr.Textbox, "model", value="", placeholder="demo model", elem_id="data-model", scale=3)

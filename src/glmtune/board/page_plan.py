@@ -28,7 +28,7 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> None:
         rank = t.add(gr.Number, "lora_rank", value=8, precision=0, minimum=1)
         precision = gr.Dropdown(["fp32", "bf16", "fp16"], value="fp32", label="precision")
         checkpointing = gr.Checkbox(False, label="gradient_checkpointing")
-        memory = t.add(gr.Number, "device_memory_gib", value=None, elem_id="plan-memory")
+        memory = t.add(gr.Number, "device_memory", value=None, elem_id="plan-memory")
     button = t.add(gr.Button, "plan_button", attribute="value", variant="primary", elem_id="plan-button")
     command = t.add(gr.Textbox, "command", interactive=False, buttons=["copy"], elem_id="plan-command")
     chart = t.add(gr.BarPlot, "memory", x="part", y="GiB", color="kind", sort=None, elem_id="plan-chart")
