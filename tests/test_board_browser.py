@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from board_browser import BoardServer, Page, browser_paths, new_browser, wait_for
 
 PROMPT = "什么是股票？"

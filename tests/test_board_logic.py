@@ -13,7 +13,7 @@ import pytest
 from glmtune.board.app import check_exposure, is_loopback, parse_auth
 from glmtune.board.command_line import glmtune_command, resume_command, shell_line, training_command
 from glmtune.board.dataset_report import histogram, trained_spans
-from glmtune.board.progress import losses_from_state, parse_log, run_progress
+from glmtune.board.progress import log_lines, losses_from_state, parse_log, run_progress
 from glmtune.board.runs import FAILED, FINISHED, RUNNING, STOPPED, RunManager
 from glmtune.data.report import MARK_CLOSE, MARK_OPEN
 from glmtune.errors import UserError
@@ -71,6 +71,14 @@ def test_the_log_gives_step_total_eta_and_each_loss_at_the_step_it_was_logged():
     assert progress.train_loss == [(3, 7.627), (6, 5.426)]
     assert progress.eval_loss == [(6, 5.9)]
     assert progress.summary() == "step 7/30 (23%), 01:06 elapsed, about 03:18 left"
+
+
+def test_the_log_shows_each_progress_bar_once_in_its_last_state():
+    lines = log_lines(TRAIN_LOG)
+    assert lines[0].startswith("trainable params")
+    assert lines[-1] == "\r 23%|██▎       | 7/30 [01:06<03:18,  8.63s/it]".lstrip("\r")
+    assert sum("%|" in line for line in lines) == 2  # Tokenizing and training: one line each, not one per redraw
+    assert log_lines(TRAIN_LOG, last=1) == lines[-1:]
 
 
 def test_a_run_without_a_log_takes_its_curve_from_its_latest_complete_checkpoint(tmp_path):

@@ -64,7 +64,7 @@ def build_app(folder: Path, lang: str = "en") -> Any:
         with gr.Row():
             labels.add(gr.Markdown, "title", attribute="value")
             language = labels.add(gr.Radio, "language", choices=list(LANGUAGES), value=lang, elem_id="language",
-                                  scale=0)
+                                  scale=0, min_width=200)
         with labels.add(gr.Tab, "tab_data", elem_id="tab-data"):
             data = page_data.build(ctx)
         with labels.add(gr.Tab, "tab_train", elem_id="tab-train"):

@@ -12,7 +12,7 @@ import gradio as gr
 
 from glmtune.board.command_line import METHODS, resume_command, shell_line, training_command
 from glmtune.board.context import BoardContext
-from glmtune.board.progress import run_progress
+from glmtune.board.progress import log_lines, run_progress
 from glmtune.errors import UserError
 
 LOG_TAIL_BYTES = 20_000
@@ -103,9 +103,8 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> None:
         points = [{"step": s, "loss": v, "split": "train"} for s, v in state.train_loss]
         points += [{"step": s, "loss": v, "split": "eval"} for s, v in state.eval_loss]
         frame = pd.DataFrame(points, columns=["step", "loss", "split"])
-        tail = text[-LOG_TAIL_BYTES:].replace("\r", "\n")
-        lines = [line for line in tail.split("\n") if line.strip()]
-        return run.status, state.summary(), frame, "\n".join(lines[-200:]), run.command or gr.skip()
+        log_tail = "\n".join(log_lines(text[-LOG_TAIL_BYTES:]))
+        return run.status, state.summary(), frame, log_tail, run.command or gr.skip()
 
     inputs = [method, name, data["data_file"], data["model"], data["max_seq_length"], max_steps, epochs, batch, lr,
               rank, alpha, logging_steps, save_steps, val_size]

@@ -89,6 +89,13 @@ def run_progress(output_dir: Path, log_text: str | None) -> Progress:
                     train_loss=train, eval_loss=evals)
 
 
+def log_lines(text: str, last: int = 200) -> list[str]:
+    """The log as a terminal would show it: each progress bar's last state only (tqdm redraws a line with carriage
+    returns), blank lines left out, the last `last` lines."""
+    lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return [line for line in lines if line.strip()][-last:]
+
+
 def _literal(text: str) -> dict[str, float] | None:
     try:
         value = ast.literal_eval(text)
