@@ -13,6 +13,7 @@ import pytest
 from glmtune.board.app import check_exposure, is_loopback, parse_auth
 from glmtune.board.command_line import glmtune_command, resume_command, shell_line, training_command
 from glmtune.board.dataset_report import histogram, trained_spans
+from glmtune.board.plan_output import read_plan
 from glmtune.board.progress import log_lines, losses_from_state, parse_log, run_progress
 from glmtune.board.runs import FAILED, FINISHED, RUNNING, STOPPED, RunManager
 from glmtune.data.report import MARK_CLOSE, MARK_OPEN
@@ -179,3 +180,14 @@ def test_runs_are_listed_from_the_folder_so_another_board_sees_the_same_ones(tmp
     assert later.run("ok").command.endswith("glmtune_fake_train.py")
     with pytest.raises(UserError, match="run name"):
         later.start("../escape", ["true"])
+
+
+def test_the_plan_chart_reads_back_every_figure_plan_printed(tiny_model, capsys):
+    from glmtune.commands.plan import PlanArguments, run
+    from glmtune.plan.memory import GIB
+
+    estimate = run(PlanArguments(model=str(tiny_model), precision="fp32", device_memory_gib=1.0))
+    figures = read_plan(capsys.readouterr().out)
+    assert figures.parts == {part: round(value / GIB, 2) for part, value in estimate.lines.items()}
+    assert (figures.total, figures.device) == (round(estimate.total / GIB, 2), 1.0)
+    assert read_plan("error: --model is required") == type(figures)()

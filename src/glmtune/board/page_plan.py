@@ -1,17 +1,16 @@
-"""The Plan page: `glmtune plan`'s estimate for the chosen model and options, as a bar chart of where the memory
-goes next to the memory there is, with plan's own verdict and suggestions."""
+"""The Plan page: the estimate of `glmtune plan` (run as its command) for the chosen model and options, as a bar chart
+of where the memory goes next to the memory there is, with plan's own verdict and suggestions."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Any
 
 import gradio as gr
 
 from glmtune.board.command_line import glmtune_command, shell_line
 from glmtune.board.context import BoardContext
-from glmtune.errors import UserError
+from glmtune.board.oneshot import stream_command
+from glmtune.board.plan_output import read_plan
 
 
 def plan_options(model: str, batch_size: int, max_seq_length: int, lora_rank: int, precision: str,
@@ -38,23 +37,18 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> None:
                  recompute: bool, budget: float | None) -> tuple[Any, ...]:
         import pandas as pd
 
-        from glmtune.commands.plan import PlanArguments, run
-        from glmtune.plan.memory import GIB
-
         options = plan_options(model_name.strip() or ctx.default_model(), int(batch_size), int(max_len),
                                int(lora_rank), dtype, recompute, budget or None)
-        line = shell_line(glmtune_command("plan", options))
-        printed = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(printed):
-                result = run(PlanArguments(**options))
-        except UserError as e:
-            return line, None, e.render()
-        rows = [{"part": part, "GiB": value / GIB, "kind": "estimate"} for part, value in result.lines.items()]
-        rows.append({"part": "total (peak)", "GiB": result.total / GIB, "kind": "total"})
-        if budget:
-            rows.append({"part": "device memory", "GiB": float(budget), "kind": "device"})
-        return line, pd.DataFrame(rows), printed.getvalue().strip()
+        argv = glmtune_command("plan", options)
+        *_, (printed, code) = stream_command(argv)  # plan answers at once: its last state is all the page shows
+        figures = read_plan(printed)
+        if code != 0 or figures.total is None:
+            return shell_line(argv), None, printed
+        rows = [{"part": part, "GiB": value, "kind": "estimate"} for part, value in figures.parts.items()]
+        rows.append({"part": "total (peak)", "GiB": figures.total, "kind": "total"})
+        if figures.device is not None:
+            rows.append({"part": "device memory", "GiB": figures.device, "kind": "device"})
+        return shell_line(argv), pd.DataFrame(rows), printed.strip()
 
     button.click(estimate, inputs=[data["model"], data["max_seq_length"], batch, rank, precision, checkpointing,
                                    memory], outputs=[command, chart, text])
