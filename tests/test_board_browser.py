@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,16 +74,20 @@ def test_the_demo_data_report_a_short_training_and_a_chat_with_its_adapter(board
     # Chat with the adapter: the page's answer is the one `glmtune infer` gives for the same adapter and prompt.
     page.tab("chat")
     page.set("chat-adapter", run_dir)
+    page.set("chat-max-new", 32)
+    page.click("chat-compare")
     page.set("chat-message", PROMPT)
     page.click("chat-send")
     wait_for(lambda: page.value("chat-command").startswith("glmtune chat "), 180, "the chat command")
-    answer = wait_for(lambda: _settled_answer(page), 180, "the streamed answer to end")
+    answer = wait_for(lambda: _settled_answer(page, "chat-tuned"), 180, "the streamed answer to end")
+    base_answer = wait_for(lambda: _settled_answer(page, "chat-base"), 180, "the base model's answer")
     model = str(board.folder / "demo-base-model")
     infer = subprocess.run([sys.executable, "-m", "glmtune", "infer", "--model", model, "--peft_path", str(run_dir),
-                            "--prompt", PROMPT, "--max_new_tokens", "128", "--quiet"],
+                            "--prompt", PROMPT, "--max_new_tokens", "32", "--quiet"],
                            capture_output=True, text=True, check=True)
     expected = json.loads(infer.stdout.strip().splitlines()[-1])["response"]
     assert answer.split() == expected.split()  # the page shows line breaks and tabs as the browser lays them out
+    assert base_answer.split() != answer.split()  # the base model, beside it, is not the tuned one
     page.screenshot(screenshots / "chat.png")
 
     # Plan: plan's estimate for the same model, as a chart and plan's own text, on a device too small for it.
@@ -98,16 +103,14 @@ def test_the_demo_data_report_a_short_training_and_a_chat_with_its_adapter(board
     page.screenshot(screenshots / "export.png")
 
 
-def _settled_answer(page: Page) -> str | None:
-    """The last answer in the tuned chat once it has stopped changing (the stream is done)."""
-    bubbles = page.browser.find_elements("css selector", "#chat-tuned [data-testid='bot']")
+def _settled_answer(page: Page, chatbot: str) -> str | None:
+    """The last answer in a chat once it has stopped changing (the stream is done)."""
+    bubbles = page.browser.find_elements("css selector", f"#{chatbot} [data-testid='bot']")
     if not bubbles:
         return None
     first = bubbles[-1].text
-    import time
-
     time.sleep(1.0)
-    again = page.browser.find_elements("css selector", "#chat-tuned [data-testid='bot']")
+    again = page.browser.find_elements("css selector", f"#{chatbot} [data-testid='bot']")
     return first.strip() if again and again[-1].text == first and first.strip() else None
 
 

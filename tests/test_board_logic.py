@@ -191,3 +191,22 @@ def test_the_plan_chart_reads_back_every_figure_plan_printed(tiny_model, capsys)
     assert figures.parts == {part: round(value / GIB, 2) for part, value in estimate.lines.items()}
     assert (figures.total, figures.device) == (round(estimate.total / GIB, 2), 1.0)
     assert read_plan("error: --model is required") == type(figures)()
+
+
+def test_the_data_report_is_prepares_dry_run_with_its_bad_rows_located_and_every_kept_samples_length(tiny_model,
+                                                                                                     tmp_path):
+    from glmtune.board.dataset_report import dataset_report
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"instruction": "什么是股票？", "input": "", "output": "股票是股份公司发行的所有权凭证。"}\n'
+                    '{"instruction": "broken"\n'
+                    '{"instruction": "What is a bond?", "input": ""}\n'
+                    '{"instruction": "What does APR stand for?", "input": "", "output": "Annual Percentage Rate."}\n',
+                    encoding="utf-8")
+    result = dataset_report(str(tiny_model), [str(data)], max_seq_length=512)
+    assert (result.report.rows_read, result.report.bad_rows_skipped, result.report.kept) == (4, 2, 2)
+    assert [b.location for b in result.bad_rows] == [f"{data}:2", f"{data}:3"]
+    assert "output" in result.bad_rows[1].problem  # the missing field is named
+    assert "rows read:         4 (2 bad rows skipped)" in result.text and "dry run: nothing written" in result.text
+    assert len(result.lengths) == 2 and max(result.lengths) == result.report.length_percentiles["max"]
+    assert not (tmp_path / "rows.rejects.jsonl").exists()
