@@ -75,7 +75,7 @@ def test_the_demo_data_report_a_short_training_and_a_chat_with_its_adapter(board
     page.tab("chat")
     page.set("chat-adapter", run_dir)
     page.set("chat-max-new", 32)
-    page.click("chat-compare")
+    page.field("chat-compare").click()
     page.set("chat-message", PROMPT)
     page.click("chat-send")
     wait_for(lambda: page.value("chat-command").startswith("glmtune chat "), 180, "the chat command")

@@ -61,7 +61,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "base": ("Base", "基础模型"),
     "plan_button": ("Estimate the memory", "估算显存"),
     "memory": ("Where the memory goes (GiB)", "显存去向（GiB）"),
-    "device_memory": ("Device memory in GiB (empty: this machine's)", "设备显存 GiB（留空：本机）"),
+    "device_memory": ("Device memory in GiB (0: this machine's)", "设备显存 GiB（0：本机）"),
     "plan_text": ("Estimate", "估算结果"),
     "eval_button": ("Evaluate", "评估"),
     "eval_data": ("Evaluation data file", "评估数据文件"),

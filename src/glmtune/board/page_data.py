@@ -54,7 +54,8 @@ def build(ctx: BoardContext) -> dict[str, Any]:
         for i, sample in enumerate(result.report.samples, start=1):
             spans += [(f"\n--- sample {i}\n", None), *trained_spans(sample)]
         rows = [[b.location, b.problem] for b in result.bad_rows]
-        return line, result.text, frame, spans, rows
+        ordered = gr.BarPlot(value=frame, sort=[label for label, _, _ in bins])  # bins in length order, not by name
+        return line, result.text, ordered, spans, rows
 
     button.click(show, inputs=[data_file, model, max_len, truncation],
                  outputs=[command, report, lengths, samples, bad])

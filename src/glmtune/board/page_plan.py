@@ -27,7 +27,7 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> None:
         rank = t.add(gr.Number, "lora_rank", value=8, precision=0, minimum=1)
         precision = gr.Dropdown(["fp32", "bf16", "fp16"], value="fp32", label="precision")
         checkpointing = gr.Checkbox(False, label="gradient_checkpointing")
-        memory = t.add(gr.Number, "device_memory", value=None, elem_id="plan-memory")
+        memory = t.add(gr.Number, "device_memory", value=0, minimum=0, elem_id="plan-memory")
     button = t.add(gr.Button, "plan_button", attribute="value", variant="primary", elem_id="plan-button")
     command = t.add(gr.Textbox, "command", interactive=False, buttons=["copy"], elem_id="plan-command")
     chart = t.add(gr.BarPlot, "memory", x="part", y="GiB", color="kind", sort=None, elem_id="plan-chart")
@@ -48,7 +48,8 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> None:
         rows.append({"part": "total (peak)", "GiB": figures.total, "kind": "total"})
         if figures.device is not None:
             rows.append({"part": "device memory", "GiB": figures.device, "kind": "device"})
-        return shell_line(argv), pd.DataFrame(rows), printed.strip()
+        chart = gr.BarPlot(value=pd.DataFrame(rows), sort=[row["part"] for row in rows])  # plan's order
+        return shell_line(argv), chart, printed.strip()
 
     button.click(estimate, inputs=[data["model"], data["max_seq_length"], batch, rank, precision, checkpointing,
                                    memory], outputs=[command, chart, text])
