@@ -115,16 +115,15 @@ def _settled_answer(page: Page, chatbot: str) -> str | None:
 
 
 def test_a_second_browser_sees_the_running_run_and_its_stop_leaves_a_loadable_checkpoint(board, page, screenshots):
-    page.tab("train")
-    for elem_id, value in (("train-name", "long"), ("train-max-steps", 500), ("train-batch", 2),
-                           ("train-log-steps", 1), ("train-save-steps", 1000)):
-        page.set(elem_id, value)
-    page.click("train-start")
-    wait_for(lambda: page.value("train-status") == "running", 60, "the run to start")
-
-    other = Page(new_browser(), board.url)
+    other = Page(new_browser(), board.url)  # open before the run starts: the run must appear there by itself
     try:
         other.tab("train")
+        page.tab("train")
+        for elem_id, value in (("train-name", "long"), ("train-max-steps", 500), ("train-batch", 2),
+                               ("train-log-steps", 1), ("train-save-steps", 1000)):
+            page.set(elem_id, value)
+        page.click("train-start")
+        wait_for(lambda: page.value("train-status") == "running", 60, "the run to start")
         wait_for(lambda: other.value("train-runs") == "long", 30, "the second browser to show the run")
         wait_for(lambda: re.match(r"step [1-9]\d*/500", other.value("train-progress")), 240, "a first step")
         assert other.value("train-status") == "running"

@@ -13,6 +13,7 @@ import gradio as gr
 from glmtune.board.command_line import METHODS, resume_command, shell_line, training_command
 from glmtune.board.context import BoardContext
 from glmtune.board.progress import log_lines, run_progress
+from glmtune.board.runs import RUNNING
 from glmtune.errors import UserError
 
 LOG_TAIL_BYTES = 20_000
@@ -114,5 +115,18 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> None:
     refresh.click(lambda selected: choices(selected), inputs=runs, outputs=runs)
     views = [status, progress, curve, log, command]
     runs.change(view, inputs=runs, outputs=views)
-    gr.Timer(REFRESH_SECONDS).tick(view, inputs=runs, outputs=views, show_progress="hidden")
+    known = gr.State([])  # the run names this browser lists: a run started elsewhere appears without a refresh
+
+    def tick(run_name: str | None, listed: list[str]) -> tuple[Any, ...]:
+        found = ctx.runs.list()
+        names = [r.name for r in found]
+        if names == listed:
+            return gr.skip(), listed, *view(run_name)
+        selected = run_name if run_name in names else (names[0] if names else None)
+        started = [r.name for r in found if r.name not in listed and r.status == RUNNING]
+        if started and (selected is None or ctx.runs.status(selected) != RUNNING):
+            selected = started[0]  # a run started elsewhere is shown, unless this browser watches one running
+        return gr.update(choices=names, value=selected), names, *view(selected)
+
+    gr.Timer(REFRESH_SECONDS).tick(tick, inputs=[runs, known], outputs=[runs, known, *views], show_progress="hidden")
     return {"runs": runs, "choices": choices}
