@@ -182,6 +182,18 @@ def test_runs_are_listed_from_the_folder_so_another_board_sees_the_same_ones(tmp
         later.start("../escape", ["true"])
 
 
+def test_a_resumed_run_keeps_the_log_of_its_first_part(tmp_path):
+    runs = RunManager(tmp_path / "runs")
+    runs.start("a", _fake_command(tmp_path, "print('first part')\n"))
+    _wait(lambda: runs.status("a") == FINISHED)
+    runs.start("a", [sys.executable, "-c", "print('second part')"], resume=True)
+    _wait(lambda: runs.status("a") == FINISHED and "second part" in runs.log("a"))
+    assert runs.log("a").index("first part") < runs.log("a").index("second part")
+    runs.start("a", [sys.executable, "-c", "print('afresh')"])
+    _wait(lambda: runs.status("a") == FINISHED and "afresh" in runs.log("a"))
+    assert "first part" not in runs.log("a")
+
+
 def test_the_plan_chart_reads_back_every_figure_plan_printed(tiny_model, capsys):
     from glmtune.commands.plan import PlanArguments, run
     from glmtune.plan.memory import GIB

@@ -83,7 +83,7 @@ def build(ctx: BoardContext, data: dict[str, Any]) -> None:
             raise gr.Error(f"{run_name} was not started from the board: resume it with its own command") from e
         argv = resume_command(argv)
         try:
-            ctx.runs.start(run_name, argv)
+            ctx.runs.start(run_name, argv, resume=True)
         except UserError as e:
             raise gr.Error(e.render()) from e
         return choices(run_name), shell_line(argv)

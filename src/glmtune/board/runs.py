@@ -48,8 +48,9 @@ class RunManager:
     def record_dir(self, name: str) -> Path:
         return self.folder / RECORDS / name
 
-    def start(self, name: str, argv: list[str]) -> Run:
-        """Start `argv` (a `glmtune ...` command whose --output_dir is FOLDER/name) as the run `name`.
+    def start(self, name: str, argv: list[str], resume: bool = False) -> Run:
+        """Start `argv` (a `glmtune ...` command whose --output_dir is FOLDER/name) as the run `name`; `resume`: the
+        run goes on, and its log goes on after what the earlier part printed (the curve keeps its first part).
 
         Raises:
             UserError: a bad run name, or a run of that name still running.
@@ -64,7 +65,7 @@ class RunManager:
             for stale in ("exit_code", "pid"):
                 (record / stale).unlink(missing_ok=True)
             (record / "command.json").write_text(json.dumps({"argv": argv, "started": time.time()}), encoding="utf-8")
-            log = open(record / "log.txt", "wb")  # noqa: SIM115 - the child holds it; closed below once it is passed
+            log = open(record / "log.txt", "ab" if resume else "wb")  # noqa: SIM115 - the child holds it; closed once passed
             try:
                 env = {**os.environ, "PYTHONUNBUFFERED": "1"}
                 process = subprocess.Popen(runnable(argv), stdout=log, stderr=subprocess.STDOUT,
