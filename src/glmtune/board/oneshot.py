@@ -17,6 +17,6 @@ def stream_command(argv: list[str]) -> Iterator[tuple[str, int | None]]:
     printed = ""
     assert process.stdout is not None
     for line in process.stdout:
-        printed += line.replace("\r", "\n")
+        printed += line
         yield printed, None
     yield printed, process.wait()

@@ -13,6 +13,7 @@ import gradio as gr
 from glmtune.board.command_line import glmtune_command, shell_line
 from glmtune.board.context import BoardContext
 from glmtune.board.oneshot import stream_command
+from glmtune.board.progress import log_lines
 
 
 def build(ctx: BoardContext, data: dict[str, Any], chat: dict[str, Any]) -> None:
@@ -36,12 +37,14 @@ def build(ctx: BoardContext, data: dict[str, Any], chat: dict[str, Any]) -> None
 
     def run(argv: list[str], metrics_file: Path | None = None) -> Iterator[tuple[Any, ...]]:
         line = shell_line(argv)
+        yield line, gr.skip(), ""  # the previous command's output goes at once
         for printed, code in stream_command(argv):
             table = gr.skip()
             if code is not None and metrics_file is not None and code == 0 and metrics_file.is_file():
                 values = json.loads(metrics_file.read_text(encoding="utf-8")).get("metrics", {})
                 table = [[k, v] for k, v in values.items()]
-            yield line, table, printed + (f"\n[exit code {code}]" if code is not None else "")
+            shown = "\n".join(log_lines(printed, last=500))  # each progress bar in its last state
+            yield line, table, shown + (f"\n[exit code {code}]" if code is not None else "")
 
     def evaluate(model_name: str, adapter: str, dataset: str, folder: str) -> Iterator[tuple[Any, ...]]:
         target = Path(folder) / "eval"
