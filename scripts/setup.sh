@@ -31,7 +31,7 @@ install_torch() {  # $1: the environment's python
     || "$1" -m pip install -q --no-deps "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
 }
 
-key=$( { cat requirements.txt requirements-dev.txt; "$PYTHON" --version; echo "$torch_variant"; } \
+key=$( { cat requirements.txt requirements-dev.txt requirements-board.txt; "$PYTHON" --version; echo "$torch_variant"; } \
        | sha256sum | cut -c1-16)
 cache=${GLMTUNE_ENV_CACHE:-$HOME/.cache/glmtune/envs}
 env_dir=$cache/$key
@@ -43,7 +43,7 @@ if [ ! -f "$env_dir/.complete" ]; then
   "$PYTHON" -m venv "$env_dir"
   "$env_dir/bin/python" -m pip install -q --upgrade pip setuptools wheel
   install_torch "$env_dir/bin/python"
-  "$env_dir/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+  "$env_dir/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-board.txt
   touch "$env_dir/.complete"
 else
   echo "setup: reusing the environment $env_dir (dependency lists unchanged)"

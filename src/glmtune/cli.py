@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("glmtune.commands.eval", "Score greedy answers on a data file: BLEU, ROUGE, exact match, perplexity."),
     "plan": ("glmtune.commands.plan", "Estimate a LoRA run's peak memory from the model's config; does it fit?"),
     "convert": ("glmtune.commands.convert", "Write a THUDM ChatGLM or GLM-4 checkpoint as a plain transformers model."),
+    "board": ("glmtune.commands.board", "The whole job in a web page: data report, training, chat, plan, export."),
 }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from glmtune.arguments.data import DataFormatArguments
 from glmtune.arguments.generation import GenerationArguments, SamplingArguments, ThinkingArguments
 from glmtune.arguments.model import AdapterArguments, Precision
+from glmtune.arguments.network import ListenArguments
 from glmtune.arguments.options import Options, check_at_least_one, option
 from glmtune.arguments.output import OutputDirArguments, OverwriteArguments
 from glmtune.arguments.run import BatchArguments
@@ -87,14 +88,12 @@ class EvalArguments(BatchArguments, OverwriteArguments, OutputDirArguments, Thin
 
 
 @dataclass
-class ServeArguments(ThinkingArguments, AdapterArguments):
+class ServeArguments(ListenArguments, ThinkingArguments, AdapterArguments):
     help_overrides = {"enable_thinking": "Think before answering (true) or answer at once (false), for models whose "
                                          "chat template has this switch; others refuse it. A request's "
                                          "chat_template_kwargs {\"enable_thinking\": ...} wins. Default: the "
                                          "template's own."}
 
-    host: str = option("Address to listen on; 0.0.0.0 opens the server to other machines.", default="127.0.0.1")
-    port: int = option("Port to listen on (0: any free port, printed at start).", default=8000)
     api_key: str | None = option(f"Require 'Authorization: Bearer KEY' on every request (default: the {API_KEY_ENV} "
                                  "environment variable, which keeps the key out of the process list; neither: no "
                                  "key).")
