@@ -47,7 +47,7 @@ class ModelShape:
                    "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
                    "gate_up_proj": (hidden, 2 * inter), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
                    "down_proj": (inter, hidden)}
-        if get("model_type") == "glm":
+        if _fused_gate_up(config if isinstance(config, dict) else config.to_dict()):
             del linears["gate_proj"], linears["up_proj"]
         else:
             del linears["gate_up_proj"]
@@ -76,3 +76,10 @@ def lora_step_flops(shape: ModelShape, tokens: int, supervised_tokens: int, sum_
 def mfu(flops: float, seconds: float, peak_flops_per_second: float) -> float:
     """Model FLOPs utilisation: the share of the machine's matmul rate the run reached."""
     return flops / seconds / peak_flops_per_second
+
+
+def _fused_gate_up(config: dict[str, Any]) -> bool:
+    """Whether the model's family fuses the MLP's gate and up projections (GLM, GLM-4): the registry says."""
+    from glmtune.models.families import family_of
+
+    return bool(getattr(family_of(config).shape, "fused_gate_up", False))
