@@ -29,10 +29,7 @@ def checkpoint(family: str, directory, shared_dir, tiny_model):
 
 # ChatGLM2-6B and GLM-4-9B-chat convert into the class ChatGLM3-6B converts into (GlmForCausalLM, also
 # test_ptuning.py's): ChatGLM3 stands for the three.
-# ChatGLM-6B is left out: on main (after the merge of the P-Tuning and serve/inference work) its prefix's loss falls
-# but infer gives 2 of 4 memorised answers, in fp32 and bf16; issue 18 holds it open. test_ptuning.py checks its
-# prefix forward and generation exactly.
-@pytest.mark.parametrize("family", ["glm4", "glm4_moe", "chatglm3"])
+@pytest.mark.parametrize("family", ["chatglm6b", "glm4", "glm4_moe", "chatglm3"])
 def test_prefix_learns_answers_and_loads_with_peft(cli, tmp_path, shared_dir, tiny_model, family):
     import torch
     from datasets import load_from_disk
@@ -43,8 +40,12 @@ def test_prefix_learns_answers_and_loads_with_peft(cli, tmp_path, shared_dir, ti
     model = checkpoint(family, tmp_path / "model", shared_dir, tiny_model)
     data = write_json(tmp_path / "rows.json", [{"prompt": q, "completion": a} for q, a in FACTS])
     assert cli("prepare", "--jsonl_path", data, "--save_path", tmp_path / "data", "--model", model).code == 0
-    # 100 full-batch steps: after 60, glm4 at hidden 64 gave 2 of 4 answers (measured)
-    run, steps = tmp_path / "run", 100
+    # 100 full-batch steps: after 60, glm4 at hidden 64 gave 2 of 4 answers (measured). ChatGLM-6B needs 200: its
+    # residual scale holds the prefix on a plateau (loss ~2.6 at step 100) where it knows the four answers but not
+    # which question gets which (teacher-forced argmax 2 of 4; infer then says 'Paris, Paris, cold, cold'). After
+    # 200 steps (loss 2.1) infer gives 4 of 4 in fp32 and bf16; learning rates 5e-2 and 1e-1, or a prefix of 32,
+    # stay on the plateau at 100 (measured).
+    run, steps = tmp_path / "run", 200 if family == "chatglm6b" else 100
     result = cli("train", "--dataset_path", tmp_path / "data", "--output_dir", run, "--finetuning_type", "ptuning",
                  "--pre_seq_len", "8", "--prefix_projection", "true", "--max_steps", str(steps),
                  "--per_device_train_batch_size", "4", "--logging_steps", "10")
