@@ -66,8 +66,11 @@ def main(argv: list[str]) -> None:
 
 def run(args: PlanArguments) -> Estimate:
     from glmtune.artifacts import read_json_object
-    from glmtune.models.hub import resolve_model
     from glmtune.plan.device import default_device, device_memory
+    from glmtune.registration import config_only
+
+    with config_only():  # the family registry, without the Auto classes' registration that imports torch
+        from glmtune.models.hub import resolve_model
 
     if not args.model:
         raise UserError("--model is required", hint="glmtune plan --model DIR_OR_HUB_NAME")

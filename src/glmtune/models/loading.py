@@ -62,7 +62,9 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
     from transformers import AutoModelForCausalLM
 
     from glmtune.models import quantization
+    from glmtune.models.chatglm6b import register
 
+    register()  # a directory glmtune wrote for its own architecture, even where plan imported this package first
     if quantization_bit:  # before anything is read: no backend, one clear error
         quantization.check_backend(quantization_bit)
     source = resolve_model(name)
