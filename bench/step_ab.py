@@ -5,10 +5,14 @@ variant in turn on the same batches (forward, chunked loss, backward, AdamW step
 hit all of them alike; the table gives each variant's median seconds per step and its ratio to the first variant.
 
     .venv/bin/python bench/step_ab.py [--rounds 5] [--batches 4] [--variants peft-fp32,fused-fp32,...]
-        [--threads 1 --clock cpu]
+        [--threads 1 --clock cpu] [--fresh]
 
 Variants: {peft,fused}-{fp32,bf16}, optionally +compile (torch.compile of the model, its compile time reported
-apart). Builds the speed scenario's inputs in a temporary folder (bench/train_speed.py's build_speed_inputs).
+apart) and +attn16 (bf16 attention for every sample, not fp32 for the short ones: train/packed_attention.py's
+CPU_FP32_ATTENTION_BELOW set to 0). Builds the speed scenario's inputs in a temporary folder (bench/train_speed.py's
+build_speed_inputs). --fresh gives every round batches not seen before, as an epoch does: each new token count
+costs oneDNN a new primitive for every bf16 matmul shape (its creation is part of a real epoch's steps, and
+repeating the same batches would hide it).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def make_variant(model_dir: Path, name: str) -> tuple[Any, Any, bool]:
     from glmtune.train.packed_attention import use_packed_sdpa
 
     kind, precision = name.split("+")[0].split("-")
+    unknown = set(name.split("+")[1:]) - {"compile", "attn16"}
+    if unknown:
+        raise SystemExit(f"unknown variant option {unknown} in {name}")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, {"fp32": "float32",
                                                                                        "bf16": "bfloat16"}[precision]))
@@ -50,13 +57,17 @@ def make_variant(model_dir: Path, name: str) -> tuple[Any, Any, bool]:
 
 
 CLOCK = time.perf_counter
+DEFAULT_FP32_BELOW = 256  # train/packed_attention.py's CPU_FP32_ATTENTION_BELOW, read again in main()
 
 
-def step(model: Any, optimizer: Any, autocast: bool, batch: dict[str, Any], compiled: Any = None) -> float:
+def step(model: Any, optimizer: Any, autocast: bool, batch: dict[str, Any], compiled: Any = None,
+         fp32_attention_below: int = DEFAULT_FP32_BELOW) -> float:
     import torch
 
+    from glmtune.train import packed_attention
     from glmtune.train.loss import chunked_causal_lm_loss
 
+    packed_attention.CPU_FP32_ATTENTION_BELOW = fp32_attention_below
     start = CLOCK()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -113,44 +124,56 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=384)
     parser.add_argument("--num_layers", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="new batches every round (rounds x batches in all), as an epoch meets them")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the process's CPU time, with --threads 1 the measure least moved by other "
                              "tenants of a loaded machine (no thread waits for a descheduled partner)")
     args = parser.parse_args()
     import torch
 
-    global CLOCK
+    global CLOCK, DEFAULT_FP32_BELOW
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    from glmtune.train.packed_attention import CPU_FP32_ATTENTION_BELOW
+
+    DEFAULT_FP32_BELOW = CPU_FP32_ATTENTION_BELOW
     if args.threads:
         torch.set_num_threads(args.threads)
     from train_speed import build_speed_inputs
 
     with tempfile.TemporaryDirectory(prefix="glmtune-ab-") as tmp:
-        model_dir, data_dir = build_speed_inputs(Path(tmp), 256, args.hidden_size, args.num_layers)
-        work = batches(data_dir, args.batches)
+        rounds_of_batches = args.rounds if args.fresh else 1
+        rows = 8 * (args.batches * rounds_of_batches + 1)
+        model_dir, data_dir = build_speed_inputs(Path(tmp), max(256, rows), args.hidden_size, args.num_layers)
+        every = batches(data_dir, args.batches * rounds_of_batches + 1)
+        warm, work = every[-1], every[:-1]
         names = args.variants.split(",")
         runs = {}
         for name in names:
             model, optimizer, autocast = make_variant(model_dir, name)
+            below = 0 if "+attn16" in name else DEFAULT_FP32_BELOW
             compiled = None
-            if name.endswith("+compile"):
+            if "+compile" in name:
                 compiled = torch.compile(model)
                 start = time.perf_counter()
                 for batch in work:  # every shape once: the compile time, apart
-                    step(model, optimizer, autocast, batch, compiled)
+                    step(model, optimizer, autocast, batch, compiled, below)
                 print(f"{name}: compile and first pass {time.perf_counter() - start:.1f} s")
-            step(model, optimizer, autocast, work[0], compiled)  # warm-up
-            runs[name] = (model, optimizer, autocast, compiled)
+            step(model, optimizer, autocast, warm, compiled, below)  # warm-up
+            runs[name] = (model, optimizer, autocast, compiled, below)
         times: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(args.rounds):
+        for i in range(args.rounds):
+            round_batches = work[i * args.batches:(i + 1) * args.batches] if args.fresh else work
             for name in names:
-                model, optimizer, autocast, compiled = runs[name]
-                times[name].append(sum(step(model, optimizer, autocast, b, compiled) for b in work) / len(work))
+                model, optimizer, autocast, compiled, below = runs[name]
+                times[name].append(sum(step(model, optimizer, autocast, b, compiled, below)
+                                       for b in round_batches) / len(round_batches))
         flops = sum(_batch_flops(model_dir, b) for b in work) / len(work)
     peaks = {precision: _matmul_rate(precision) for precision in ("fp32", "bf16")}
     load = os.getloadavg()[0]
     print(f"\nload average at the end: {load:.1f} ({os.cpu_count()} cores); {args.rounds} rounds x {args.batches} "
-          f"batches, torch threads {torch.get_num_threads()}, {args.clock} clock")
+          f"batches{' (new every round)' if args.fresh else ''}, torch threads {torch.get_num_threads()}, "
+          f"{args.clock} clock")
     print(f"matmul rate, same threads and clock: fp32 {peaks['fp32'] / 1e9:.0f}, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
           f"{flops / 1e9:.1f} GFLOP per step (glmtune.train.flops)")

@@ -90,3 +90,24 @@ def test_fused_lora_product_gradients_match_autograd(bias):
                                     (x.double(), base.weight.double().detach().requires_grad_(),
                                      None if base.bias is None else base.bias.double().detach().requires_grad_(),
                                      a.double(), b.double()))
+
+
+def test_every_method_trains_fused_lora_layers_new_or_started_from_an_adapter(tmp_path):
+    """The skeleton's adapter step (which train, dpo, kto, orpo, simpo and grpo all take) fuses every LoRA layer,
+    of a new adapter and of an earlier run's adapter trained further (dpo's --peft_path) alike."""
+    from glmtune.arguments import LoraArguments
+    from glmtune.train.skeleton import attach_adapter
+
+    def base():
+        torch.manual_seed(0)
+        return GlmForCausalLM(GlmConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0))
+
+    lora = LoraArguments(lora_rank=4, lora_dropout=0.0, target_modules=",".join(TARGETS))
+    new = attach_adapter(base(), "tiny", lora, seed=0)
+    layers = [m for m in new.modules() if hasattr(m, "lora_A")]
+    assert len(layers) == 2 * len(TARGETS) and all(type(m) is FusedLoraLinear for m in layers)
+    new.save_pretrained(str(tmp_path / "adapter"))
+    started = attach_adapter(base(), "tiny", lora, seed=0, start_adapter=tmp_path / "adapter")
+    layers = [m for m in started.modules() if hasattr(m, "lora_A")]
+    assert len(layers) == 2 * len(TARGETS) and all(type(m) is FusedLoraLinear for m in layers)

@@ -122,3 +122,29 @@ def test_only_plain_causal_attention_is_switched():
         **SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0)))
     eager = transformers.GlmForCausalLM(transformers.GlmConfig(**SMALL, attn_implementation="eager"))
     assert not can_use_packed_sdpa(eager)  # a user's explicit choice is kept
+
+
+def test_short_bf16_samples_attend_in_fp32_on_cpu_and_long_ones_in_bf16():
+    """Under the Trainer's bf16 autocast, a sample shorter than CPU_FP32_ATTENTION_BELOW is computed from fp32 operands
+    (autocast would cast them back to bf16: it must be off there), a longer one by the bf16 kernel; the outputs are
+    bf16 either way, and the gradients reach bf16 inputs."""
+    from glmtune.train.packed_attention import CPU_FP32_ATTENTION_BELOW, packed_sdpa_attention
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    lengths = [5, CPU_FP32_ATTENTION_BELOW - 1, CPU_FP32_ATTENTION_BELOW + 20]
+    tokens = sum(lengths)
+    query = torch.randn(1, 4, tokens, 32, dtype=torch.bfloat16, requires_grad=True)  # (batch, heads, tokens, dim)
+    key, value = (torch.randn(1, 2, tokens, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    starts = [0, lengths[0], lengths[0] + lengths[1], tokens]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = packed_sdpa_attention(None, query, key, value, None, cu_seq_lens_q=torch.tensor(starts))
+    assert output.dtype == torch.bfloat16 and output.shape == (1, tokens, 4, 32)
+    for (start, end), short in zip(zip(starts[:-1], starts[1:], strict=True), [True, True, False], strict=True):
+        q, k, v = (t[:, :, start:end] for t in (query, key, value))
+        expected = (sdpa(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True).bfloat16() if short
+                    else sdpa(q, k, v, is_causal=True, enable_gqa=True))
+        assert torch.equal(output[:, start:end], expected.transpose(1, 2)), (start, end)
+    output.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0
+               for t in (query, key, value))

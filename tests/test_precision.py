@@ -108,3 +108,29 @@ def test_fp16_is_warned_of_for_the_glm4_line_and_not_for_chatglm3(tiny_model, sh
     assert warned.startswith("warning: fp16 with GLM-4") and "--precision bf16" in warned
     warn_if_fp16_overflows(str(shared_dir / "fixtures" / "chatglm" / "v3"), fp16)  # ChatGLM3 ran in fp16
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_bf16_cpu_run_bounds_onednns_primitive_caches_and_keeps_a_users_size(monkeypatch, tmp_path, precision):
+    """bf16 matmuls on CPU go through oneDNN, whose caches keep a primitive per shape (1,024 of them by default):
+    a bf16 CPU run bounds them before its first matmul, unless the user sized them; an fp32 run leaves them alone."""
+    import os
+
+    import torch
+    from transformers import TrainingArguments
+
+    from glmtune.arguments import ModelArguments, PrecisionArguments
+    from glmtune.train.precision import ONEDNN_CACHE_ENTRIES
+    from glmtune.train.skeleton import choose_run_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(CPU_BF16_OVERRIDE, "1")
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # recorded, so the run's value is undone after the test
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # the user's
+    chosen, _ = choose_run_precision(ModelArguments(model="unused"), PrecisionArguments(precision=precision),
+                                     TrainingArguments(output_dir=str(tmp_path)))
+    assert chosen.name == precision
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+    expected = ONEDNN_CACHE_ENTRIES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] if precision == "bf16" else None
+    assert os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == expected

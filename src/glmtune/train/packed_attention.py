@@ -23,6 +23,14 @@ from glmtune.models.families import family_of_model
 from glmtune.models.lora import base_model
 
 PACKED_SDPA = "glmtune_packed_sdpa"
+# On CPU, torch's bf16 flash-attention kernel runs each block's products as oneDNN matmuls (a primitive looked up per
+# block, and created for each new sample length) where fp32's calls MKL: for short samples it costs more than the
+# same sample computed in fp32 (q, k, v cast up, the output cast back), for long ones less. Measured with torch 2.13
+# on an AVX512-BF16 CPU, one thread, forward + backward of one sample, 4 heads of 96 and 32 heads of 128 alike,
+# bf16 over fp32 time: 2.0x at 64 tokens, 1.5-1.9x at 128, 1.0x at 256-384, 0.7-0.9x from 512 (bench/step_ab.py's
+# fused-bf16+attn16 variant measures it in a step). So samples shorter than this are computed in fp32, which is
+# also more exact.
+CPU_FP32_ATTENTION_BELOW = 256
 
 
 def can_use_packed_sdpa(model: Any) -> bool:
@@ -90,12 +98,30 @@ def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
     # split, not slices: a slice's backward writes a zero gradient of the whole row for each sample (measured, 64
     # samples of 32 tokens: 266 ms backward against 25 ms).
     lengths = [end - start for start, end in zip(starts[:-1], starts[1:], strict=True)]
-    outputs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
-                                                                is_causal=True, enable_gqa=gqa)
-               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2),
-                                  strict=True)]
+    dtype, below = _fp32_below(query)
+    outputs = []
+    for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True):
+        if q.shape[2] < below:  # autocast off: it would cast the fp32 operands back to bf16
+            with torch.autocast(query.device.type, enabled=False):
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), dropout_p=dropout, scale=scaling, is_causal=True,
+                    enable_gqa=gqa).to(dtype)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                                   is_causal=True, enable_gqa=gqa)
+        outputs.append(out)
     output = torch.cat(outputs, dim=2).reshape(heads, batch, tokens, dim)
     return output.permute(1, 2, 0, 3).contiguous(), None
+
+
+def _fp32_below(query: Any) -> tuple[Any, int]:
+    """The dtype sdpa computes the queries in (autocast's, which casts them, else their own) and the sample length
+    below which they are computed in fp32 instead (CPU_FP32_ATTENTION_BELOW; bf16 on CPU only, else 0)."""
+    import torch
+
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    return dtype, CPU_FP32_ATTENTION_BELOW if device == "cpu" and dtype == torch.bfloat16 else 0
 
 
 _last_cu_seq_lens: list[Any] = [None, None]  # (tensor, its starts): one conversion per forward, not per layer

@@ -89,3 +89,19 @@ def apply_to_training_args(precision: Precision, training_args: ArgsT, hardware:
     torchrun join the process group (measured: world_size 1 in each of two torchrun processes without it)."""
     return dataclasses.replace(training_args, bf16=precision.name == "bf16", fp16=precision.name == "fp16",
                                use_cpu=training_args.use_cpu or not hardware.cuda)
+
+
+# oneDNN keeps a primitive (with its generated code) for every matmul shape it meets, in two caches of 1,024 entries by
+# default: its own and the one of ideep, torch's wrapper. bf16 matmuls on CPU go through them (fp32 ones through MKL),
+# and a padding-free run meets a new token count at nearly every step, so a bf16 run's memory grew with every step
+# (bench/train_speed.py's speed model, fresh batches: +22 MiB a step; one thread, 24 steps: 1,267 MiB peak against
+# 967 MiB with both at 64). A step's shapes number about 30, so 64 entries keep the current step's and the last one's:
+# measured no slower (0.998x, three interleaved processes each). A value the user set is kept.
+ONEDNN_CACHE_ENTRIES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
+
+
+def bound_onednn_caches() -> None:
+    """Bound oneDNN's primitive caches (ONEDNN_CACHE_ENTRIES) in this process. Both are read when first used, by the
+    first bf16 matmul: this must run before it (a process that has run one keeps its caches' size)."""
+    for name, entries in ONEDNN_CACHE_ENTRIES.items():
+        os.environ.setdefault(name, entries)

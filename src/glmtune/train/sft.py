@@ -83,7 +83,6 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     """
     from transformers import Trainer
 
-    from glmtune.train.fused_lora import fuse_lora_linears
     from glmtune.train.loss import ChunkedLossTrainer
 
     output_dir = Path(training_args.output_dir)
@@ -109,7 +108,6 @@ def run_sft(model_args: ModelArguments, data_args: DatasetArguments, lora_args: 
     model = load_model_for_training(model_args, model_name, precision, training_args)
     ptuning_args = ptuning_args or PtuningArguments()
     model = attach_adapter(model, model_name, lora_args, training_args.seed, resume, ptuning_args=ptuning_args)
-    fuse_lora_linears(model)  # the same sums with fewer operators (train/fused_lora.py); peft's forward otherwise
     clear_output(training_args, resume)
 
     chunked = compute_args.chunked_loss and _supports_chunked_loss(model)

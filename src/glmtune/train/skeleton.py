@@ -12,7 +12,8 @@ only describes itself as a `PreferenceMethod`.
  5. load_matching_tokenizer the model's tokenizer, refused unless the dataset was tokenized with it
  6. load_splits             the `train` split and the `validation` split, if any
  7. load_model_for_training the base model in the run's precision, quantized when asked
- 8. attach_adapter          seeded (seed_run): a new LoRA adapter, or an earlier run's adapter trained further
+ 8. attach_adapter          seeded (seed_run): a new LoRA adapter, or an earlier run's adapter trained further,
+                            its layers computed by train/fused_lora.py
                             (or, for full and freeze tuning, the model's own weights made trainable)
  9. clear_output            only now, every check passed: an old run's files go
 10. build_trainer           the method's Trainer class on the model, splits and tokenizer
@@ -59,7 +60,14 @@ from glmtune.models.hub import canonical_model_name
 from glmtune.models.loading import load_model, load_tokenizer, tokenizer_fingerprint
 from glmtune.models.lora import base_model, resolve_target_modules, resolve_target_parameters, router_module
 from glmtune.train.plot import plot_loss
-from glmtune.train.precision import ArgsT, Precision, apply_to_training_args, choose_precision, detect_hardware
+from glmtune.train.precision import (
+    ArgsT,
+    Precision,
+    apply_to_training_args,
+    bound_onednn_caches,
+    choose_precision,
+    detect_hardware,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +180,8 @@ def choose_run_precision(model_args: ModelArguments, precision_args: PrecisionAr
     precision = choose_precision(precision_args.precision, training_args.bf16, training_args.fp16, hardware)
     training_args = apply_to_training_args(precision, training_args, hardware)
     refuse_fsdp_on_cpu(training_args)  # every method: only now is use_cpu set
+    if precision.name == "bf16" and not hardware.cuda:  # before the model's first matmul
+        bound_onednn_caches()
     if model_args.quantization_bit:  # no bitsandbytes backend: stop before loading anything
         quantization.check_backend(model_args.quantization_bit)
     return precision, training_args
@@ -304,6 +314,8 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
         UserError: LoRA targets the model lacks, a checkpoint's adapter of another shape, or a starting adapter
             that does not fit the model.
     """
+    from glmtune.train.fused_lora import fuse_lora_linears
+
     seed_run(seed)
     if lora_args.finetuning_type == "ptuning":
         from glmtune.train.ptuning import attach_prefix
@@ -331,6 +343,9 @@ def attach_adapter(model: PreTrainedModel, model_name: str, lora_args: LoraArgum
         from glmtune.models.moe import add_balance_loss
 
         add_balance_loss(peft_model, router, lora_args.moe_aux_loss_coef)
+    # Every method's LoRA layers: the same sums with fewer operators (train/fused_lora.py). A call it does not cover
+    # (the adapter disabled for a reference model, dropout in training, DoRA, a quantized base) runs peft's forward.
+    fuse_lora_linears(peft_model)
     return peft_model
 
 
