@@ -279,7 +279,7 @@ def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: li
     if conversation.text is not None:
         ids = tokenizer.encode(conversation.text, add_special_tokens=True)
         if not ids or ids[-1] not in stop_ids:
-            ids.append(_end_token(tokenizer, stop_ids))
+            ids.append(end_token(tokenizer, stop_ids))
         return ids, list(ids)
 
     return label_training_text(tokenizer, training_text(tokenizer, conversation, enable_thinking), stop_ids,
@@ -447,7 +447,7 @@ def _end_at_stop_token(tokenizer: Any, ids: list[int], start: int, end: int, sto
     if end < len(ids) and ids[end] in stop_ids:
         return end + 1
     if end == len(ids):
-        ids.append(next_token if next_token is not None else _end_token(tokenizer, stop_ids))
+        ids.append(next_token if next_token is not None else end_token(tokenizer, stop_ids))
         return end + 1
     # A template that writes no stop token after an answer in history (ChatGLM2's "[Round i]" prompts): the
     # answer's text is trained as it is; the conversation's last answer still learns to stop.
@@ -461,5 +461,7 @@ def _last_stop(ids: list[int], start: int, end: int, stop_ids: list[int]) -> int
     return next(k for k in range(end - 1, start - 1, -1) if ids[k] in stop_ids)
 
 
-def _end_token(tokenizer: Any, stop_ids: list[int]) -> int:
+def end_token(tokenizer: Any, stop_ids: list[int]) -> int:
+    """The stop token appended after a conversation's last trained answer: the eos where generation stops on it.
+    (eos_token_id looks the token up each time: a caller of many rows reads it once and passes it as next_token.)"""
     return tokenizer.eos_token_id if tokenizer.eos_token_id in stop_ids else stop_ids[0]

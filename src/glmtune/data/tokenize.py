@@ -17,6 +17,7 @@ from glmtune.data.templates import (
     RowNotRenderable,
     TrainingText,
     encode_for_training,
+    end_token,
     label_training_text,
     training_text,
 )
@@ -57,12 +58,14 @@ def process_rows(conversations: list[Conversation], tokenizer: Any, stop_ids: li
         else:
             samples += [(_render(turn, tokenizer, options), following, len(turns) if k == 0 else 0)
                         for k, (turn, following) in enumerate(turns)]
-    texts = [r.text for r, _, _ in samples if isinstance(r, _Rendered) and r.text is not None]
-    encoded = iter(encode_marked_batch(tokenizer, [t.text for t in texts]))
+    texts = [r.text.text for r, _, _ in samples if isinstance(r, _Rendered) and r.text is not None]
+    encoded = iter(encode_marked_batch(tokenizer, texts))
+    last = end_token(tokenizer, stop_ids)  # what encode_for_training appends at a conversation's end
     results = []
     for rendered, following, split in samples:
         text_encoded = next(encoded) if isinstance(rendered, _Rendered) and rendered.text is not None else None
-        result = _sample(rendered, text_encoded, tokenizer, stop_ids, options, following)
+        result = _sample(rendered, text_encoded, tokenizer, stop_ids, options,
+                         following if following is not None else last)
         if split:
             result["split"] = split
         results.append(result)
@@ -141,19 +144,17 @@ def _sample(rendered: _Rendered | RowNotRenderable, encoded: tuple[list[int], Se
             "prompt_cut": prompt_cut, "answer_cut": answer_cut}
 
 
-def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
+def tokenize_dataset(conversations: list[Any], tokenizer: Any, stop_ids: list[int],
                      options: TokenizeOptions, num_proc: int | None, fingerprint: str,
                      process: Callable[..., dict[str, Any] | list[dict[str, Any]]] = process_row,
-                     read: Callable[[dict[str, Any]], Conversation] = Conversation.from_record) -> Any:
+                     read: Callable[[dict[str, Any]], Any] = Conversation.from_record) -> Any:
     """All rows tokenized (kept and dropped, with their statistics), as a datasets.Dataset. `process` turns one row
     into its columns (or into several samples' columns), `read` rebuilds a row from its Arrow record (preference
-    pairs have their own)."""
+    pairs have their own) where worker processes read them."""
     from datasets import Dataset
+    from datasets.utils import tqdm
 
-    records = Dataset.from_list([c.to_record() for c in conversations])
-
-    def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        rows = [read(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)]
+    def tokenize_rows(rows: list[Any]) -> dict[str, list[Any]]:
         if process is process_row:  # the supervised rows: all the batch's renderings encoded in one call
             results = process_rows(rows, tokenizer, stop_ids, options)
         else:
@@ -163,11 +164,31 @@ def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids
                 results += processed if isinstance(processed, list) else [processed]
         return {key: [r[key] for r in results] for key in results[0]}
 
-    # new_fingerprint: datasets would otherwise try to hash the tokenizer in the closure. num_proc 1 maps in this
-    # process: datasets would start a worker for it, and pickling a 150k-token tokenizer into it and the rows back
-    # cost more than the tokenizing itself (0.3x a plain loop on alpaca_9k with GLM-4's tokenizer).
-    return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc != 1 else None,
+    if num_proc in (None, 1):
+        # In this process, without datasets.map: it would write the rows into an Arrow table and read each batch back
+        # into Python first (a fifth of the time on alpaca_9k with GLM-4's tokenizer), and for num_proc 1 start a
+        # worker, pickling a 150k-token tokenizer into it and the rows back (0.3x a plain loop). The columns become
+        # one table, typed as map types them (datasets' optimized types: input_ids int32).
+        columns: dict[str, list[Any]] = {}
+        with tqdm(total=len(conversations), desc="Tokenizing", unit=" examples") as progress:
+            for start in range(0, len(conversations), _BATCH):
+                for key, values in tokenize_rows(conversations[start: start + _BATCH]).items():
+                    columns.setdefault(key, []).extend(values)
+                progress.update(min(_BATCH, len(conversations) - start))
+        return Dataset.from_dict(columns)
+
+    records = Dataset.from_list([c.to_record() for c in conversations])
+
+    def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return tokenize_rows([read(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(),
+                                                                                               strict=True)])
+
+    # new_fingerprint: datasets would otherwise try to hash the tokenizer in the closure.
+    return records.map(tokenize_batch, batched=True, batch_size=_BATCH, num_proc=num_proc,
                        remove_columns=records.column_names, desc="Tokenizing", new_fingerprint=fingerprint)
+
+
+_BATCH = 256  # rows whose renderings are encoded in one call
 
 
 def _train_last_turn_only(conversation: Conversation) -> Conversation:
