@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from glmtune.data.conversation import Conversation, Message
@@ -64,6 +65,44 @@ def encode_marked(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
         return ids, starts
     finally:
         backend.encode_special_tokens = splitting
+
+
+def encode_marked_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], Sequence[int]]]:
+    """`encode_marked` of each text. With a fast tokenizer the texts without markers (nearly all: users rarely write
+    control tokens) are encoded in one call of the tokenizers library, and their tokens' starts are read from the
+    encoding only where asked (bisect reads a few of them): converting every token's offset into a Python list cost
+    more than the encoding itself (alpaca_9k with GLM-4's tokenizer: 8.5 s against 4 s)."""
+    if not tokenizer.is_fast:
+        return [encode_marked(tokenizer, text) for text in texts]
+    _, markers_re = _control_patterns(tokenizer)[1]
+    plain = [i for i, text in enumerate(texts) if markers_re.search(text) is None]  # one piece, encoded whole
+    backend = tokenizer.backend_tokenizer
+    splitting = backend.encode_special_tokens
+    backend.encode_special_tokens = False  # as in encode_marked
+    try:
+        encodings = backend.encode_batch([texts[i] for i in plain], add_special_tokens=False) if plain else []
+    finally:
+        backend.encode_special_tokens = splitting
+    results: list[tuple[list[int], Sequence[int]] | None] = [None] * len(texts)
+    for i, encoding in zip(plain, encodings, strict=True):
+        results[i] = (encoding.ids, _TokenStarts(encoding))
+    return [result if result is not None else encode_marked(tokenizer, texts[i]) for i, result in enumerate(results)]
+
+
+class _TokenStarts(Sequence[int]):
+    """The character where each token of an encoding starts, read one token at a time (by bisect: indices from 0 to
+    len - 1, no slices)."""
+
+    def __init__(self, encoding: Any):
+        self._encoding = encoding
+
+    def __len__(self) -> int:
+        return len(self._encoding)
+
+    def __getitem__(self, k: Any) -> Any:
+        if not 0 <= k < len(self._encoding):  # iteration and `in` stop at the IndexError
+            raise IndexError(k)
+        return self._encoding.token_to_chars(k)[0]
 
 
 def markup_only(tokenizer: Any, text: str) -> str:

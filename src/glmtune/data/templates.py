@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 import os
 import re
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
-from glmtune.data.control import encode_marked, mark_conversation
+from glmtune.data.control import encode_marked, encode_marked_batch, mark_conversation
 from glmtune.data.conversation import Conversation, Message
 from glmtune.errors import MAX_PROBLEMS, UserError
 
@@ -62,8 +64,7 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
     try:
         messages, extra = chat_inputs(tokenizer.chat_template, conversation)
         switch = thinking_switch(tokenizer, enable_thinking)
-        key = json.dumps([tokenizer.chat_template, messages, extra, add_generation_prompt, switch], ensure_ascii=False,
-                         default=str)
+        key = _render_key(tokenizer.chat_template, messages, extra, add_generation_prompt, switch)
         kept = _RENDERED.setdefault(tokenizer, OrderedDict())
         text = kept.get(key)
         if text is None:
@@ -83,8 +84,18 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
 
 # A row's prefixes are rendered twice, by split_by_turn (data/turns.py: does the row need splitting?) and then by
 # encode_for_training for the sample(s): the last renderings per tokenizer are kept, keyed by all the template reads.
-_RENDERED: weakref.WeakKeyDictionary[Any, OrderedDict[str, str]] = weakref.WeakKeyDictionary()
+_RENDERED: weakref.WeakKeyDictionary[Any, OrderedDict[Any, str]] = weakref.WeakKeyDictionary()
 _RENDERED_KEPT = 64
+
+
+def _render_key(template: str, messages: list[dict[str, Any]], extra: dict[str, Any], add_generation_prompt: bool,
+                switch: dict[str, bool]) -> Any:
+    """What a rendering depends on, as a dictionary key: the messages' text as a tuple where every value is a string
+    (most rows: hashing it costs a fraction of the JSON text, which took a third of a short row's rendering), else as
+    JSON (tool definitions and calls)."""
+    if not extra and all(type(value) is str for message in messages for value in message.values()):
+        return template, add_generation_prompt, tuple(switch.items()), tuple(tuple(m.items()) for m in messages)
+    return json.dumps([template, messages, extra, add_generation_prompt, switch], ensure_ascii=False, default=str)
 
 
 def has_thinking_switch(tokenizer: Any) -> bool:
@@ -133,12 +144,7 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
         RowNotRenderable: several calls, or text beside a call, in one turn of a template that writes one call per
             turn (GLM-4-9B-chat's).
     """
-    # A template that reads `tool_calls` (transformers' convention) gets them there even where it also reads
-    # `metadata` for other turns (glmtune's ChatGLM3 template does both).
-    reads_tool_calls = "tool_calls" in template
-    styles = (bool(METADATA_CALLS.search(template)) and not reads_tool_calls, reads_tool_calls)
-    form = reasoning_form(template)
-    tool_role = "tool" if _TOOL_ROLE.search(template) and not _OBSERVATION_ROLE.search(template) else "observation"
+    styles, form, tool_role = _template_reads(template)
     messages: list[dict[str, Any]] = [{"role": "system", "content": conversation.system}] if conversation.system \
         else []
     for m in conversation.messages:
@@ -162,6 +168,18 @@ def chat_inputs(template: str, conversation: Conversation) -> tuple[list[dict[st
     else:
         messages.insert(0, {"role": "system", "content": "", "tools": conversation.tools})
     return messages, {}
+
+
+@functools.lru_cache(maxsize=16)
+def _template_reads(template: str) -> tuple[tuple[bool, bool], str | None, str]:
+    """How a template takes tool calls (GLM-4's metadata style, transformers' tool_calls), reasoning, and tool
+    results: read once per template, not for each rendering (the searches cost more than a short row's rendering)."""
+    # A template that reads `tool_calls` (transformers' convention) gets them there even where it also reads
+    # `metadata` for other turns (glmtune's ChatGLM3 template does both).
+    reads_tool_calls = "tool_calls" in template
+    styles = (bool(METADATA_CALLS.search(template)) and not reads_tool_calls, reads_tool_calls)
+    tool_role = "tool" if _TOOL_ROLE.search(template) and not _OBSERVATION_ROLE.search(template) else "observation"
+    return styles, reasoning_form(template), tool_role
 
 
 def think_block(reasoning: str) -> str:
@@ -261,12 +279,37 @@ def encode_for_training(tokenizer: Any, conversation: Conversation, stop_ids: li
     if conversation.text is not None:
         ids = tokenizer.encode(conversation.text, add_special_tokens=True)
         if not ids or ids[-1] not in stop_ids:
-            ids.append(_end_token(tokenizer, stop_ids))
+            ids.append(end_token(tokenizer, stop_ids))
         return ids, list(ids)
 
-    text, char_spans = _render_with_answer_spans(tokenizer, mark_conversation(tokenizer, conversation),
-                                                 enable_thinking)
-    ids, token_spans = _tokenize_with_spans(tokenizer, text, char_spans)
+    return label_training_text(tokenizer, training_text(tokenizer, conversation, enable_thinking), stop_ids,
+                               train_on_prompt=train_on_prompt, next_token=next_token)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingText:
+    """A conversation rendered for training, before it is tokenized (encode_for_training's first half)."""
+
+    text: str  # marked (data/control.py): control-token text from users is encoded as text
+    answer_spans: list[tuple[int, int]]  # the characters of each trained answer
+
+
+def training_text(tokenizer: Any, conversation: Conversation, enable_thinking: bool | None = None) -> TrainingText:
+    """The rendering that encode_for_training tokenizes, with its answers located (not for a plain-text row).
+
+    Raises:
+        RowNotRenderable: the template refused the conversation, or an answer can't be located (AnswerNotLocated).
+    """
+    return TrainingText(*_render_with_answer_spans(tokenizer, mark_conversation(tokenizer, conversation),
+                                                   enable_thinking))
+
+
+def label_training_text(tokenizer: Any, rendered: TrainingText, stop_ids: list[int],
+                        encoded: tuple[list[int], Sequence[int]] | None = None, train_on_prompt: bool = False,
+                        next_token: int | None = None) -> tuple[list[int], list[int]]:
+    """encode_for_training's second half: (input_ids, labels) of a rendered conversation. `encoded`: its
+    encode_marked_batch result where the caller encoded many texts at once (None: encoded here)."""
+    ids, token_spans = _tokenize_with_spans(tokenizer, rendered.text, rendered.answer_spans, encoded)
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in reversed(token_spans):  # reversed: an appended end token doesn't shift earlier spans
         end = _end_at_stop_token(tokenizer, ids, start, end, stop_ids, next_token)
@@ -374,12 +417,14 @@ def trained_turns(conversation: Conversation) -> list[int]:
     return turns
 
 
-def _tokenize_with_spans(tokenizer: Any, text: str,
-                         char_spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+def _tokenize_with_spans(tokenizer: Any, text: str, char_spans: list[tuple[int, int]],
+                         encoded: tuple[list[int], Sequence[int]] | None = None
+                         ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of the whole marked text (as inference tokenizes it: no added special tokens, marked control tokens
-    as text) and the token range of each character span."""
+    as text) and the token range of each character span; `encoded`: the text's encode_marked_batch result."""
     if tokenizer.is_fast:
-        ids, starts = encode_marked(tokenizer, text)  # starts ascending
+        ids, starts = encoded or encode_marked_batch(tokenizer, [text])[0]  # starts ascending
+        ids = list(ids)  # the caller's copy: an end token may be appended
         return ids, [(bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)) for a, b in char_spans]
     # Slow tokenizers give no offsets: encode the pieces between span boundaries one by one.
     cuts = sorted({0, len(text), *(c for span in char_spans for c in span)})
@@ -396,18 +441,27 @@ def _end_at_stop_token(tokenizer: Any, ids: list[int], start: int, end: int, sto
     """Where a trained answer's supervision ends, so that its last supervised token is one generation stops on:
     its own end-of-turn token (ChatML-style templates write a newline after it, which is not trained), the
     token the template writes next (GLM-4 writes "<|user|>" before the next question), or an appended one."""
-    stops_inside = [k for k in range(start, end) if ids[k] in stop_ids]
-    if stops_inside and not tokenizer.decode(ids[stops_inside[-1] + 1: end]).strip():
-        return stops_inside[-1] + 1
+    last_inside = _last_stop(ids, start, end, stop_ids)
+    if last_inside is not None and not tokenizer.decode(ids[last_inside + 1: end]).strip():
+        return last_inside + 1
     if end < len(ids) and ids[end] in stop_ids:
         return end + 1
     if end == len(ids):
-        ids.append(next_token if next_token is not None else _end_token(tokenizer, stop_ids))
+        ids.append(next_token if next_token is not None else end_token(tokenizer, stop_ids))
         return end + 1
     # A template that writes no stop token after an answer in history (ChatGLM2's "[Round i]" prompts): the
     # answer's text is trained as it is; the conversation's last answer still learns to stop.
     return end
 
 
-def _end_token(tokenizer: Any, stop_ids: list[int]) -> int:
+def _last_stop(ids: list[int], start: int, end: int, stop_ids: list[int]) -> int | None:
+    """The index of the last stop token in ids[start:end], if any. The set test runs in C: most answers hold none."""
+    if set(stop_ids).isdisjoint(ids[start:end]):
+        return None
+    return next(k for k in range(end - 1, start - 1, -1) if ids[k] in stop_ids)
+
+
+def end_token(tokenizer: Any, stop_ids: list[int]) -> int:
+    """The stop token appended after a conversation's last trained answer: the eos where generation stops on it.
+    (eos_token_id looks the token up each time: a caller of many rows reads it once and passes it as next_token.)"""
     return tokenizer.eos_token_id if tokenizer.eos_token_id in stop_ids else stop_ids[0]

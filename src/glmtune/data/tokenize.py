@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from glmtune.data.control import encode_marked_batch
 from glmtune.data.conversation import Conversation
-from glmtune.data.templates import IGNORE_INDEX, AnswerNotLocated, RowNotRenderable, encode_for_training
+from glmtune.data.templates import (
+    IGNORE_INDEX,
+    AnswerNotLocated,
+    RowNotRenderable,
+    TrainingText,
+    encode_for_training,
+    end_token,
+    label_training_text,
+    training_text,
+)
 from glmtune.data.truncation import cut_left
 from glmtune.data.turns import split_by_turn
 
@@ -32,29 +42,59 @@ def process_row(conversation: Conversation, tokenizer: Any, stop_ids: list[int],
     """A row's training samples: one, or one per trained assistant turn where the chat template writes a turn
     differently in history than when it is generated (data/turns.py; not with --last_turn_only). The first sample
     of a split row says in `split` how many it became."""
-    turns = None if options.last_turn_only else split_by_turn(tokenizer, conversation, stop_ids,
-                                                              options.enable_thinking)
-    if turns is None:
-        return [process_conversation(conversation, tokenizer, stop_ids, options)]
-    samples = [process_conversation(turn, tokenizer, stop_ids, options, next_token=following)
-               for turn, following in turns]
-    samples[0]["split"] = len(samples)
-    return samples
+    return process_rows([conversation], tokenizer, stop_ids, options)
+
+
+def process_rows(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
+                 options: TokenizeOptions) -> list[dict[str, Any]]:
+    """process_row of each conversation, their samples in order, the renderings encoded in one batch call
+    (control.encode_marked_batch): the same ids as one call per row, with less time in Python."""
+    samples: list[tuple[_Rendered | RowNotRenderable, int | None, int]] = []  # (rendered, next token, split)
+    for conversation in conversations:  # rendered row by row, so that an error names the first row that has one
+        turns = None if options.last_turn_only else split_by_turn(tokenizer, conversation, stop_ids,
+                                                                  options.enable_thinking)
+        if turns is None:
+            samples.append((_render(conversation, tokenizer, options), None, 0))
+        else:
+            samples += [(_render(turn, tokenizer, options), following, len(turns) if k == 0 else 0)
+                        for k, (turn, following) in enumerate(turns)]
+    texts = [r.text.text for r, _, _ in samples if isinstance(r, _Rendered) and r.text is not None]
+    encoded = iter(encode_marked_batch(tokenizer, texts))
+    last = end_token(tokenizer, stop_ids)  # what encode_for_training appends at a conversation's end
+    results = []
+    for rendered, following, split in samples:
+        text_encoded = next(encoded) if isinstance(rendered, _Rendered) and rendered.text is not None else None
+        result = _sample(rendered, text_encoded, tokenizer, stop_ids, options,
+                         following if following is not None else last)
+        if split:
+            result["split"] = split
+        results.append(result)
+    return results
 
 
 def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: list[int],
                          options: TokenizeOptions, next_token: int | None = None) -> dict[str, Any]:
     """One row's input_ids/labels after the truncation policy, and what happened to it. `next_token`: the stop
     token after its last answer (see encode_for_training)."""
+    return _sample(_render(conversation, tokenizer, options), None, tokenizer, stop_ids, options, next_token)
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    conversation: Conversation  # as rendered: its last answer alone trained where the template rewrites history
+    text: TrainingText | None  # None: a plain-text row (no template)
+    history_untrained: bool
+
+
+def _render(conversation: Conversation, tokenizer: Any, options: TokenizeOptions) -> _Rendered | RowNotRenderable:
+    """A sample's rendering, or why the row can't be rendered (it is then dropped and counted, the run goes on)."""
     if options.last_turn_only:
         conversation = _train_last_turn_only(conversation)
-    history_untrained = False
-    # Encoded without --train_on_prompt: the labels then mark the answers, which truncation keeps and counts.
-    encode = functools.partial(encode_for_training, tokenizer, stop_ids=stop_ids, train_on_prompt=False,
-                               enable_thinking=options.enable_thinking, next_token=next_token)
+    if conversation.text is not None:
+        return _Rendered(conversation, None, False)
     try:
         try:
-            ids, labels = encode(conversation)
+            return _Rendered(conversation, training_text(tokenizer, conversation, options.enable_thinking), False)
         except AnswerNotLocated:
             # Templates that write earlier answers as plain history, unlike the last one (ChatGLM-6B's "[Round i]"
             # prompts): the last answer is still trained, the earlier ones stay context, as the model's own training
@@ -62,12 +102,26 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
             last_only = _train_last_turn_only(conversation)
             if last_only == conversation:
                 raise
-            ids, labels = encode(last_only)
-            conversation, history_untrained = last_only, True
-    except RowNotRenderable as problem:  # this row only: it is dropped and counted, the run goes on
+            return _Rendered(last_only, training_text(tokenizer, last_only, options.enable_thinking), True)
+    except RowNotRenderable as problem:
+        return problem
+
+
+def _sample(rendered: _Rendered | RowNotRenderable, encoded: tuple[list[int], Sequence[int]] | None, tokenizer: Any,
+            stop_ids: list[int], options: TokenizeOptions, next_token: int | None) -> dict[str, Any]:
+    """A rendered sample's input_ids/labels after the truncation policy, and its statistics for the report."""
+    if isinstance(rendered, RowNotRenderable):
         return {"input_ids": [], "labels": [], "length": 0, "tokens": 0, "supervised_before": 0, "supervised": 0,
-                "cut": False, "dropped": problem.reason, "history_untrained": False, "split": 0,
+                "cut": False, "dropped": rendered.reason, "history_untrained": False, "split": 0,
                 "prompt_cut": 0, "answer_cut": 0}
+    conversation = rendered.conversation
+    # Encoded without --train_on_prompt: the labels then mark the answers, which truncation keeps and counts.
+    encode = functools.partial(encode_for_training, tokenizer, stop_ids=stop_ids, train_on_prompt=False,
+                               enable_thinking=options.enable_thinking, next_token=next_token)
+    if rendered.text is None:
+        ids, labels = encode(conversation)
+    else:
+        ids, labels = label_training_text(tokenizer, rendered.text, stop_ids, encoded, next_token=next_token)
     length, answer_before = len(ids), _supervised(labels)
     cut = length > options.max_seq_length
     dropped = ""
@@ -86,34 +140,55 @@ def process_conversation(conversation: Conversation, tokenizer: Any, stop_ids: l
         dropped = NO_SUPERVISED + (" after truncation" if cut else "")
     return {"input_ids": ids, "labels": labels, "length": length, "tokens": len(ids),
             "supervised_before": length if options.train_on_prompt else answer_before, "supervised": supervised,
-            "cut": cut, "dropped": dropped, "history_untrained": history_untrained, "split": 0,
+            "cut": cut, "dropped": dropped, "history_untrained": rendered.history_untrained, "split": 0,
             "prompt_cut": prompt_cut, "answer_cut": answer_cut}
 
 
-def tokenize_dataset(conversations: list[Conversation], tokenizer: Any, stop_ids: list[int],
+def tokenize_dataset(conversations: list[Any], tokenizer: Any, stop_ids: list[int],
                      options: TokenizeOptions, num_proc: int | None, fingerprint: str,
                      process: Callable[..., dict[str, Any] | list[dict[str, Any]]] = process_row,
-                     read: Callable[[dict[str, Any]], Conversation] = Conversation.from_record) -> Any:
+                     read: Callable[[dict[str, Any]], Any] = Conversation.from_record) -> Any:
     """All rows tokenized (kept and dropped, with their statistics), as a datasets.Dataset. `process` turns one row
     into its columns (or into several samples' columns), `read` rebuilds a row from its Arrow record (preference
-    pairs have their own)."""
+    pairs have their own) where worker processes read them."""
     from datasets import Dataset
+    from datasets.utils import tqdm
+
+    def tokenize_rows(rows: list[Any]) -> dict[str, list[Any]]:
+        if process is process_row:  # the supervised rows: all the batch's renderings encoded in one call
+            results = process_rows(rows, tokenizer, stop_ids, options)
+        else:
+            results = []
+            for row in rows:
+                processed = process(row, tokenizer, stop_ids, options)
+                results += processed if isinstance(processed, list) else [processed]
+        return {key: [r[key] for r in results] for key in results[0]}
+
+    if num_proc in (None, 1):
+        # In this process, without datasets.map: it would write the rows into an Arrow table and read each batch back
+        # into Python first (a fifth of the time on alpaca_9k with GLM-4's tokenizer), and for num_proc 1 start a
+        # worker, pickling a 150k-token tokenizer into it and the rows back (0.3x a plain loop). The columns become
+        # one table, typed as map types them (datasets' optimized types: input_ids int32).
+        columns: dict[str, list[Any]] = {}
+        with tqdm(total=len(conversations), desc="Tokenizing", unit=" examples") as progress:
+            for start in range(0, len(conversations), _BATCH):
+                for key, values in tokenize_rows(conversations[start: start + _BATCH]).items():
+                    columns.setdefault(key, []).extend(values)
+                progress.update(min(_BATCH, len(conversations) - start))
+        return Dataset.from_dict(columns)
 
     records = Dataset.from_list([c.to_record() for c in conversations])
 
     def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        results = []
-        for r in rows:
-            processed = process(read(r), tokenizer, stop_ids, options)
-            results += processed if isinstance(processed, list) else [processed]
-        return {key: [r[key] for r in results] for key in results[0]}
+        return tokenize_rows([read(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(),
+                                                                                               strict=True)])
 
-    # new_fingerprint: datasets would otherwise try to hash the tokenizer in the closure. num_proc 1 maps in this
-    # process: datasets would start a worker for it, and pickling a 150k-token tokenizer into it and the rows back
-    # cost more than the tokenizing itself (0.3x a plain loop on alpaca_9k with GLM-4's tokenizer).
-    return records.map(tokenize_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc != 1 else None,
+    # new_fingerprint: datasets would otherwise try to hash the tokenizer in the closure.
+    return records.map(tokenize_batch, batched=True, batch_size=_BATCH, num_proc=num_proc,
                        remove_columns=records.column_names, desc="Tokenizing", new_fingerprint=fingerprint)
+
+
+_BATCH = 256  # rows whose renderings are encoded in one call
 
 
 def _train_last_turn_only(conversation: Conversation) -> Conversation:
