@@ -97,7 +97,8 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_que
         worker.close()
         checker.shutdown(wait=False, cancel_futures=True)
 
-    def check_key(request: Request) -> None:
+    # async: FastAPI would run a plain function on its thread pool, a thread hop per request for a header check.
+    async def check_key(request: Request) -> None:
         if api_key is None or not request.url.path.startswith("/v1/"):  # /health and /metrics are open, as vLLM's
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
