@@ -63,6 +63,7 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
 
     from glmtune.models import quantization
     from glmtune.models.chatglm6b import register
+    from glmtune.models.output_layer import read_contiguous_hidden_states
 
     register()  # a directory glmtune wrote for its own architecture, even where plan imported this package first
     if quantization_bit:  # before anything is read: no backend, one clear error
@@ -73,17 +74,18 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: Any = None,
     if not trust_remote_code and config is not None and family.converter is not None:  # glmtune builds the model
         if quantization_bit and quantization_bit not in family.quantization_bits:
             raise quantization.refuse_converted_layout(quantization_bit, source, family.converter.layout)
-        return family.converter.load(Path(source), config, dtype or torch.float32)
+        return read_contiguous_hidden_states(family.converter.load(Path(source), config, dtype or torch.float32))
     quantized = {}
     if quantization_bit:
         quantized = {"quantization_config": quantization.bnb_config(quantization_bit, source, dtype,
                                                                     trust_remote_code),
                      "device_map": quantization.device_map()}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                    dtype=dtype or torch.float32, **quantized)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                     dtype=dtype or torch.float32, **quantized)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the model '{name}': {first_line(e)}", hint=HINT) from None
+    return read_contiguous_hidden_states(model)
 
 
 def stop_token_ids(name: str, tokenizer: Any) -> list[int]:
