@@ -1,6 +1,8 @@
-"""LoRA variants resumed after an interruption: PiSSA (whose adapter starts from the base weights and is converted into
-a plain LoRA on the original base when the run saves its final adapter) and DoRA (a magnitude vector per layer beside
-A and B) end on the adapter of the run never interrupted, and PiSSA's resumed adapter, merged, is the trained model."""
+"""LoRA variants resumed after an interruption: PiSSA and OLoRA (whose adapters start from the base weights and are
+converted into a plain LoRA on the original base when the run saves its final adapter), DoRA (a magnitude vector per
+layer beside A and B), rsLoRA (another scale) and LoRA+ (the B matrices in their own optimizer group, at 16 times the
+learning rate) end on the adapter of the run never interrupted, and each resumed adapter, merged, is the trained
+model."""
 
 from __future__ import annotations
 
@@ -15,15 +17,17 @@ from test_ptuning_runs import prepared  # noqa: F401  (the fixture, reused: a on
 FLAGS = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--per_device_train_batch_size", "2",
          "--learning_rate", "1e-2", "--lora_dropout", "0", "--logging_steps", "1", "--precision", "fp32",
          "--disable_tqdm", "true"]
-VARIANTS = {"pissa": ["--init_lora_weights", "pissa"], "dora": ["--use_dora"]}
+VARIANTS = {"pissa": ["--init_lora_weights", "pissa"], "olora": ["--init_lora_weights", "olora"],
+            "dora": ["--use_dora"], "rslora": ["--use_rslora"], "loraplus": ["--loraplus_lr_ratio", "16"]}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_resumed_variant_run_ends_on_the_uninterrupted_adapter_and_merges_into_the_model_it_trained(
         cli, prepared, tmp_path, variant):  # noqa: F811
     """A 4-step run with checkpoints at 2 and 4, and the same run killed while writing checkpoint-4, resumed from
-    checkpoint-2: the same final adapter. PiSSA's resumed run decomposes the base again (the same SVD) and converts
-    its trained adapter once, from that start, into the uninterrupted run's rank-16 LoRA on the original base.
+    checkpoint-2: the same final adapter. PiSSA's resumed run decomposes the base again (the same SVD; OLoRA's the same
+    QR) and converts its trained adapter once, from that start, into the uninterrupted run's rank-16 LoRA on the
+    original base. LoRA+'s optimizer state comes back in its two groups.
 
     Then an independent reference: the resumed run's checkpoint-4 holds the adapter as training left it (PiSSA's own,
     which peft loads onto the base it decomposes again), the trained model. The final adapter, merged into the

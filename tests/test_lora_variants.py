@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from test_ptuning_runs import prepared  # noqa: F401  (the fixture: a one-block model)
 
 from glmtune.demo import demo_data_path
 from glmtune.errors import UserError
@@ -294,6 +295,45 @@ def test_on_a_4bit_base_dora_trains_and_pissa_and_full_tuning_are_refused(cli, t
     assert run("dora", "--use_dora", "true").code == 0
     assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"] is True
     pissa = run("pissa", "--init_lora_weights", "pissa")
-    assert pissa.code != 0 and "Please initialize PiSSA under float32" in pissa.err and "olora" in pissa.err
+    assert pissa.code == 2 and "PiSSA and OLoRA move part of each base weight" in pissa.err
+    assert "--init_lora_weights true or gaussian" in pissa.err and not (tmp_path / "pissa").exists()
     full = run("full", "--finetuning_type", "full")
     assert full.code != 0 and "packed 4/8-bit weights can't be trained" in full.err
+
+
+def quantized_run(cli, prepared, output, bits, *flags):  # noqa: F811
+    return cli("train", "--dataset_path", prepared, "--output_dir", output, "--quantization_bit", str(bits),
+               "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size",
+               "4", "--learning_rate", "1e-2", "--logging_steps", "1", "--disable_tqdm", "true", *flags)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rslora_with_loraplus_trains_on_a_quantized_base(cli, prepared, tmp_path, bits):  # noqa: F811
+    """One run holds both (rsLoRA's scale and LoRA+'s optimizer groups are independent): its saved adapter says
+    rsLoRA, its config LoRA+, and step 2 moves the adapter step 1 saved."""
+    from conftest import adapter_difference
+
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "run"
+    result = quantized_run(cli, prepared, run, bits, "--use_rslora", "--loraplus_lr_ratio", "16")
+    assert result.code == 0, result.err
+    assert json.loads((run / "adapter_config.json").read_text())["use_rslora"] is True
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["loraplus_lr_ratio"] == 16 and manifest["config"]["quantization"]["bits"] == bits
+    assert adapter_difference(run / "checkpoint-1", run) > 0
+
+
+@pytest.mark.parametrize(("bits", "flags", "message"), [
+    (8, ["--init_lora_weights", "pissa"], "--init_lora_weights pissa on '{model}' loaded in 8-bit: PiSSA and OLoRA"),
+    (4, ["--init_lora_weights", "olora"], "--init_lora_weights olora on '{model}' loaded in 4-bit: PiSSA and OLoRA"),
+    (8, ["--init_lora_weights", "olora"], "--init_lora_weights olora on '{model}' loaded in 8-bit: PiSSA and OLoRA"),
+    (8, ["--use_dora"], "--use_dora on '{model}' loaded in 8-bit on the CPU: peft's DoRA dequantizes each weight"),
+], ids=["pissa-8bit", "olora-4bit", "olora-8bit", "dora-8bit"])
+def test_variants_a_quantized_base_cannot_take_are_refused_before_anything_is_written(
+        cli, prepared, tmp_path, bits, flags, message):  # noqa: F811
+    """PiSSA (4-bit: test_on_a_4bit_base_dora_trains_and_pissa_and_full_tuning_are_refused) and OLoRA need the
+    unquantized weights on either base; DoRA on an 8-bit base fails inside bitsandbytes on the CPU's path."""
+    pytest.importorskip("bitsandbytes")
+    result = quantized_run(cli, prepared, tmp_path / "run", bits, *flags)
+    assert result.code == 2 and message.format(model=prepared.parent / "model") in result.err
+    assert "Traceback" not in result.err and not (tmp_path / "run").exists()

@@ -1,5 +1,5 @@
 """P-Tuning v2 runs as train's other runs go: from a YAML config, resumed after an interruption to the prefix the
-uninterrupted run learns, under torchrun (two CPU processes, gloo), and on an 8-bit quantized base."""
+uninterrupted run learns, under torchrun (two CPU processes, gloo), and on 4-bit and 8-bit quantized bases."""
 
 from __future__ import annotations
 
@@ -87,15 +87,18 @@ def test_two_processes_train_the_prefix_one_process_trains(prepared, tmp_path):
     assert prefix_difference(tmp_path / "single", tmp_path / "ddp") < 1e-5
 
 
-def test_a_prefix_trains_on_an_8_bit_base_as_peft_allows(cli, prepared, tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_prefix_trains_on_a_quantized_base_as_peft_allows(cli, prepared, tmp_path, bits):
     pytest.importorskip("bitsandbytes")
-    result = cli("train", "--dataset_path", prepared, "--output_dir", tmp_path / "run", "--finetuning_type",
-                 "ptuning", "--pre_seq_len", "4", "--quantization_bit", "8", "--max_steps", "3", "--save_strategy",
-                 "no", "--logging_steps", "1")
+    run = tmp_path / "run"
+    result = cli("train", "--dataset_path", prepared, "--output_dir", run, "--finetuning_type", "ptuning",
+                 "--pre_seq_len", "4", "--quantization_bit", str(bits), "--max_steps", "2", "--save_strategy",
+                 "steps", "--save_steps", "1", "--per_device_train_batch_size", "4", "--logging_steps", "1")
     assert result.code == 0, result.err
-    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "PREFIX_TUNING"
-    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["quantization_bit"] == 8
+    assert json.loads((run / "manifest.json").read_text())["config"]["quantization_bit"] == bits
+    assert prefix_difference(run / "checkpoint-1", run) > 0  # step 2 moved the prefix step 1 saved
 
 
 def test_resuming_a_projected_prefix_is_refused_saying_why(cli, prepared, tmp_path):

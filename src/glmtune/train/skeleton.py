@@ -391,18 +391,52 @@ def add_lora(model: PreTrainedModel, model_name: str, lora_args: LoraArguments, 
     )
     if resume is not None:
         check_same_adapter_shape(resume, peft_config)
+    check_variant_on_packed_weights(model, model_name, lora_args)
     try:
         peft_model = get_peft_model(model, peft_config)
     except ValueError as e:  # e.g. a --target_modules name the model doesn't have
         raise UserError(f"cannot add LoRA to '{model_name}': {e}", hint="check --target_modules") from None
-    except TypeError as e:  # PiSSA on bitsandbytes-packed weights: peft wants them unquantized
+    except TypeError as e:  # an init that decomposes the weights, on packed weights of a kind not checked above
         raise UserError(f"--init_lora_weights {lora_args.init_lora_weights} on '{model_name}': {e}",
-                        hint="PiSSA decomposes unquantized weights: leave --quantization_bit out, or use "
-                             "--init_lora_weights olora / true on a quantized base") from None
+                        hint=UNQUANTIZED_INIT_HINT) from None
     if lora_init_mutates_base(lora_args.init_lora_weights):
         keep_initial_adapter(peft_model)
     log_trainable_parameters(peft_model)
     return peft_model
+
+
+UNQUANTIZED_INIT_HINT = ("leave --quantization_bit out, or use --init_lora_weights true or gaussian on a quantized "
+                         "base")
+PACKED_BITS = {"Params4bit": 4, "Int8Params": 8}  # bitsandbytes' packed weight classes
+
+
+def check_variant_on_packed_weights(model: PreTrainedModel, model_name: str, lora_args: LoraArguments) -> None:
+    """Refuse, before peft touches the model, the LoRA variants that can't train on its bitsandbytes-packed weights.
+
+    Raises:
+        UserError: PiSSA or OLoRA on a 4- or 8-bit base (both subtract their start from the base weights: peft
+            refuses PiSSA on packed weights, and OLoRA re-quantizes the rest, so the adapter converted for the
+            original base would not compute the trained model); DoRA on an 8-bit base on the CPU (peft's DoRA
+            dequantizes the weight every step and, on the CPU, puts back an Int8Params without its scales, so the
+            next forward pass fails inside bitsandbytes).
+    """
+    packed = {(PACKED_BITS[type(w).__name__], w.device.type) for w in model.parameters()
+              if type(w).__name__ in PACKED_BITS}
+    if not packed:
+        return
+    bits = max(b for b, _ in packed)
+    init = lora_args.init_lora_weights
+    if lora_init_mutates_base(init):
+        raise UserError(f"--init_lora_weights {init} on '{model_name}' loaded in {bits}-bit: PiSSA and OLoRA move "
+                        "part of each base weight into the adapter, which needs the unquantized weights (peft "
+                        "refuses PiSSA on packed weights; OLoRA's re-quantized remainder is not the base its saved "
+                        "adapter is converted for, so that adapter would not compute the trained model)",
+                        hint=UNQUANTIZED_INIT_HINT)
+    if lora_args.use_dora and (8, "cpu") in packed:
+        raise UserError(f"--use_dora on '{model_name}' loaded in 8-bit on the CPU: peft's DoRA dequantizes each "
+                        "weight every step and, on the CPU, puts it back without its bitsandbytes scales, so the "
+                        "next forward pass fails", hint="use --quantization_bit 4 (DoRA trains there), or leave "
+                        "--quantization_bit out")
 
 
 def keep_initial_adapter(peft_model: PeftModel) -> None:
