@@ -55,7 +55,8 @@ class LoraArguments(Options):
     init_lora_weights: str = option("How the new adapter starts (peft's init_lora_weights): true (B = 0), false, "
                                     "gaussian, pissa, pissa_niter_N (PiSSA by N fast-SVD iterations), olora, "
                                     "orthogonal. PiSSA and OLoRA move part of each base weight into the adapter; "
-                                    "the saved adapter is converted back to a plain LoRA on the original base.",
+                                    "the saved adapter is converted back to a plain LoRA on the original base; "
+                                    "both need an unquantized base (no --quantization_bit).",
                                     default="true")
     loraplus_lr_ratio: float | None = option("LoRA+: the B matrices learn this many times faster than the A "
                                              "matrices (--learning_rate); LoRA+'s authors suggest 16. Default: off.")
