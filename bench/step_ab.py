@@ -8,16 +8,19 @@ hit all of them alike; the table gives each variant's median seconds per step an
         [--threads 1 --clock cpu] [--fresh]
 
 Variants: {peft,fused}-{fp32,bf16}, optionally +compile (torch.compile of the model, its compile time reported
-apart) and +attn16 (bf16 attention for every sample, not fp32 for the short ones: train/packed_attention.py's
-CPU_FP32_ATTENTION_BELOW set to 0). Builds the speed scenario's inputs in a temporary folder (bench/train_speed.py's
-build_speed_inputs). --fresh gives every round batches not seen before, as an epoch does: each new token count
-costs oneDNN a new primitive for every bf16 matmul shape (its creation is part of a real epoch's steps, and
-repeating the same batches would hide it).
+apart), +attn16 (bf16 attention for every sample, not fp32 for the short ones: train/packed_attention.py's
+CPU_FP32_ATTENTION_BELOW set to 0) and +onepassloss (the loss as before the frozen output layer was always chunked:
+one autograd pass of cross-entropy over the whole batch's logits). Builds the speed scenario's inputs in a temporary
+folder (bench/train_speed.py's build_speed_inputs). --fresh gives every round batches not seen before, as an epoch
+does: each new token count costs oneDNN a new primitive for every bf16 matmul shape (its creation is part of a real
+epoch's steps, and repeating the same batches would hide it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import os
 import statistics
 import sys
@@ -41,7 +44,7 @@ def make_variant(model_dir: Path, name: str) -> tuple[Any, Any, bool]:
     from glmtune.train.packed_attention import use_packed_sdpa
 
     kind, precision = name.split("+")[0].split("-")
-    unknown = set(name.split("+")[1:]) - {"compile", "attn16"}
+    unknown = set(name.split("+")[1:]) - {"compile", "attn16", "onepassloss"}
     if unknown:
         raise SystemExit(f"unknown variant option {unknown} in {name}")
     torch.manual_seed(0)
@@ -61,7 +64,7 @@ DEFAULT_FP32_BELOW = 256  # train/packed_attention.py's CPU_FP32_ATTENTION_BELOW
 
 
 def step(model: Any, optimizer: Any, autocast: bool, batch: dict[str, Any], compiled: Any = None,
-         fp32_attention_below: int = DEFAULT_FP32_BELOW) -> float:
+         fp32_attention_below: int = DEFAULT_FP32_BELOW, one_pass_loss: bool = False) -> float:
     import torch
 
     from glmtune.train import packed_attention
@@ -71,12 +74,25 @@ def step(model: Any, optimizer: Any, autocast: bool, batch: dict[str, Any], comp
     start = CLOCK()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        outputs = (compiled or model)(**inputs, output_hidden_states=True, logits_to_keep=1)
-    loss = chunked_causal_lm_loss(outputs.hidden_states[-1], model.get_output_embeddings(), batch["labels"])
+        outputs = (model if compiled is None else compiled)(**inputs, output_hidden_states=True, logits_to_keep=1)
+    output_layer = model.get_output_embeddings()
+    if one_pass_loss:
+        output_layer = copy.copy(output_layer)
+        output_layer.__class__ = _one_pass_linear()
+    loss = chunked_causal_lm_loss(outputs.hidden_states[-1], output_layer, batch["labels"])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return CLOCK() - start
+
+
+@functools.cache
+def _one_pass_linear() -> type:
+    """A torch.nn.Linear subclass: not a plain nn.Linear, so chunked_causal_lm_loss gives it the budget rule's one
+    pass over the whole batch (a trained layer's path, a frozen one's before it was always chunked)."""
+    import torch
+
+    return type("OnePassLinear", (torch.nn.Linear,), {})
 
 
 def batches(data_dir: Path, count: int, size: int = 8) -> list[dict[str, Any]]:
@@ -152,21 +168,22 @@ def main() -> None:
         for name in names:
             model, optimizer, autocast = make_variant(model_dir, name)
             below = 0 if "+attn16" in name else DEFAULT_FP32_BELOW
+            one_pass = "+onepassloss" in name
             compiled = None
             if "+compile" in name:
                 compiled = torch.compile(model)
                 start = time.perf_counter()
                 for batch in work:  # every shape once: the compile time, apart
-                    step(model, optimizer, autocast, batch, compiled, below)
+                    step(model, optimizer, autocast, batch, compiled, below, one_pass)
                 print(f"{name}: compile and first pass {time.perf_counter() - start:.1f} s")
-            step(model, optimizer, autocast, warm, compiled, below)  # warm-up
-            runs[name] = (model, optimizer, autocast, compiled, below)
+            step(model, optimizer, autocast, warm, compiled, below, one_pass)  # warm-up
+            runs[name] = (model, optimizer, autocast, compiled, below, one_pass)
         times: dict[str, list[float]] = {name: [] for name in names}
         for i in range(args.rounds):
             round_batches = work[i * args.batches:(i + 1) * args.batches] if args.fresh else work
             for name in names:
-                model, optimizer, autocast, compiled, below = runs[name]
-                times[name].append(sum(step(model, optimizer, autocast, b, compiled, below)
+                model, optimizer, autocast, compiled, below, one_pass = runs[name]
+                times[name].append(sum(step(model, optimizer, autocast, b, compiled, below, one_pass)
                                        for b in round_batches) / len(round_batches))
         flops = sum(_batch_flops(model_dir, b) for b in work) / len(work)
     peaks = {precision: _matmul_rate(precision) for precision in ("fp32", "bf16")}

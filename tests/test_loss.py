@@ -89,3 +89,16 @@ def test_under_deepspeed_zero3_the_output_weight_is_gathered_once_per_step(model
     assert calls[1:] == chunk_calls
     assert len(gathered) == gathers and all(parameter is model.lm_head.weight for parameter in gathered)
     assert abs(loss.item() - model(input_ids=ids, labels=labels, use_cache=False).loss.item()) < 1e-5
+
+
+def test_a_frozen_output_layer_is_chunked_even_when_its_logits_fit_the_budget(model_and_batch):
+    """LoRA's frozen output layer never takes the one-pass autograd cross-entropy (its whole-batch fp32 temporaries
+    cost more than the chunks, docs/benchmarks.md): its weight is read directly, the layer's forward never runs."""
+    model, ids, labels = model_and_batch
+    model.lm_head.weight.requires_grad_(False)
+    out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    loss = chunked_causal_lm_loss(out.hidden_states[-1], model.lm_head, labels, logits_budget_bytes=2**30)
+    assert calls == []
+    assert abs(loss.item() - model(input_ids=ids, labels=labels, use_cache=False).loss.item()) < 1e-5

@@ -22,8 +22,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # at most CHUNK_TOKENS x vocabulary logits at once: GLM-4, 155 MB fp32 (bench/loss_memory.py)
-# Below this many bytes of fp32 logits for the whole batch's supervised tokens, one pass without recomputation:
-# small vocabularies gain nothing from chunks, and the recomputation would cost a second output-layer forward.
+# Below this many bytes of fp32 logits for the whole batch's supervised tokens, a trained output layer's loss is one
+# pass without recomputation: the recomputation of chunks would cost a second output-layer forward.
 LOGITS_BUDGET_BYTES = 256 * 2**20
 
 
@@ -43,10 +43,15 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, output_layer: torch.nn.Module, 
     # out_features, not weight.shape: under DeepSpeed ZeRO-3 the weight is partitioned (shape [0]) outside the
     # layer's own forward.
     vocabulary = getattr(output_layer, "out_features", None) or output_layer.weight.shape[0]
-    if targets.numel() * vocabulary * 4 <= logits_budget_bytes:
-        total = _chunk_loss_sum(states, targets, output_layer)
-    elif _is_frozen_linear(output_layer):
+    if _is_frozen_linear(output_layer):
+        # Chunked whatever the logits' size, as nothing is recomputed: one pass over all the tokens allocates
+        # (tokens x vocabulary) fp32 temporaries (36 MB for 1,100 tokens of an 8,000 vocabulary, above glibc's
+        # largest mmap threshold: fresh pages every step, whose copies and zero-fill profiled at ~1.4 GB/s) and
+        # runs log-softmax, its backward and the cast back as separate passes. 1.04x (fp32) and 1.09x (bf16) a step
+        # on the speed scenario, one thread (docs/benchmarks.md).
         total = frozen_output_layer_loss_sum(states, targets, output_layer.weight, chunk_tokens)
+    elif targets.numel() * vocabulary * 4 <= logits_budget_bytes:
+        total = _chunk_loss_sum(states, targets, output_layer)
     else:
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), chunk_tokens):
