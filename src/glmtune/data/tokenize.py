@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from glmtune.data.control import encode_marked_batch
+from glmtune.data.control import encode_marked_batch, mark_conversation
 from glmtune.data.conversation import Conversation
+from glmtune.data.single_render import training_text_once
 from glmtune.data.templates import (
     IGNORE_INDEX,
     AnswerNotLocated,
@@ -94,7 +95,10 @@ def _render(conversation: Conversation, tokenizer: Any, options: TokenizeOptions
         return _Rendered(conversation, None, False)
     try:
         try:
-            return _Rendered(conversation, training_text(tokenizer, conversation, options.enable_thinking), False)
+            # One rendering where it locates the answer as the reference's two would (data/single_render.py).
+            text = training_text_once(tokenizer, mark_conversation(tokenizer, conversation), options.enable_thinking)
+            return _Rendered(conversation, text or training_text(tokenizer, conversation, options.enable_thinking),
+                             False)
         except AnswerNotLocated:
             # Templates that write earlier answers as plain history, unlike the last one (ChatGLM-6B's "[Round i]"
             # prompts): the last answer is still trained, the earlier ones stay context, as the model's own training
