@@ -46,7 +46,9 @@ def training_text_once(tokenizer: Any, marked: Conversation, enable_thinking: bo
         return None
     turn = opening + last.content + closing
     start = len(text) - len(turn)
-    if not (text.endswith(turn) and text.startswith(generation_prompt, start - len(generation_prompt))):
+    # (start - len(...) >= 0 first: a negative start would make startswith look from the text's end)
+    if not (text.endswith(turn) and start >= len(generation_prompt)
+            and text.startswith(generation_prompt, start - len(generation_prompt))):
         return None
     return TrainingText(text, [(start, len(text))])
 
