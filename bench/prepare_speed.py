@@ -7,7 +7,9 @@ built into a temporary directory. The baseline renders each row with the chat te
 Python loop, one row at a time (what a simple script does); glmtune's numbers include the label masks, the
 truncation policy and the per-row statistics, serial (num_proc 1), parallel, and a cache hit. The methods run in
 interleaved rounds (each round runs each once, in the same order) and the table shows each one's median, so that a
-change in the machine's load between methods moves all of them alike; the load average is printed beside it.
+change in the machine's load between methods moves all of them alike; the load average is printed beside it. The
+process time (CPU seconds of this process, its threads included) is shown beside the wall time for the methods that
+run in this process: on a machine others load, the wall time follows their load, the process time less.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ def main() -> None:
     rows = len(data.conversations)
     options = TokenizeOptions(max_seq_length=1024)
 
-    def timed(fn) -> float:
-        start = time.perf_counter()
+    def timed(fn) -> tuple[float, float]:  # (wall seconds, process seconds)
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     def baseline() -> None:
         for conversation in data.conversations:
@@ -60,7 +62,8 @@ def main() -> None:
     baseline_name = "plain loop, one row at a time (baseline)"
     cache = work / "cache"
     procs = sorted({1, args.num_proc})
-    times: dict[str, list[float]] = {baseline_name: [], **{f"glmtune prepare, num_proc {n}": [] for n in procs}}
+    times: dict[str, list[tuple[float, float]]] = {baseline_name: [], **{f"glmtune prepare, num_proc {n}": []
+                                                                          for n in procs}}
     loads = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
         times[baseline_name].append(timed(baseline))
@@ -69,17 +72,22 @@ def main() -> None:
             times[f"glmtune prepare, num_proc {num_proc}"].append(timed(
                 lambda n=num_proc, k=key: tokenize_with_cache(data, tokenizer, stop_ids, options, n, cache, k)))
         loads.append(os.getloadavg()[0])
-    results = {name: statistics.median(seconds) for name, seconds in times.items()}
+    results = {name: (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
+               for name, runs in times.items()}
     results["glmtune prepare, cache hit"] = timed(
         lambda: tokenize_with_cache(data, tokenizer, stop_ids, options, args.num_proc, cache, key))
 
-    base = results[baseline_name]
+    base, base_cpu = results[baseline_name]
     print(f"\n{rows} rows of {args.data}, tokenizer of {model}; medians of {args.rounds} interleaved rounds; "
           f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs\n")
-    print(f"| {'method':<42} | {'seconds':>8} | {'rows/s':>8} | {'vs baseline':>11} |")
-    print(f"|{'-' * 44}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
-    for name, seconds in results.items():
-        print(f"| {name:<42} | {seconds:8.2f} | {rows / seconds:8.0f} | {base / seconds:10.2f}x |")
+    print(f"| {'method':<42} | {'seconds':>8} | {'rows/s':>8} | {'vs baseline':>11} | {'process s':>9} | "
+          f"{'vs baseline':>11} |")
+    print(f"|{'-' * 44}|{'-' * 10}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 13}|")
+    for name, (seconds, cpu) in results.items():
+        # Worker processes' time is not this process's: no process time for num_proc > 1.
+        in_process = "num_proc" not in name or name.endswith("num_proc 1")
+        cpu_columns = f"{cpu:9.2f} | {base_cpu / cpu:10.2f}x" if in_process and cpu > 0 else f"{'-':>9} | {'-':>11}"
+        print(f"| {name:<42} | {seconds:8.2f} | {rows / seconds:8.0f} | {base / seconds:10.2f}x | {cpu_columns} |")
 
 
 if __name__ == "__main__":

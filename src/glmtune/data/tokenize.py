@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from glmtune.data.control import encode_marked_batch
+from glmtune.data.control import encode_marked_batch, mark_conversation
 from glmtune.data.conversation import Conversation
+from glmtune.data.single_render import training_text_once
 from glmtune.data.templates import (
     IGNORE_INDEX,
     AnswerNotLocated,
@@ -94,7 +95,7 @@ def _render(conversation: Conversation, tokenizer: Any, options: TokenizeOptions
         return _Rendered(conversation, None, False)
     try:
         try:
-            return _Rendered(conversation, training_text(tokenizer, conversation, options.enable_thinking), False)
+            return _Rendered(conversation, _training_text(tokenizer, conversation, options), False)
         except AnswerNotLocated:
             # Templates that write earlier answers as plain history, unlike the last one (ChatGLM-6B's "[Round i]"
             # prompts): the last answer is still trained, the earlier ones stay context, as the model's own training
@@ -102,9 +103,16 @@ def _render(conversation: Conversation, tokenizer: Any, options: TokenizeOptions
             last_only = _train_last_turn_only(conversation)
             if last_only == conversation:
                 raise
-            return _Rendered(last_only, training_text(tokenizer, last_only, options.enable_thinking), True)
+            return _Rendered(last_only, _training_text(tokenizer, last_only, options), True)
     except RowNotRenderable as problem:
         return problem
+
+
+def _training_text(tokenizer: Any, conversation: Conversation, options: TokenizeOptions) -> TrainingText:
+    """templates.training_text, from one rendering where that locates the answer as its two would
+    (data/single_render.py)."""
+    once = training_text_once(tokenizer, mark_conversation(tokenizer, conversation), options.enable_thinking)
+    return once or training_text(tokenizer, conversation, options.enable_thinking)
 
 
 def _sample(rendered: _Rendered | RowNotRenderable, encoded: tuple[list[int], Sequence[int]] | None, tokenizer: Any,
