@@ -165,9 +165,14 @@ def test_breakdown_of_a_small_config_by_hand():
     assert lines["weights"] == params * 4
     assert lines["LoRA weights"] == lines["gradients"] == lora * 4
     assert lines["optimizer states"] == lora * 8  # AdamW: two fp32 states
-    # 256 tokens x 512 x 4 bytes of logits is under the loss's budget: one pass, log-softmax and two gradients
+    # LoRA's output layer is frozen: its loss goes chunk by chunk (256 tokens) whatever the logits' size
     assert lines["loss / logits"] == 2 * 128 * 512 * 3 * 4
-    big = estimate(shape_from_config(native("glm", vocab_size=151552)), setup).lines
+    longer = estimate(shape, replace(setup, seq_len=1024)).lines
+    assert longer["loss / logits"] == CHUNK_TOKENS * 512 * 3 * 4
+    # a trained output layer (full tuning) under the budget: one pass over the whole batch's logits
+    full = estimate(shape, replace(setup, seq_len=1024, finetuning_type="full")).lines
+    assert full["loss / logits"] == 2 * 1024 * 512 * 3 * 4
+    big = estimate(shape_from_config(native("glm", vocab_size=151552)), replace(setup, finetuning_type="full")).lines
     assert big["loss / logits"] == CHUNK_TOKENS * 151552 * 3 * 4  # over it: one chunk of 256 tokens at a time
 
 

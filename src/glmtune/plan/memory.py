@@ -106,7 +106,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         "trained router (copy, gradients, optimizer)": 16.0 * router,
         "activations": activation_bytes(shape, setup),
         "adapted weights (parameter LoRA)": parameter_lora_bytes(shape, setup),
-        "loss / logits": loss_bytes(shape, setup),
+        "loss / logits": loss_bytes(shape, setup, frozen_output_layer=True),
         "allocator slack": allocator_slack_bytes(shape, setup),
         "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
     }
@@ -129,7 +129,7 @@ def whole_model_estimate(shape: ModelShape, setup: Setup, params: int) -> Estima
         "gradients": 4.0 * trainable,
         "optimizer states": 8.0 * trainable,
         "activations": activation_bytes(shape, as_lora),
-        "loss / logits": loss_bytes(shape, setup),
+        "loss / logits": loss_bytes(shape, setup, frozen_output_layer=False),  # full trains it; freeze: a bound
         "allocator slack": allocator_slack_bytes(shape, as_lora),
         "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
     }
@@ -169,7 +169,7 @@ def prefix_estimate(shape: ModelShape, setup: Setup, params: int) -> Estimate:
         "optimizer states": 8.0 * trainable,
         "activations": activation_bytes(shape, plain) + attended,
         "prefix (keys and values of every layer)": float(prefix),
-        "loss / logits": loss_bytes(shape, setup),
+        "loss / logits": loss_bytes(shape, setup, frozen_output_layer=True),
         "allocator slack": allocator_slack_bytes(shape, plain),
         "runtime baseline": CPU_RUNTIME_BYTES if setup.device == "cpu" else CUDA_RUNTIME_BYTES,
     }
@@ -300,16 +300,18 @@ def allocator_slack_bytes(shape: ModelShape, setup: Setup) -> float:
     return 0.75 * setup.tokens * forward
 
 
-def loss_bytes(shape: ModelShape, setup: Setup) -> float:
-    """The logits and their gradient at the loss, the peak of the step for large vocabularies."""
+def loss_bytes(shape: ModelShape, setup: Setup, frozen_output_layer: bool) -> float:
+    """The logits and their gradient at the loss, the peak of the step for large vocabularies. `frozen_output_layer`:
+    the output layer takes no gradient (LoRA, P-Tuning), so glmtune's loss always goes chunk by chunk."""
     w = DTYPE_BYTES[setup.dtype]
-    if setup.chunked_loss and setup.tokens * shape.vocab_size * 4 > LOGITS_BUDGET_BYTES:
-        # glmtune.train.loss: chunks of 256 supervised tokens, recomputed in backward; at most one chunk's
-        # logits exist, with their fp32 copy, log-softmax and gradients.
+    if setup.chunked_loss and (frozen_output_layer or setup.tokens * shape.vocab_size * 4 > LOGITS_BUDGET_BYTES):
+        # glmtune.train.loss: chunks of 256 supervised tokens (a frozen layer's with their gradient in the same
+        # pass, a trained one's recomputed in backward); at most one chunk's logits exist, with their fp32 copy,
+        # log-softmax and gradients.
         rows = min(CHUNK_TOKENS, setup.tokens)
     else:
-        # transformers' ForCausalLMLoss, or glmtune's loss in one pass when the batch's fp32 logits fit in
-        # LOGITS_BUDGET_BYTES: the whole (batch x seq x vocab) logits.
+        # transformers' ForCausalLMLoss, or glmtune's loss in one pass for a trained output layer when the batch's
+        # fp32 logits fit in LOGITS_BUDGET_BYTES: the whole (batch x seq x vocab) logits.
         rows = setup.tokens
     # cross_entropy keeps the fp32 log-softmax; backward adds the gradient of the log-softmax and of the logits
     # (fp32), plus the compute-dtype logits and their gradient below fp32 (the upcast is a copy).
