@@ -3,12 +3,15 @@
     .venv/bin/python bench/prepare_speed.py [--data FILE] [--model MODEL_DIR] [--num_proc 2] [--rounds 3]
 
 Default data: ../shared/data/alpaca/alpaca_9k.json; default model: the demo's tiny GLM with its BPE tokenizer,
-built into a temporary directory. The baseline renders each row with the chat template and tokenizes it in a
-Python loop, one row at a time (what a simple script does); glmtune's numbers include the label masks, the
-truncation policy and the per-row statistics, serial (num_proc 1), parallel, and a cache hit. The methods run in
-interleaved rounds (each round runs each once, in the same order) and the table shows each one's median, so that a
-change in the machine's load between methods moves all of them alike; the load average is printed beside it. The
-process time (CPU seconds of this process, its threads included) is shown beside the wall time for the methods that
+built into a temporary directory. The baseline renders each row's prompt with glmtune's renderer (the chat template,
+users' control-token text marked as text) and tokenizes it and the answer in a Python loop, one row at a time (what a
+simple script does); a second loop does the same with transformers alone (apply_chat_template tokenizing the prompt,
+no marking), independent of glmtune's code. glmtune's numbers include the label masks, the truncation policy, the
+per-row statistics and the cache entry written: serial (num_proc 1), parallel, and a cache hit. The serial methods
+run in interleaved rounds (each round runs each once, in the same order), then the parallel ones, and the table shows
+each one's median, so that a change in the machine's load between methods moves all of them alike; the load average
+is printed beside it. The process time (CPU seconds of this process, its threads included: the tokenizers library
+encodes a batch on every core unless TOKENIZERS_PARALLELISM=false) is shown beside the wall time for the methods that
 run in this process: on a machine others load, the wall time follows their load, the process time less.
 """
 
@@ -59,19 +62,38 @@ def main() -> None:
             answer = tokenizer.encode(conversation.messages[-1].content, add_special_tokens=False)
             _ = prompt + answer, [-100] * len(prompt) + answer
 
+    def transformers_loop() -> None:  # the same with transformers alone: its apply_chat_template tokenizes the prompt
+        for conversation in data.conversations:
+            prompt = tokenizer.apply_chat_template(conversation.prompt_part().to_chat_messages(),
+                                                   add_generation_prompt=True, return_dict=False)
+            answer = tokenizer.encode(conversation.messages[-1].content, add_special_tokens=False)
+            _ = prompt + answer, [-100] * len(prompt) + answer
+
     baseline_name = "plain loop, one row at a time (baseline)"
+    transformers_name = "plain loop, transformers' apply_chat_template"
     cache = work / "cache"
     procs = sorted({1, args.num_proc})
-    times: dict[str, list[tuple[float, float]]] = {baseline_name: [], **{f"glmtune prepare, num_proc {n}": []
-                                                                          for n in procs}}
+    times: dict[str, list[tuple[float, float]]] = {baseline_name: [], transformers_name: [],
+                                                   **{f"glmtune prepare, num_proc {n}": [] for n in procs}}
+    def prepare(num_proc: int, round_: int) -> None:  # a fresh cache key each time: every run tokenizes
+        key = cache_key(data, bench=num_proc, round=round_)
+        times[f"glmtune prepare, num_proc {num_proc}"].append(timed(
+            lambda: tokenize_with_cache(data, tokenizer, stop_ids, options, num_proc, cache, key)))
+
     loads = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
         times[baseline_name].append(timed(baseline))
-        for num_proc in procs:  # a fresh cache key each time: every run tokenizes
-            key = cache_key(data, bench=num_proc, round=round_)
-            times[f"glmtune prepare, num_proc {num_proc}"].append(timed(
-                lambda n=num_proc, k=key: tokenize_with_cache(data, tokenizer, stop_ids, options, n, cache, k)))
+        times[transformers_name].append(timed(transformers_loop))
+        prepare(1, round_)
         loads.append(os.getloadavg()[0])
+    # The parallel runs after the serial ones: datasets' map with num_proc sets TOKENIZERS_PARALLELISM=false in the
+    # process's environment for its workers, and the one the tokenizers library reads keeps it after map restores
+    # os.environ, so a serial run after it would encode its batches on one thread (as no real prepare run does).
+    for round_ in range(args.rounds):
+        for num_proc in procs[1:]:
+            prepare(num_proc, round_)
+        loads.append(os.getloadavg()[0])
+    key = cache_key(data, bench=procs[-1], round=args.rounds - 1)
     results = {name: (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
                for name, runs in times.items()}
     results["glmtune prepare, cache hit"] = timed(
@@ -80,14 +102,14 @@ def main() -> None:
     base, base_cpu = results[baseline_name]
     print(f"\n{rows} rows of {args.data}, tokenizer of {model}; medians of {args.rounds} interleaved rounds; "
           f"1-minute load average {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs\n")
-    print(f"| {'method':<42} | {'seconds':>8} | {'rows/s':>8} | {'vs baseline':>11} | {'process s':>9} | "
+    print(f"| {'method':<46} | {'seconds':>8} | {'rows/s':>8} | {'vs baseline':>11} | {'process s':>9} | "
           f"{'vs baseline':>11} |")
-    print(f"|{'-' * 44}|{'-' * 10}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 13}|")
+    print(f"|{'-' * 48}|{'-' * 10}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 13}|")
     for name, (seconds, cpu) in results.items():
         # Worker processes' time is not this process's: no process time for num_proc > 1.
         in_process = "num_proc" not in name or name.endswith("num_proc 1")
         cpu_columns = f"{cpu:9.2f} | {base_cpu / cpu:10.2f}x" if in_process and cpu > 0 else f"{'-':>9} | {'-':>11}"
-        print(f"| {name:<42} | {seconds:8.2f} | {rows / seconds:8.0f} | {base / seconds:10.2f}x | {cpu_columns} |")
+        print(f"| {name:<46} | {seconds:8.2f} | {rows / seconds:8.0f} | {base / seconds:10.2f}x | {cpu_columns} |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ offsets; the ids equal apply_chat_template's with sanitize_control_tokens=True (
 from __future__ import annotations
 
 import dataclasses
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,8 @@ def mark_conversation(tokenizer: Any, conversation: Conversation) -> Conversatio
     text is the user's own sequence, encoded as the tokenizer encodes any text.)"""
     from transformers.utils.chat_template_utils import mark_control_tokens
 
+    if _plain_strings_only(tokenizer, conversation):
+        return conversation  # (most rows: marking would copy each string unchanged, a tenth of prepare's time)
     control, _ = _control_patterns(tokenizer)[0]
 
     def mark(value: Any) -> Any:  # strings, and the strings inside lists and dicts (not their keys); None as it is
@@ -36,6 +39,29 @@ def mark_conversation(tokenizer: Any, conversation: Conversation) -> Conversatio
                 for m in conversation.messages]
     return dataclasses.replace(conversation, messages=messages, system=mark(conversation.system),
                                tools=mark(conversation.tools))
+
+
+def _plain_strings_only(tokenizer: Any, conversation: Conversation) -> bool:
+    """Whether marking would leave the conversation as it is: no tool definitions or calls (nested values, marked
+    the long way), and no string holding a control token or a marker (which marking drops, mark_control_tokens)."""
+    if conversation.tools is not None or any(m.tool_call is not None for m in conversation.messages):
+        return False
+    first, unmarked = _unmarked(tokenizer)
+    strings = [conversation.system, *(s for m in conversation.messages for s in (m.content, m.reasoning,
+                                                                                m.tool_call_id))]
+    return not any(first.search(s) and unmarked.search(s) for s in strings if isinstance(s, str))
+
+
+def _unmarked_patterns(control: tuple[str, ...]) -> tuple[Any, Any]:
+    """(a character that starts one of the `control` tokens or is a marker, one of the tokens or a marker). The first
+    is searched first: a class of characters is found several times faster than a choice of a hundred tokens, and
+    most texts hold none of them (GLM-4's tokens start with "<" or "[")."""
+    from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
+
+    markers = _CONTROL_TOKEN_START + _CONTROL_TOKEN_END
+    starts = sorted({token[0] for token in control if token} | set(markers))
+    return (re.compile("[" + "".join(re.escape(c) for c in starts) + "]"),
+            re.compile(f"{_patterns(control)[0].pattern}|[{markers}]"))
 
 
 def encode_marked(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
@@ -118,10 +144,11 @@ def _patterns(tokens: tuple[str, ...]) -> tuple[Any, Any]:
     return _get_control_token_patterns(tokens)
 
 
-# Per tokenizer: (what the patterns were built from, the control tokens' patterns, the added tokens' patterns).
+# Per tokenizer: (what the patterns were built from, the control tokens' patterns, the added tokens' patterns,
+# _unmarked_patterns of the control tokens).
 # Listing the control tokens costs about 0.2-0.4 ms (transformers reads the template's literal text each time), more
 # than rendering a short row; a tokenizer whose template, control list or added tokens change gets new patterns.
-_PATTERNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], tuple[Any, Any], tuple[Any, Any]]] = \
+_PATTERNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], tuple[Any, Any], tuple[Any, Any], tuple[Any, Any]]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -133,10 +160,17 @@ def _control_patterns(tokenizer: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]
                   tokenizer.__len__())
     kept = _PATTERNS.get(tokenizer)
     if kept is None or kept[0] != built_from:
-        kept = (built_from, _patterns(tokenizer._get_control_tokens(tokenizer.chat_template)),
-                _patterns(tuple(tokenizer.added_tokens_encoder)))
+        control = tuple(tokenizer._get_control_tokens(tokenizer.chat_template))
+        kept = (built_from, _patterns(control), _patterns(tuple(tokenizer.added_tokens_encoder)),
+                _unmarked_patterns(control))
         _PATTERNS[tokenizer] = kept
     return kept[1], kept[2]
+
+
+def _unmarked(tokenizer: Any) -> tuple[Any, Any]:
+    """(a character that starts a control token or is a marker, a control token or a marker) of this tokenizer."""
+    _control_patterns(tokenizer)
+    return _PATTERNS[tokenizer][3]
 
 
 def _pieces(tokenizer: Any, text: str) -> list[tuple[int, str, bool]]:

@@ -68,8 +68,7 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
         kept = _RENDERED.setdefault(tokenizer, OrderedDict())
         text = kept.get(key)
         if text is None:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                 **extra, **switch)
+            text = _apply_chat_template(tokenizer, messages, extra, add_generation_prompt, switch)
             kept[key] = text
             while len(kept) > _RENDERED_KEPT:
                 kept.popitem(last=False)
@@ -80,6 +79,53 @@ def render(tokenizer: Any, conversation: Conversation, add_generation_prompt: bo
                                f"{e}", reason=f"refused by the chat template ({e})",
                                hint="change the data (for example drop the system prompt), or use another model"
                                ) from None
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], extra: dict[str, Any],
+                         add_generation_prompt: bool, switch: dict[str, bool]) -> str:
+    """apply_chat_template(tokenize=False), directly where `renders_directly` says it may (render_directly)."""
+    if not extra and renders_directly(tokenizer, messages):
+        return render_directly(tokenizer, messages, add_generation_prompt, switch)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **extra, **switch)
+
+
+def renders_directly(tokenizer: Any, messages: list[dict[str, Any]]) -> bool:
+    """Whether apply_chat_template would hand these messages to the template as they are: messages of plain text
+    alone (role and content strings, nothing else: most training rows), no tools, and a tokenizer that renders as
+    transformers does (its class doesn't override apply_chat_template, or is glmtune's ChatGLM tokenizer, whose
+    override changes only how the text is then encoded)."""
+    return bool(messages) and _renders_as_transformers(type(tokenizer)) and all(
+        message.keys() == _PLAIN_KEYS and type(message["role"]) is str and type(message["content"]) is str
+        for message in messages)
+
+
+def render_directly(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    switch: dict[str, bool]) -> str:
+    """What apply_chat_template(tokenize=False) renders from plain messages (renders_directly): its compiled
+    template called with the variables it passes, past the copies and checks that leave such messages as they are
+    (more than half of a short row's rendering). The two agree on every tokenizer the tests have
+    (tests/test_direct_render.py)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+
+    variables = _plain_template_data({**tokenizer.special_tokens_map, **switch})  # (apply_chat_template's own)
+    return _compile_jinja_template(tokenizer.get_chat_template()).render(
+        messages=[dict(message) for message in messages], tools=None, documents=None,
+        add_generation_prompt=add_generation_prompt, **variables)
+
+
+_PLAIN_KEYS = {"role", "content"}
+
+
+@functools.lru_cache(maxsize=16)
+def _renders_as_transformers(tokenizer_class: type) -> bool:
+    from transformers import PreTrainedTokenizerBase
+
+    from glmtune.models.chatglm.official_encode import ChatGLMOfficialTokenizer
+
+    method = getattr(tokenizer_class, "apply_chat_template", None)  # (None: a wrapper that forwards attributes)
+    return method is PreTrainedTokenizerBase.apply_chat_template or \
+        method is ChatGLMOfficialTokenizer.apply_chat_template
 
 
 # A row's prefixes are rendered twice, by split_by_turn (data/turns.py: does the row need splitting?) and then by
@@ -425,7 +471,9 @@ def _tokenize_with_spans(tokenizer: Any, text: str, char_spans: list[tuple[int, 
     if tokenizer.is_fast:
         ids, starts = encoded or encode_marked_batch(tokenizer, [text])[0]  # starts ascending
         ids = list(ids)  # the caller's copy: an end token may be appended
-        return ids, [(bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)) for a, b in char_spans]
+        # (A span to the text's end, as most are, ends after the last token: every token starts inside the text.)
+        return ids, [(bisect.bisect_left(starts, a), len(ids) if b >= len(text) else bisect.bisect_left(starts, b))
+                     for a, b in char_spans]
     # Slow tokenizers give no offsets: encode the pieces between span boundaries one by one.
     cuts = sorted({0, len(text), *(c for span in char_spans for c in span)})
     ids, first_token = [], {}

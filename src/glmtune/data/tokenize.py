@@ -3,9 +3,11 @@ whole dataset (datasets.map with num_proc), with per-row statistics for the repo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+import gc
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +180,7 @@ def tokenize_dataset(conversations: list[Any], tokenizer: Any, stop_ids: list[in
         # worker, pickling a 150k-token tokenizer into it and the rows back (0.3x a plain loop). The columns become
         # one table, typed as map types them (datasets' optimized types: input_ids int32).
         columns: dict[str, list[Any]] = {}
-        with tqdm(total=len(conversations), desc="Tokenizing", unit=" examples") as progress:
+        with tqdm(total=len(conversations), desc="Tokenizing", unit=" examples") as progress, _collector_paused():
             for start in range(0, len(conversations), _BATCH):
                 for key, values in tokenize_rows(conversations[start: start + _BATCH]).items():
                     columns.setdefault(key, []).extend(values)
@@ -197,6 +199,20 @@ def tokenize_dataset(conversations: list[Any], tokenizer: Any, stop_ids: list[in
 
 
 _BATCH = 256  # rows whose renderings are encoded in one call
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block. Tokenizing makes millions of short-lived lists and dicts
+    and no cycles worth collecting on the way, and each of the collections they set off walks every object alive,
+    the conversations among them (alpaca_9k: half a million; 0.1-0.3 s of a 2 s run). Collected after the block."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _train_last_turn_only(conversation: Conversation) -> Conversation:
