@@ -64,3 +64,30 @@ def test_a_batch_of_rows_gives_the_samples_of_one_row_at_a_time(family, options)
                      for sample in process_row(conversation, family.tokenizer, family.stops, options)]
     assert dataset.to_list() == one_at_a_time
     assert sum(not sample["dropped"] for sample in one_at_a_time) > len(family.conversations) // 2
+
+
+def test_the_garbage_collector_is_back_after_each_batch_and_after_a_failure(family, monkeypatch):
+    import gc
+
+    from glmtune.data import tokenize
+
+    states = []
+    process_rows = tokenize.process_rows
+
+    def watched(rows, *args):  # the collector is paused while a batch tokenizes, and only then
+        states.append(gc.isenabled())
+        if len(states) == 2:
+            raise RuntimeError("a failure inside the second batch")
+        return process_rows(rows, *args)
+
+    monkeypatch.setattr(tokenize, "process_rows", watched)
+    monkeypatch.setattr(tokenize, "_BATCH", 16)
+    with pytest.raises(RuntimeError, match="second batch"):
+        tokenize_dataset(family.conversations, family.tokenizer, family.stops, TokenizeOptions(512), None, "gc")
+    assert states == [False, False] and gc.isenabled()
+    gc.disable()
+    try:  # a caller that had paused it keeps it paused
+        tokenize_dataset(family.conversations[:4], family.tokenizer, family.stops, TokenizeOptions(512), None, "off")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
