@@ -24,8 +24,9 @@ from glmtune.data.conversation import Conversation, Message
 
 def mark_conversation(tokenizer: Any, conversation: Conversation) -> Conversation:
     """The conversation with the control tokens in all its strings (system, messages, reasoning, calls, tool
-    definitions) wrapped in markers, for `render` and then `encode_marked`. (A plain-text row has no template: its
-    text is the user's own sequence, encoded as the tokenizer encodes any text.)"""
+    definitions) wrapped in markers, for `render` and then `encode_marked`; the conversation itself (not a copy) where
+    there is nothing to mark. (A plain-text row has no template: its text is the user's own sequence, encoded as the
+    tokenizer encodes any text.)"""
     from transformers.utils.chat_template_utils import mark_control_tokens
 
     if _plain_strings_only(tokenizer, conversation):
