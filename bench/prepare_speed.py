@@ -86,9 +86,9 @@ def main() -> None:
         times[transformers_name].append(timed(transformers_loop))
         prepare(1, round_)
         loads.append(os.getloadavg()[0])
-    # The parallel runs after the serial ones: datasets' map with num_proc sets TOKENIZERS_PARALLELISM=false in the
-    # process's environment for its workers, and the one the tokenizers library reads keeps it after map restores
-    # os.environ, so a serial run after it would encode its batches on one thread (as no real prepare run does).
+    # The parallel runs after the serial ones, so that nothing a parallel run leaves in the process can touch a serial
+    # one (datasets' map with num_proc left TOKENIZERS_PARALLELISM=false in the environment the tokenizers library
+    # reads, which made later serial runs encode on one thread, until tokenize_dataset put it back).
     for round_ in range(args.rounds):
         for num_proc in procs[1:]:
             prepare(num_proc, round_)

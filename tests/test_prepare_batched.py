@@ -7,6 +7,7 @@ encode_marked, and the same samples as one row at a time."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -91,3 +92,35 @@ def test_the_garbage_collector_is_back_after_each_batch_and_after_a_failure(fami
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_parallel_map_leaves_tokenizers_parallelism_as_it_was(tokenizer, tiny_model):
+    """datasets' map with num_proc writes TOKENIZERS_PARALLELISM=false into the process's environment for its
+    workers and puts back only Python's copy of it; the tokenizers library reads the process's own."""
+    import ctypes
+
+    from glmtune.demo import demo_data_path
+    from glmtune.models.loading import stop_token_ids
+
+    getenv = ctypes.CDLL(None).getenv
+    getenv.restype = ctypes.c_char_p
+    rows = load_data([str(demo_data_path())], None).conversations[:8]
+    stops = stop_token_ids(str(tiny_model), tokenizer)
+    name, original = "TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM")
+    try:  # (not monkeypatch: datasets replaces the os.environ object it would restore)
+        for before in (None, "true"):
+            if before is None:
+                os.environ.pop(name, None)
+                os.unsetenv(name)
+            else:
+                os.environ[name] = before
+            dataset = tokenize_dataset(rows, tokenizer, stops, TokenizeOptions(256), 2, f"parallelism-{before}")
+            assert len(dataset) == len(rows)
+            assert os.environ.get(name) == before
+            assert getenv(name.encode()) == (before.encode() if before else None)
+    finally:
+        if original is None:
+            os.environ.pop(name, None)
+            os.unsetenv(name)
+        else:
+            os.environ[name] = original
