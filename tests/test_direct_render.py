@@ -134,3 +134,29 @@ def test_marking_leaves_plain_rows_as_they_are_and_marks_the_rest(tokenizers):
     calls = dataclasses.replace(plain, messages=[*plain.messages[:1], Message(
         "assistant", "", train=True, tool_call={"name": "f", "arguments": {"x": "<|user|>"}})])
     assert mark_conversation(tokenizer, calls).messages[1].tool_call != calls.messages[1].tool_call
+
+
+@pytest.mark.parametrize("tokens", [(), ("]x",), ("\\",), ("^a", "-b", "\\c", "]d", "[e"), ("<|user|>", "[gMASK]")])
+def test_the_first_character_search_never_calls_a_string_plain_that_marking_changes(tokens):
+    """Tokens whose first character means something in a regex character class (] ^ - \\) included."""
+    from transformers.utils.chat_template_utils import (
+        _CONTROL_TOKEN_END,
+        _CONTROL_TOKEN_START,
+        _get_control_token_patterns,
+        mark_control_tokens,
+    )
+
+    from glmtune.data.control import _unmarked_patterns
+
+    first, unmarked = _unmarked_patterns(tokens)
+    control = _get_control_token_patterns(tokens)[0]
+    pieces = ["a", " ", "]", "^", "-", "\\", "x", "[", "b", "c", "d", "e", "<|user|>", "[gMASK]", *tokens,
+              _CONTROL_TOKEN_START, _CONTROL_TOKEN_END]
+    texts = [a + b + c for a in pieces for b in pieces for c in ("", "z", *pieces[:6])]
+    changed = 0
+    for text in texts:
+        plain = not (first.search(text) and unmarked.search(text))
+        if mark_control_tokens(text, control) != text:
+            changed += 1
+            assert not plain, text
+    assert changed > 0 or not tokens
