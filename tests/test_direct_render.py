@@ -19,7 +19,11 @@ from glmtune.data.templates import chat_inputs, has_thinking_switch, render, ren
 FILES = ("alpaca/alpaca_zh_demo.json", "multiturn/v1_sft_demo.jsonl", "multiturn/dummy_conversation.json")
 ROWS = 20  # of each file
 TOKENIZERS = ("glm-4-9b-chat", "chatglm3-6b", "chatglm2-6b", "chatglm-6b", "glm45")
-TEMPLATES = {"glm-4.7-like": GLM47_LIKE, "glm-z1-like": Z1_LIKE, "glm-4-0414-like": GLM4_0414_LIKE}
+CASES = {  # case: (tokenizer, template (None: its own))
+    **{name: (name, None) for name in TOKENIZERS},
+    "glm-4.7-like": ("glm45", GLM47_LIKE), "glm-z1-like": ("glm45", Z1_LIKE),
+    "glm-4-0414-like": ("glm45", GLM4_0414_LIKE),
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +46,9 @@ def rows(shared_dir) -> list[Conversation]:
     return [row for row in rows if not row.tools and not any(m.tool_call or m.reasoning for m in row.messages)]
 
 
-def _cases(tokenizers):
-    for name in TOKENIZERS:
-        yield name, name, None
-    for label, template in TEMPLATES.items():
-        yield label, "glm45", template
-
-
-@pytest.mark.parametrize("label", [*TOKENIZERS, *TEMPLATES])
-def test_plain_messages_render_as_apply_chat_template_renders_them(tokenizers, rows, label):
-    _, name, template = next(case for case in _cases(tokenizers) if case[0] == label)
+@pytest.mark.parametrize("case", list(CASES))
+def test_plain_messages_render_as_apply_chat_template_renders_them(tokenizers, rows, case):
+    name, template = CASES[case]
     tokenizer = tokenizers[name]
     own = tokenizer.chat_template
     tokenizer.chat_template = template or own

@@ -16,7 +16,7 @@ from glmtune.data.control import encode_marked, encode_marked_batch, markup_only
 from glmtune.data.conversation import Conversation, Message
 from glmtune.data.prepare import load_data
 from glmtune.data.templates import RowNotRenderable, training_text
-from glmtune.data.tokenize import TokenizeOptions, process_row, tokenize_dataset
+from glmtune.data.tokenize import TokenizeOptions, process_row, set_environment_variable, tokenize_dataset
 
 FILES = ("alpaca/alpaca_zh_demo.json", "multiturn/v1_sft_demo.jsonl", "multiturn/glaive_toolcall_zh_demo.json")
 ROWS = 40  # of each file
@@ -109,18 +109,11 @@ def test_a_parallel_map_leaves_tokenizers_parallelism_as_it_was(tokenizer, tiny_
     name, original = "TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM")
     try:  # (not monkeypatch: datasets replaces the os.environ object it would restore)
         for before in (None, "true"):
-            if before is None:
-                os.environ.pop(name, None)
-                os.unsetenv(name)
-            else:
-                os.environ[name] = before
+            set_environment_variable(name, before)
+            assert getenv(name.encode()) == (before.encode() if before else None)  # as set, before the map
             dataset = tokenize_dataset(rows, tokenizer, stops, TokenizeOptions(256), 2, f"parallelism-{before}")
             assert len(dataset) == len(rows)
             assert os.environ.get(name) == before
             assert getenv(name.encode()) == (before.encode() if before else None)
     finally:
-        if original is None:
-            os.environ.pop(name, None)
-            os.unsetenv(name)
-        else:
-            os.environ[name] = original
+        set_environment_variable(name, original)

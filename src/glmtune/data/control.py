@@ -17,7 +17,7 @@ import dataclasses
 import re
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from glmtune.data.conversation import Conversation, Message
 
@@ -47,7 +47,7 @@ def _plain_strings_only(tokenizer: Any, conversation: Conversation) -> bool:
     the long way), and no string holding a control token or a marker (which marking drops, mark_control_tokens)."""
     if conversation.tools is not None or any(m.tool_call is not None for m in conversation.messages):
         return False
-    first, unmarked = _unmarked(tokenizer)
+    first, unmarked = _patterns_of(tokenizer).unmarked
     strings = [conversation.system, *(s for m in conversation.messages for s in (m.content, m.reasoning,
                                                                                 m.tool_call_id))]
     return not any(first.search(s) and unmarked.search(s) for s in strings if isinstance(s, str))
@@ -145,33 +145,37 @@ def _patterns(tokens: tuple[str, ...]) -> tuple[Any, Any]:
     return _get_control_token_patterns(tokens)
 
 
-# Per tokenizer: (what the patterns were built from, the control tokens' patterns, the added tokens' patterns,
-# _unmarked_patterns of the control tokens).
-# Listing the control tokens costs about 0.2-0.4 ms (transformers reads the template's literal text each time), more
-# than rendering a short row; a tokenizer whose template, control list or added tokens change gets new patterns.
-_PATTERNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], tuple[Any, Any], tuple[Any, Any], tuple[Any, Any]]] = \
-    weakref.WeakKeyDictionary()
+class _Patterns(NamedTuple):
+    built_from: tuple[Any, ...]  # the template, control list and vocabulary size they were built for
+    control: tuple[Any, Any]  # _patterns of the tokens marked in users' strings
+    added: tuple[Any, Any]  # _patterns of every added token
+    unmarked: tuple[Any, Any]  # _unmarked_patterns of the control tokens
 
 
-def _control_patterns(tokenizer: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-    """(the patterns of the tokens marked in users' strings, the patterns of every added token) of this tokenizer."""
+# Per tokenizer. Listing the control tokens costs about 0.2-0.4 ms (transformers reads the template's literal text
+# each time), more than rendering a short row; a tokenizer whose template, control list or added tokens change gets
+# new patterns.
+_PATTERNS: weakref.WeakKeyDictionary[Any, _Patterns] = weakref.WeakKeyDictionary()
+
+
+def _patterns_of(tokenizer: Any) -> _Patterns:
     control_list = getattr(tokenizer, "chat_control_tokens", None)
     # __len__ called as an attribute: a wrapper that forwards attributes (tests' slow view) has no len().
     built_from = (tokenizer.chat_template, tuple(control_list) if control_list is not None else None,
                   tokenizer.__len__())
     kept = _PATTERNS.get(tokenizer)
-    if kept is None or kept[0] != built_from:
+    if kept is None or kept.built_from != built_from:
         control = tuple(tokenizer._get_control_tokens(tokenizer.chat_template))
-        kept = (built_from, _patterns(control), _patterns(tuple(tokenizer.added_tokens_encoder)),
-                _unmarked_patterns(control))
+        kept = _Patterns(built_from, _patterns(control), _patterns(tuple(tokenizer.added_tokens_encoder)),
+                         _unmarked_patterns(control))
         _PATTERNS[tokenizer] = kept
-    return kept[1], kept[2]
+    return kept
 
 
-def _unmarked(tokenizer: Any) -> tuple[Any, Any]:
-    """(a character that starts a control token or is a marker, a control token or a marker) of this tokenizer."""
-    _control_patterns(tokenizer)
-    return _PATTERNS[tokenizer][3]
+def _control_patterns(tokenizer: Any) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """(the patterns of the tokens marked in users' strings, the patterns of every added token) of this tokenizer."""
+    kept = _patterns_of(tokenizer)
+    return kept.control, kept.added
 
 
 def _pieces(tokenizer: Any, text: str) -> list[tuple[int, str, bool]]:
