@@ -7,12 +7,12 @@ built into a temporary directory. The baseline renders each row's prompt with gl
 users' control-token text marked as text) and tokenizes it and the answer in a Python loop, one row at a time (what a
 simple script does); a second loop does the same with transformers alone (apply_chat_template tokenizing the prompt,
 no marking), independent of glmtune's code. glmtune's numbers include the label masks, the truncation policy, the
-per-row statistics and the cache entry written: serial (num_proc 1), parallel, and a cache hit. The serial methods
-run in interleaved rounds (each round runs each once, in the same order), then the parallel ones, and the table shows
-each one's median, so that a change in the machine's load between methods moves all of them alike; the load average
-is printed beside it. The process time (CPU seconds of this process, its threads included: the tokenizers library
-encodes a batch on every core unless TOKENIZERS_PARALLELISM=false) is shown beside the wall time for the methods that
-run in this process: on a machine others load, the wall time follows their load, the process time less.
+per-row statistics and the cache entry written: serial (num_proc 1), parallel, and a cache hit. The methods run in
+interleaved rounds (each round runs each once, in the same order) and the table shows each one's median, so that a
+change in the machine's load between methods moves all of them alike; the load average is printed beside it. The
+process time (CPU seconds of this process, its threads included: the tokenizers library encodes a batch on every
+core unless TOKENIZERS_PARALLELISM=false) is shown beside the wall time for the methods that run in this process: on
+a machine others load, the wall time follows their load, the process time less.
 """
 
 from __future__ import annotations
@@ -75,25 +75,16 @@ def main() -> None:
     procs = sorted({1, args.num_proc})
     times: dict[str, list[tuple[float, float]]] = {baseline_name: [], transformers_name: [],
                                                    **{f"glmtune prepare, num_proc {n}": [] for n in procs}}
-    def prepare(num_proc: int, round_: int) -> None:  # a fresh cache key each time: every run tokenizes
-        key = cache_key(data, bench=num_proc, round=round_)
-        times[f"glmtune prepare, num_proc {num_proc}"].append(timed(
-            lambda: tokenize_with_cache(data, tokenizer, stop_ids, options, num_proc, cache, key)))
 
     loads = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
         times[baseline_name].append(timed(baseline))
         times[transformers_name].append(timed(transformers_loop))
-        prepare(1, round_)
+        for num_proc in procs:  # a fresh cache key each time: every run tokenizes
+            key = cache_key(data, bench=num_proc, round=round_)
+            times[f"glmtune prepare, num_proc {num_proc}"].append(timed(
+                lambda n=num_proc, k=key: tokenize_with_cache(data, tokenizer, stop_ids, options, n, cache, k)))
         loads.append(os.getloadavg()[0])
-    # The parallel runs after the serial ones, so that nothing a parallel run leaves in the process can touch a serial
-    # one (datasets' map with num_proc left TOKENIZERS_PARALLELISM=false in the environment the tokenizers library
-    # reads, which made later serial runs encode on one thread, until tokenize_dataset put it back).
-    for round_ in range(args.rounds):
-        for num_proc in procs[1:]:
-            prepare(num_proc, round_)
-        loads.append(os.getloadavg()[0])
-    key = cache_key(data, bench=procs[-1], round=args.rounds - 1)
     results = {name: (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
                for name, runs in times.items()}
     results["glmtune prepare, cache hit"] = timed(
